@@ -1,0 +1,45 @@
+"""Train a VGG net the way Simonyan & Zisserman did (ICLR 2015, §3.1).
+
+    python train.py                                   # CPU demo: small net A on the generated sample set
+    python train.py --config A --data /data/imagenet --gpus 4
+    python train.py --config D --data /data/imagenet --gpus 4   # warm-starts from checkpoints/A/best.pt
+    python train.py --config D-S384 --data /data/imagenet --gpus 4
+    python train.py --config D --resume               # continue checkpoints/D/last.pt exactly
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train.py --config D --data ...
+    tensorboard --logdir runs
+
+Any config field can be overridden: `python train.py --config D --lr 0.005 --batch-size 128`.
+`python train.py --help` lists them all with the paper's defaults.
+"""
+
+import argparse
+import sys
+
+from vgg.config import available_configs, get_args_parser, resolve_config
+from vgg.distributed import launch_if_needed
+from vgg.engine import NonFiniteLossError
+from vgg.errors import UserError
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[get_args_parser()],
+        epilog="configs: " + ", ".join(available_configs()))
+    parser.add_argument("--resume", nargs="?", const="auto", default="",
+                        help="continue a run: a run folder or .pt file (default: <out-dir>/<run-name>/last.pt)")
+    args = parser.parse_args(argv)
+    try:
+        config = resolve_config(args)
+        launch_if_needed(config.gpus)
+        from vgg.trainer import run  # imported late: the launcher process needs none of it
+
+        run(config, resume=args.resume)
+    except (UserError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""The run configuration: one dataclass, YAML files under configs/, the command line on top.
+
+Precedence (timm's train.py pattern): dataclass defaults (the paper's values) < the YAML file named by
+`--config` < command-line flags. Every field is a flag (`lr` -> `--lr`, `scale_min` ->
+`--scale-min`). The resolved config is written to the run folder as config.yaml and into every
+checkpoint, so a run can always be reproduced from what it saved.
+"""
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from vgg.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ARCH_NAMES = ("A", "A-LRN", "B", "C", "D", "E")
+
+
+@dataclass
+class Config:
+    # --- The net (paper §2.2, Table 1) ---
+    arch: str = field(default="A", metadata={"help": "VGG configuration: " + ", ".join(ARCH_NAMES)})
+    width: float = field(default=1.0, metadata={"help": "conv channel multiplier (1.0 = the paper's nets)"})
+    fc_width: int = field(default=4096, metadata={"help": "width of the two hidden FC layers"})
+    dropout: float = field(default=0.5, metadata={"help": "dropout on the first two FC layers (§3.1)"})
+    init: str = field(default="normal", metadata={"help": "normal: N(0, 0.01^2) as in §3.1; xavier: Glorot"})
+    init_from: str = field(default="", metadata={
+        "help": "checkpoint to start from: net A's for a deeper net (§3.1 warm start: first 4 convs + "
+                "3 FC layers), or the same net's (e.g. S=384 from S=256, all weights)"})
+
+    # --- Data (§3.1; AlexNet §4.1 for the colour shift) ---
+    data: str = field(default="data/sample", metadata={"help": "dataset root holding train/ and val/"})
+    crop_size: int = field(default=224, metadata={"help": "training crop side (the net's input)"})
+    scale_min: int = field(default=256, metadata={"help": "training scale S (S_min when jittering)"})
+    scale_max: int = field(default=256, metadata={"help": "S_max for scale jittering (= scale_min: fixed S)"})
+    val_scale: int = field(default=0, metadata={
+        "help": "Q for the validation done during training (0: S, or (S_min+S_max)/2 when jittering)"})
+    color_shift_std: float = field(default=0.1, metadata={"help": "std of the PCA colour-shift alphas"})
+    stats: str = field(default="auto", metadata={
+        "help": "dataset statistics: auto (compute once from train/, cached), imagenet (the "
+                "well-known values) or a path to a stats JSON"})
+    stats_images: int = field(default=10000, metadata={"help": "training images sampled for the statistics"})
+    workers: int = field(default=8, metadata={"help": "data-loading worker processes per GPU"})
+    data_path: str = field(default="cpu", metadata={
+        "help": "where images are decoded and augmented: cpu (PIL in workers) or gpu (TorchCodec)"})
+
+    # --- Optimisation (§3.1) ---
+    batch_size: int = field(default=256, metadata={"help": "global batch size, split across GPUs"})
+    lr: float = field(default=0.01, metadata={"help": "initial learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "L2 penalty multiplier"})
+    bias_decay: bool = field(default=True, metadata={
+        "help": "apply weight decay to biases too (the paper is silent; Caffe's default does)"})
+    lr_factor: float = field(default=0.1, metadata={"help": "lr multiplier when val top-1 plateaus"})
+    patience: int = field(default=2, metadata={
+        "help": "epochs without val top-1 improvement before the lr drops (the paper is silent)"})
+    max_lr_drops: int = field(default=3, metadata={"help": "stop at the plateau after this many drops"})
+    epochs: int = field(default=74, metadata={"help": "maximum number of epochs"})
+    steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0: whole epoch)"})
+    seed: int = field(default=0, metadata={"help": "seed for init, data order and augmentation"})
+
+    # --- Speed (CUDA only; each can be turned off) ---
+    device: str = field(default="auto", metadata={"help": "auto, cuda or cpu"})
+    gpus: int = field(default=1, metadata={"help": "processes (GPUs) on this machine; >1 uses DDP"})
+    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
+    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format on CUDA"})
+    compile: bool = field(default=True, metadata={"help": "torch.compile the net on CUDA"})
+    cudnn_benchmark: bool = field(default=True, metadata={"help": "cuDNN autotuning on CUDA"})
+
+    # --- Output ---
+    run_name: str = field(default="", metadata={"help": "run folder name (default: the config's name)"})
+    out_dir: str = field(default="checkpoints", metadata={"help": "where run folders are written"})
+    log_dir: str = field(default="runs", metadata={"help": "TensorBoard root (events in <log_dir>/<run>)"})
+    checkpoint_every: int = field(default=1000, metadata={"help": "also save last.pt every N steps (0: off)"})
+    log_every: int = field(default=20, metadata={"help": "steps between progress/TensorBoard updates"})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def jittered(self) -> bool:
+        return self.scale_max != self.scale_min
+
+    @property
+    def test_scale(self) -> int:
+        """Q for single-scale validation: S, or the middle of the jitter range (paper §4.1)."""
+        return self.val_scale or (self.scale_min + self.scale_max) // 2
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+CHOICES = {"arch": ARCH_NAMES, "init": ("normal", "xavier"), "device": ("auto", "cuda", "cpu"),
+           "data_path": ("cpu", "gpu")}
+
+
+def _check_type(key: str, value, source: str):
+    """Return `value` as the field's type, or raise one clear UserError naming the key."""
+    kind = type(FIELDS[key].default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{source}: '{key}' must be {kind.__name__}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UserError(f"{source}: '{key}' is {value!r}; allowed: {', '.join(CHOICES[key])}")
+    return value
+
+
+def config_path(name: str) -> Path:
+    """`--config D` -> configs/D.yaml; anything that looks like a path is taken as one."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        return path
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise UserError(f"unknown config {name!r}; available: {', '.join(available_configs())} "
+                        f"(or a path to a .yaml file)")
+    return path
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_yaml(path: Path) -> dict:
+    """Read a config file; unknown keys and wrong types fail loudly (STYLE: fail on bad config)."""
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of config fields")
+    for key, value in values.items():
+        if key not in FIELDS:
+            raise UserError(f"{path}: unknown key '{key}'; allowed keys: {', '.join(FIELDS)}")
+        values[key] = _check_type(key, value, str(path))
+    return values
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def get_args_parser(add_help: bool = False, default_config: str = "demo") -> argparse.ArgumentParser:
+    """The flags shared by train.py, evaluate.py and the benchmarks: --config plus every Config field."""
+    parser = argparse.ArgumentParser(add_help=add_help, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", default=default_config,
+                        help=f"a name under configs/ ({', '.join(available_configs())}) or a YAML "
+                             f"path (default: {default_config})")
+    group = parser.add_argument_group("config fields (override the YAML file)")
+    for name, f in FIELDS.items():
+        kind = type(f.default)
+        flag = "--" + name.replace("_", "-")
+        default_text = f" (default: {f.default!r})"
+        if kind is bool:
+            group.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL",
+                               help=f.metadata["help"] + default_text)
+        else:
+            group.add_argument(flag, type=kind, metavar=name.upper(), choices=CHOICES.get(name),
+                               help=f.metadata["help"] + default_text)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults < YAML named by args.config < command-line values present in `args`."""
+    config_name = getattr(args, "config", "demo")
+    path = config_path(config_name)
+    values = load_yaml(path)
+    for name in FIELDS:
+        if name in args:
+            values[name] = _check_type(name, getattr(args, name), "command line")
+    values.setdefault("run_name", path.stem)
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Cross-field checks a YAML type check cannot make."""
+    if config.scale_min > config.scale_max:
+        raise UserError(f"scale_min ({config.scale_min}) must not exceed scale_max ({config.scale_max})")
+    if config.scale_min < config.crop_size:
+        raise UserError(f"scale_min ({config.scale_min}) must be at least crop_size ({config.crop_size}): "
+                        "the random crop is taken from the rescaled image (§3.1)")
+    if config.crop_size % 32:
+        raise UserError(f"crop_size must be a multiple of 32 (five 2x2 max-pools), got {config.crop_size}")
+    for name in ("batch_size", "epochs", "gpus", "fc_width"):
+        if getattr(config, name) < 1:
+            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.batch_size % config.gpus:
+        raise UserError(f"batch_size {config.batch_size} is the global batch; it must split evenly "
+                        f"over {config.gpus} GPUs")

@@ -1,0 +1,330 @@
+"""A whole training run (paper §3.1): build everything from the config, loop over epochs, checkpoint.
+
+The per-epoch loops live in vgg/engine.py; this module wires data, net, optimizer, plateau
+schedule, warm start, resume, TensorBoard and checkpoints together.
+"""
+
+import json
+import math
+import signal
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.data import Sampler
+from torch.utils.tensorboard import SummaryWriter
+
+from vgg import data as vdata
+from vgg import sample_data
+from vgg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vgg.config import Config
+from vgg.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, get_logger,
+                             init_distributed, is_main_process, shard_indices)
+from vgg.engine import BatchAugment, train_one_epoch, validate
+from vgg.errors import UserError
+from vgg.models import build_vgg, warm_start
+from vgg.transforms import CenterCropTransform, TrainTransform
+
+log = get_logger()
+
+
+class EpochSampler(Sampler):
+    """This rank's share of a per-epoch shuffle, optionally starting part-way (mid-epoch resume).
+
+    The order depends only on (seed, epoch): like DistributedSampler, the permutation is padded to
+    a multiple of the world size and dealt out rank by rank; `set_epoch(epoch, start)` also skips
+    the first `start` indices of this rank's share, so a resumed epoch sees exactly the images the
+    interrupted one had not reached.
+    """
+
+    def __init__(self, num_items: int, *, seed: int, rank: int, world_size: int):
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def per_rank(self) -> int:
+        return math.ceil(self.num_items / self.world_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.num_items, generator=g).tolist()
+        order += order[: self.per_rank() * self.world_size - len(order)]
+        return iter(order[self.rank :: self.world_size][self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.start
+
+
+def _epoch_generator(config: Config, epoch: int, rank: int) -> torch.Generator:
+    """Seeds that depend on (seed, epoch, rank) only, so epoch-boundary resumes replay exactly."""
+    return torch.Generator().manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + rank)
+
+
+def prepare_dataset(config: Config) -> Path:
+    """The dataset root; the default sample dataset is generated on first use (rank 0 only)."""
+    root = Path(config.data)
+    if root.resolve() == Path(sample_data.DEFAULT_ROOT).resolve():
+        if is_main_process():
+            sample_data.make_sample_dataset(root)
+        barrier()
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise UserError(f"data folder {root / split} not found: --data must hold train/<wnid>/*.JPEG "
+                            "and val/<wnid>/*.JPEG (see data/README.md)")
+    return root
+
+
+def load_stats(config: Config, train_dir: Path) -> vdata.DatasetStats:
+    """Mean RGB and colour PCA (§2.1; AlexNet §4.1): computed once and cached, or supplied."""
+    if config.stats == "imagenet":
+        return vdata.IMAGENET_STATS
+    if config.stats != "auto":
+        path = Path(config.stats)
+        if not path.is_file():
+            raise UserError(f"stats file not found: {path} (use --stats auto or imagenet)")
+        return vdata.DatasetStats.from_dict(json.loads(path.read_text()))
+    stats = None
+    if is_main_process():
+        stats = vdata.load_or_compute_stats(train_dir, num_images=config.stats_images, seed=config.seed)
+    return broadcast_object(stats)
+
+
+def init_from_checkpoint(model, path: str, classes: list[str]) -> list[str]:
+    """§3.1: a deeper net warm-starts from net A; a re-scaled net (S=384, jitter) from its own kind."""
+    source_ckpt = load_checkpoint(path)
+    source_arch = source_ckpt["arch"]
+    if source_ckpt.get("classes", classes) != classes:
+        raise UserError(f"--init-from {path}: its {len(source_ckpt.get('classes', []))} classes differ "
+                        f"from this dataset's {len(classes)}")
+    source = build_vgg(**source_arch)
+    source.load_state_dict(source_ckpt["model"])
+    if source_arch["name"] == model.arch_name:
+        if source_arch != model.arch_kwargs():
+            raise UserError(f"--init-from {path}: net {source_arch} does not match this run's "
+                            f"{model.arch_kwargs()}")
+        model.load_state_dict(source.state_dict())
+        return list(model.state_dict())
+    if source_arch["name"] != "A":
+        raise UserError(f"--init-from {path} holds net {source_arch['name']}; net {model.arch_name} "
+                        "warm-starts from net A or from a net of its own kind")
+    return warm_start(model, source)
+
+
+def build_optimizer(model, config: Config) -> torch.optim.SGD:
+    """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases is a config choice."""
+    decay = [p for n, p in model.named_parameters() if config.bias_decay or not n.endswith("bias")]
+    no_decay = [p for n, p in model.named_parameters() if not config.bias_decay and n.endswith("bias")]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def lr_drops(optimizer, config: Config) -> int:
+    """How many times the plateau schedule has divided the lr (derived, not stored)."""
+    ratio = config.lr / optimizer.param_groups[0]["lr"]
+    return round(math.log(ratio) / math.log(1 / config.lr_factor))
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to stop at its next sync point, save, and exit cleanly."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second Ctrl-C: stop right away
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping")
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def run(config: Config, resume: str = "") -> dict:
+    """Train as the config says; returns the final validation metrics. Raises UserError on bad input."""
+    dist = init_distributed(config.device)
+    try:
+        return _run(config, resume, dist)
+    finally:
+        cleanup_distributed()
+
+
+def _run(config: Config, resume: str, dist: DistInfo) -> dict:
+    device, on_cuda = dist.device, dist.device.type == "cuda"
+    if config.batch_size % dist.world_size:
+        raise UserError(f"the global batch {config.batch_size} does not split over {dist.world_size} processes")
+    per_rank_batch = config.batch_size // dist.world_size
+    torch.backends.cudnn.benchmark = on_cuda and config.cudnn_benchmark
+    run_dir = Path(config.out_dir) / config.run_name
+
+    resume_path = None
+    if resume:
+        resume_path = run_dir / "last.pt" if resume == "auto" else Path(resume)
+        if resume_path.is_dir():
+            resume_path = resume_path / "last.pt"
+        if not resume_path.is_file():
+            raise UserError(f"nothing to resume: {resume_path} does not exist")
+    elif (run_dir / "last.pt").exists():
+        raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --run-name")
+
+    # Data (§3.1): uint8 crops from workers, float work on whole batches in BatchAugment.
+    root = prepare_dataset(config)
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    stats = vdata.DatasetStats.from_dict(ckpt["stats"]) if ckpt else load_stats(config, root / "train")
+    train_set = vdata.ImageFolder(root / "train", TrainTransform(
+        crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max))
+    classes = train_set.classes
+    val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
+                                                                  crop_size=config.crop_size))
+    if val_set.classes != classes:
+        raise UserError(f"{root / 'val'} has {len(val_set.classes)} classes, {root / 'train'} has "
+                        f"{len(classes)}: the class folders must be the same")
+    sampler = EpochSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
+    steps_per_epoch = sampler.per_rank() // per_rank_batch
+    if config.steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train_set)} training images make no full batch of {per_rank_batch} per process")
+    val_loader = vdata.build_loader(
+        torch.utils.data.Subset(val_set, shard_indices(len(val_set), dist.rank, dist.world_size)),
+        batch_size=per_rank_batch, shuffle=False, workers=config.workers,
+        collate_fn=vdata.collate_batch, seed=config.seed)
+
+    # The net (Table 1) with N(0, 0.01^2) or Glorot init, warm start or resume (§3.1).
+    torch.manual_seed(config.seed)
+    model = build_vgg(config.arch, num_classes=len(classes), width=config.width, fc_width=config.fc_width,
+                      image_size=config.crop_size, dropout=config.dropout, init=config.init)
+    optimizer = build_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="max", factor=config.lr_factor, patience=config.patience)
+    start_epoch, start_step, best_top1 = 0, 0, -1.0
+    if ckpt:
+        if ckpt["arch"] != model.arch_kwargs() or ckpt.get("classes") != classes:
+            raise UserError(f"{resume_path} was trained as {ckpt['arch']} on {len(ckpt.get('classes', []))} "
+                            f"classes, not as this run's {model.arch_kwargs()}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, start_step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        set_rng_state(ckpt["rng"])
+        log.info(f"resumed {resume_path} at epoch {start_epoch}, step {start_step}")
+    elif config.init_from:
+        copied = init_from_checkpoint(model, config.init_from, classes)
+        log.info(f"initialised from {config.init_from}: copied {len(copied)} tensors: {', '.join(copied)}")
+
+    model.to(device)
+    if on_cuda and config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
+    if dist.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None)
+    if on_cuda and config.compile:
+        model = torch.compile(model)
+
+    writer = None
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        writer = SummaryWriter(str(Path(config.log_dir) / config.run_name))
+        writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```", 0)
+        log.info(f"net {config.arch}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
+                 f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
+                 f"{steps_per_epoch} steps/epoch of {config.batch_size} on {dist.world_size} x {device.type}")
+        log.info(f"run folder {run_dir}; TensorBoard: tensorboard --logdir {config.log_dir}")
+
+    def checkpoint_state(epoch: int, step: int) -> dict:
+        return {"model": raw_model.state_dict(), "arch": raw_model.arch_kwargs(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "epoch": epoch, "step": step, "rng": rng_state(), "config": config.to_dict(),
+                "stats": stats.to_dict(), "classes": classes, "best_top1": best_top1}
+
+    def save(name: str, epoch: int, step: int) -> None:
+        if is_main_process():
+            save_checkpoint(run_dir / name, **checkpoint_state(epoch, step))
+
+    stop = StopFlag()
+    val_metrics = {}
+    for epoch in range(start_epoch, config.epochs):
+        sampler.set_epoch(epoch, start=start_step * per_rank_batch)
+        train_loader = vdata.build_loader(
+            train_set, batch_size=per_rank_batch, sampler=sampler, workers=config.workers,
+            collate_fn=vdata.collate_batch, seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank,
+            drop_last=True)
+        augment = BatchAugment(stats, device, config.color_shift_std, channels_last=on_cuda and config.channels_last,
+                               generator=_epoch_generator(config, epoch, dist.rank))
+        if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
+            log_augmented_images(writer, train_loader, augment)
+        train_metrics = train_one_epoch(
+            model, train_loader, optimizer, augment, epoch=epoch, num_steps=steps_per_epoch,
+            start_step=start_step, bf16=config.bf16, log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every, on_checkpoint=lambda step: save("last.pt", epoch, step),
+            stop_requested=stop, writer=writer)
+        start_step = 0
+        if train_metrics["interrupted"]:
+            save("last.pt", epoch, train_metrics["step"])
+            log.warning(f"stopped at epoch {epoch} step {train_metrics['step']}; saved {run_dir / 'last.pt'}; "
+                        f"continue with --resume")
+            raise SystemExit(128 + (stop.signal or signal.SIGINT))
+
+        val_metrics = validate(model, val_loader, augment, bf16=config.bf16)
+        drops_before = lr_drops(optimizer, config)
+        scheduler.step(val_metrics["top1"])  # ÷10 when val accuracy stops improving (§3.1)
+        plateau_end = lr_drops(optimizer, config) > config.max_lr_drops
+        improved = val_metrics["top1"] > best_top1
+        best_top1 = max(best_top1, val_metrics["top1"])
+        if improved:
+            save("best.pt", epoch + 1, 0)
+        save("last.pt", epoch + 1, 0)
+
+        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
+               **{f"train_{k}": v for k, v in train_metrics.items() if k not in ("interrupted", "step")},
+               **{f"val_{k}": v for k, v in val_metrics.items()}}
+        if is_main_process():
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log_epoch(writer, epoch, row, device)
+            skipped = train_metrics["skipped"] + val_metrics["skipped"]
+            log.info(f"epoch {epoch}: train loss {train_metrics['loss']:.3f}, top-1 err "
+                     f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
+                     f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s, "
+                     f"lr drops {drops_before}" + (f" | {skipped} unreadable images skipped" if skipped else ""))
+        if plateau_end:
+            log.info(f"val top-1 plateaued after {config.max_lr_drops} lr drops: training ends (§3.1)")
+            break
+
+    if writer is not None:
+        final = {f"hparam/val_{k}": v for k, v in val_metrics.items() if k in ("top1_err", "top5_err")}
+        hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
+        writer.add_hparams(hparams, final, run_name=".")
+        writer.close()
+        log.info(f"done: best val top-1 {best_top1:.1f}%; checkpoints in {run_dir}")
+    return val_metrics
+
+
+def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, count: int = 32) -> None:
+    """A grid of training images as the net sees them (after every augmentation), for a sanity look."""
+    images, _, _ = next(iter(loader))
+    batch = augment(images[:count], train=True).float().cpu()
+    mean = torch.tensor(augment.stats.mean_rgb).view(1, 3, 1, 1)
+    writer.add_images("train/augmented_images", ((batch + mean) / 255).clamp(0, 1), 0)
+
+
+def log_epoch(writer: SummaryWriter, epoch: int, row: dict, device: torch.device) -> None:
+    writer.add_scalar("val/top1_err", row["val_top1_err"], epoch)
+    writer.add_scalar("val/top5_err", row["val_top5_err"], epoch)
+    writer.add_scalar("val/loss", row["val_loss"], epoch)
+    writer.add_scalar("epoch/train_top1_err", row["train_top1_err"], epoch)
+    writer.add_scalar("epoch/train_top5_err", row["train_top5_err"], epoch)
+    writer.add_scalar("epoch/lr", row["lr"], epoch)
+    writer.add_scalar("epoch/time_s", row["train_epoch_time_s"], epoch)
+    writer.add_scalar("epoch/images_per_s", row["train_images_per_s"], epoch)
+    writer.add_scalar("epoch/data_wait_fraction", row["train_data_wait_fraction"], epoch)
+    if device.type == "cuda":
+        writer.add_scalar("epoch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, epoch)
+    writer.flush()
