@@ -133,8 +133,11 @@ class StopFlag:
 
     def __init__(self):
         self.signal = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: stop right away
@@ -149,13 +152,15 @@ class StopFlag:
 def run(config: Config, resume: str = "") -> dict:
     """Train as the config says; returns the final validation metrics. Raises UserError on bad input."""
     dist = init_distributed(config.device)
+    stop = StopFlag()
     try:
-        return _run(config, resume, dist)
+        return _run(config, resume, dist, stop)
     finally:
+        stop.restore()
         cleanup_distributed()
 
 
-def _run(config: Config, resume: str, dist: DistInfo) -> dict:
+def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     device, on_cuda = dist.device, dist.device.type == "cuda"
     if config.batch_size % dist.world_size:
         raise UserError(f"the global batch {config.batch_size} does not split over {dist.world_size} processes")
@@ -248,7 +253,6 @@ def _run(config: Config, resume: str, dist: DistInfo) -> dict:
         if is_main_process():
             save_checkpoint(run_dir / name, **checkpoint_state(epoch, step))
 
-    stop = StopFlag()
     val_metrics = {}
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)
