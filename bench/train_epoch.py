@@ -1,0 +1,179 @@
+"""Whole training steps fed by the real data path from JPEG files on disk: can the data keep up?
+
+The same compiled step as bench/train_step.py (net D, batch 256 by default) is timed twice in one run:
+  1. on one batch already on the device (the step alone: the most the data path could reach), then
+  2. fed by a data path reading JPEGs from disk, each `--data-path`:
+       cpu  PIL decode + rescale/crop/flip in DataLoader workers (vgg.data + vgg.transforms),
+       gpu  workers read bytes; nvJPEG batch decode + augmentation on the GPU (vgg.gpu_data).
+Both feed the trainer's BatchAugment (mean subtraction, colour shift). Figures per path: images/s,
+data overhead = 1 - fed/step-alone (the goal: < 5 %), and the host time spent waiting for the
+next batch as a fraction of the run.
+
+Without --data, a synthetic ImageNet-sized JPEG set (photos from skimage, ~500x375, quality 90) is
+made once under data/bench_jpeg/ (~105 kB a file, like ImageNet's).
+
+On an H100 machine (16 CPU cores):
+    python bench/train_epoch.py --data-path gpu,cpu --workers 16
+Quick CPU check (tiny net, nothing recorded):
+    python bench/train_epoch.py --device cpu --width 0.0625 --fc-width 64 --crop-size 32 --scale-min 36 \
+        --scale-max 36 --batch 8 --steps 3 --warmup 1 --images 64 --workers 1 --jpeg-dir /tmp/bench_jpeg --no-record
+"""
+
+import argparse
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import (REPO, add_common_args, make_train_step, prepare_model, record,  # noqa: E402
+                          resolve_device, synchronize, time_loop, trainer_optimizer,
+                          write_imagenet_like_jpeg)
+from vgg import data as vdata  # noqa: E402
+from vgg.engine import BatchAugment  # noqa: E402
+from vgg.gpu_data import build_gpu_train_loader  # noqa: E402
+from vgg.models import build_vgg  # noqa: E402
+from vgg.transforms import TrainTransform  # noqa: E402
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="", help="dataset root holding train/<wnid>/*.JPEG (default: "
+                                                   "a synthetic set under --jpeg-dir)")
+    parser.add_argument("--jpeg-dir", default=str(REPO / "data" / "bench_jpeg"),
+                        help="where the synthetic JPEG set is made (once) when --data is not given")
+    parser.add_argument("--images", type=int, default=10240, help="images in the synthetic JPEG set")
+    parser.add_argument("--data-path", default="gpu,cpu", help="comma-separated: gpu, cpu")
+    parser.add_argument("--workers", type=int, default=16, help="DataLoader worker processes")
+    parser.add_argument("--net", default="D", help="net from Table 1")
+    parser.add_argument("--width", type=float, default=1.0, help="conv channel multiplier")
+    parser.add_argument("--fc-width", type=int, default=4096, help="width of the hidden FC layers")
+    parser.add_argument("--batch", type=int, default=256, help="images per step")
+    parser.add_argument("--crop-size", type=int, default=224, help="training crop side")
+    parser.add_argument("--scale-min", type=int, default=256, help="training scale S (S_min)")
+    parser.add_argument("--scale-max", type=int, default=256, help="S_max (> scale-min: scale jittering)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per data path")
+    parser.add_argument("--warmup", type=int, default=8, help="untimed steps first (workers starting)")
+    add_common_args(parser)
+    return parser
+
+
+def make_jpeg_set(root: Path, count: int, *, classes: int = 10, workers: int = 1) -> Path:
+    """A synthetic ImageNet-sized JPEG training set of `count` images under root/<count>/train/<wnid>/
+    (made once, reused)."""
+    root = root / str(count)
+    done = root / ".complete"
+    if done.exists():
+        return root
+    jobs = []
+    for i in range(count):
+        folder = root / "train" / f"n{i % classes:08d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        jobs.append((folder / f"img_{i:07d}.JPEG", i))
+    print(f"making {count} ImageNet-sized JPEGs under {root} ...", flush=True)
+    with multiprocessing.Pool(max(workers, 1)) as pool:
+        sizes = pool.starmap(write_imagenet_like_jpeg, jobs, chunksize=64)
+    print(f"  mean file size {sum(sizes) / len(sizes) / 1e3:.0f} kB", flush=True)
+    done.touch()
+    return root
+
+
+def run_fed(step, loader, augment: BatchAugment, *, warmup: int, steps: int, device) -> dict:
+    """Train `steps` steps fed by `loader` after `warmup` untimed ones (the loader restarts when done)."""
+    iterator = iter(loader)
+
+    def next_batch():
+        nonlocal iterator
+        try:
+            return next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            return next(iterator)
+
+    wait, images_seen, skipped, start = 0.0, 0, 0, 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            wait, images_seen, skipped, start = 0.0, 0, 0, time.perf_counter()
+        fetch = time.perf_counter()
+        images, labels, n_skipped = next_batch()
+        wait += time.perf_counter() - fetch
+        step(augment(images, train=True), labels.to(device, non_blocking=True))
+        images_seen += labels.shape[0]
+        skipped += n_skipped
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del iterator
+    return {"images_per_s": images_seen / elapsed, "wait_fraction": wait / elapsed, "skipped": skipped}
+
+
+def main(argv=None) -> str:
+    args = get_args_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    on_cuda = device.type == "cuda"
+    use_compile = on_cuda if args.compile is None else args.compile
+    channels_last, bf16 = on_cuda and args.channels_last, on_cuda and args.bf16
+    paths = [p.strip() for p in args.data_path.split(",") if p.strip()]
+    for p in paths:
+        if p not in ("cpu", "gpu"):
+            raise SystemExit(f"error: unknown --data-path {p!r}; allowed: cpu, gpu")
+    torch.backends.cudnn.benchmark = on_cuda and args.cudnn_benchmark
+    torch.manual_seed(0)
+
+    root = Path(args.data) if args.data else make_jpeg_set(Path(args.jpeg_dir), args.images,
+                                                           workers=args.workers)
+    train_transform = TrainTransform(crop_size=args.crop_size, scale_min=args.scale_min,
+                                     scale_max=args.scale_max)
+    train_set = vdata.ImageFolder(root / "train", train_transform)
+    stats = vdata.IMAGENET_STATS  # speed does not depend on the statistics' values
+    kilobytes = sum(Path(p).stat().st_size for p, _ in train_set.samples) / len(train_set) / 1e3
+
+    model = build_vgg(args.net, num_classes=len(train_set.classes), width=args.width, fc_width=args.fc_width,
+                      image_size=args.crop_size)
+    model = prepare_model(model, device, channels_last=channels_last, compile_model=use_compile)
+    step = make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16)
+    augment = BatchAugment(stats, device, channels_last=channels_last, generator=torch.Generator().manual_seed(0))
+
+    # 1. The step alone, on one uint8 batch already on the device (still through BatchAugment).
+    images = torch.randint(0, 256, (args.batch, 3, args.crop_size, args.crop_size), dtype=torch.uint8,
+                           device=device)
+    labels = torch.randint(0, len(train_set.classes), (args.batch,), device=device)
+    for _ in range(args.warmup):
+        step(augment(images, train=True), labels)
+    synchronize(device)
+    alone = args.batch * args.steps / time_loop(lambda: step(augment(images, train=True), labels),
+                                                args.steps, device)
+    parts = [f"step alone {alone:,.0f} img/s"]
+    print(parts[-1], flush=True)
+
+    # 2. Fed from disk by each data path.
+    for name in paths:
+        if name == "cpu":
+            loader = vdata.build_loader(train_set, batch_size=args.batch, shuffle=True, workers=args.workers,
+                                        collate_fn=vdata.collate_batch, seed=0, drop_last=True)
+        else:
+            loader = build_gpu_train_loader(train_set, batch_size=args.batch, device=device,
+                                            crop_size=args.crop_size, scale_min=args.scale_min,
+                                            scale_max=args.scale_max, seed=0, workers=args.workers,
+                                            shuffle=True, channels_last=channels_last)
+        fed = run_fed(step, loader, augment, warmup=args.warmup, steps=args.steps, device=device)
+        overhead = max(0.0, 1 - fed["images_per_s"] / alone)
+        parts.append(f"{name} data path: {fed['images_per_s']:,.0f} img/s, data overhead {100 * overhead:.1f}%, "
+                     f"host wait {100 * fed['wait_fraction']:.1f}%"
+                     + (f", {fed['skipped']} skipped" if fed["skipped"] else ""))
+        print(parts[-1], flush=True)
+        del loader
+
+    source = (f"{args.data}/train" if args.data else "synthetic JPEGs") + f" ({len(train_set)}, {kilobytes:.0f} kB)"
+    settings = (f"net {args.net} width {args.width:g}, batch {args.batch}, crop {args.crop_size}, "
+                f"S {args.scale_min}-{args.scale_max}, {args.workers} workers, {source}, "
+                f"{'bf16' if bf16 else 'fp32'}, compile {'on' if use_compile else 'off'}")
+    figures = f"train epoch ({settings}): " + "; ".join(parts)
+    record(device, figures, enabled=args.record)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Test trained VGG nets the paper's ways (§3.2, §4) and print top-1/top-5 error like its tables.
+
+    python evaluate.py --dense                         # newest checkpoints/*/best.pt, Q from its training S
+    python evaluate.py --dense --single-scale          # Table 3: Q = S, or (S_min+S_max)/2 if jittered
+    python evaluate.py --dense --multi-crop            # Table 5: dense, multi-crop, and the two averaged
+    python evaluate.py --multi-crop --scales 256 384 512 --checkpoint checkpoints/D-jitter/best.pt
+    python evaluate.py --dense --multi-crop --checkpoint checkpoints/D/best.pt checkpoints/E/best.pt  # Table 6
+    python evaluate.py --dense --multi-crop --data /data/imagenet --gpus 4
+
+Test scales Q (Table 4) by default follow how each net was trained: fixed S -> {S-32, S, S+32},
+jittered [S_min, S_max] -> {S_min, (S_min+S_max)/2, S_max} (scales below the crop size are raised
+to it). Several checkpoints are fused: their soft-max outputs averaged. The table is printed and
+written as JSON (with per-class accuracy) and Markdown to <first checkpoint's folder>/eval/.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from vgg.distributed import cleanup_distributed, init_distributed, is_main_process, launch_if_needed
+from vgg.errors import UserError
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
+                        help="checkpoint(s) or run folder(s); several are fused (default: the newest "
+                             "checkpoints/*/best.pt)")
+    parser.add_argument("--dense", action="store_true", help="dense evaluation (§3.2); the default method")
+    parser.add_argument("--multi-crop", action="store_true", help="5x5 grid of crops and flips per scale (§4.2)")
+    scales = parser.add_mutually_exclusive_group()
+    scales.add_argument("--scales", nargs="+", type=int, metavar="Q", help="test scales Q (default: from training S)")
+    scales.add_argument("--single-scale", action="store_true",
+                        help="Q = S, or (S_min+S_max)/2 for a scale-jittered net (Table 3)")
+    parser.add_argument("--data", metavar="ROOT",
+                        help="dataset root holding val/<wnid>/* (default: the first checkpoint's training data)")
+    parser.add_argument("--out", metavar="PATH",
+                        help="write PATH.json and PATH.md (default: <checkpoint folder>/eval/<time>)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch, per GPU (default: 32)")
+    parser.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU (default: 4)")
+    parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) on this machine (default: 1)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: auto")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast on CUDA (default: on)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="channels-last memory format on CUDA (default: on)")
+    return parser
+
+
+def prepare(args):
+    """Everything that can fail on bad input, checked before any worker process starts."""
+    from vgg.evaluation import default_checkpoint, load_eval_net, open_val_set
+
+    if args.batch_size < 1 or args.workers < 0 or args.gpus < 1:
+        raise UserError("--batch-size and --gpus must be at least 1, --workers at least 0")
+    paths = args.checkpoint or [default_checkpoint()]
+    nets = [load_eval_net(p, scales=args.scales, single_scale=args.single_scale) for p in paths]
+    if args.data:
+        val_dir = Path(args.data) / "val"
+    else:
+        data = nets[0].config.get("data")
+        if not data:
+            raise UserError(f"{nets[0].path} does not record its dataset: pass --data ROOT")
+        val_dir = Path(data) / "val"
+    open_val_set(nets, val_dir)
+    return nets, val_dir
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        nets, val_dir = prepare(args)
+        launch_if_needed(args.gpus)  # --gpus N: re-run this script as N processes, then exit
+        dist = init_distributed(args.device)
+        try:
+            run(args, nets, val_dir, dist)
+        finally:
+            cleanup_distributed()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args, nets, val_dir, dist) -> None:
+    from vgg.evaluation import DENSE, MULTI_CROP, evaluate_dataset, format_report, write_results
+
+    methods = [m for m, on in ((DENSE, args.dense), (MULTI_CROP, args.multi_crop)) if on] or [DENSE]
+    result = evaluate_dataset(nets, val_dir, methods=methods, device=dist.device, batch_size=args.batch_size,
+                              workers=args.workers, bf16=args.bf16, channels_last=args.channels_last,
+                              rank=dist.rank, world_size=dist.world_size, progress=is_main_process())
+    if not is_main_process():
+        return
+    out = args.out or nets[0].path.parent / "eval" / (time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(methods))
+    json_path, md_path = write_results(result, out)
+    print(format_report(result))
+    print(f"results: {json_path}, {md_path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

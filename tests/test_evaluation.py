@@ -1,0 +1,289 @@
+"""Dense and multi-crop evaluation (paper §3.2, §4): crops, scales, fusion, top-k error, exact counting."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vgg.checkpoint import save_checkpoint
+from vgg.data import IMAGENET_STATS, ImageFolder
+from vgg.errors import UserError
+from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, _DenseBuckets, crop_grid_positions, dense_probs,
+                            eval_scales, evaluate_dataset, format_table, fuse, load_eval_net, multi_crop_probs,
+                            multi_crops, topk_errors, write_results)
+from vgg.models import build_vgg, to_dense
+
+CROP = 32  # the tiny test nets' input size (full-size nets: 224)
+
+
+def tiny_net(num_classes: int, width: float = 1 / 16) -> nn.Module:
+    torch.manual_seed(0)
+    return build_vgg("A", num_classes=num_classes, width=width, fc_width=32, image_size=CROP, init="xavier").eval()
+
+
+def write_tiny_checkpoint(path, classes, *, data="", scale_min=36, scale_max=48, model=None):
+    model = model if model is not None else tiny_net(len(classes))
+    config = {"arch": "A", "crop_size": CROP, "scale_min": scale_min, "scale_max": scale_max, "data": str(data),
+              "run_name": "tiny"}
+    save_checkpoint(path, model=model.state_dict(), arch=model.arch_kwargs(), epoch=1, step=0, config=config,
+                    stats=IMAGENET_STATS.to_dict(), classes=list(classes), best_top1=0.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def val_dir(sample_root):
+    return sample_root / "val"
+
+
+@pytest.fixture(scope="module")
+def classes(val_dir):
+    return ImageFolder(val_dir, transform=None).classes
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, classes, sample_root):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("run") / "tiny" / "best.pt", classes, data=sample_root)
+
+
+def evaluate(nets, val_dir, **kwargs):
+    kwargs = {"methods": (DENSE,), "batch_size": 8, "workers": 0, "progress": False, **kwargs}
+    return evaluate_dataset(nets, val_dir, **kwargs)
+
+
+# --- Scales ------------------------------------------------------------------------------------
+
+def test_eval_scales_follow_the_training_scale():
+    assert eval_scales(256, 256, 224) == [224, 256, 288]  # Table 4, fixed S
+    assert eval_scales(384, 384, 224) == [352, 384, 416]
+    assert eval_scales(256, 512, 224) == [256, 384, 512]  # Table 4, jittered S
+    assert eval_scales(256, 256, 224, single_scale=True) == [256]  # Table 3
+    assert eval_scales(256, 512, 224, single_scale=True) == [384]
+    # Scaled-down nets: Q below the crop size is raised to it, duplicates dropped.
+    assert eval_scales(36, 36, 32) == [32, 36, 68]
+    assert eval_scales(32, 32, 32) == [32, 64]
+
+
+# --- Multi-crop --------------------------------------------------------------------------------
+
+def test_crop_grid_is_5x5_from_edge_to_edge():
+    positions = crop_grid_positions(256, 320, 224)
+    assert len(positions) == 25
+    assert sorted({t for t, _ in positions}) == [0, 8, 16, 24, 32]
+    assert sorted({l for _, l in positions}) == [0, 24, 48, 72, 96]
+    assert positions[0] == (0, 0) and positions[-1] == (32, 96) and positions[1] == (0, 24)
+    assert crop_grid_positions(224, 224, 224) == [(0, 0)] * 25
+    with pytest.raises(UserError, match="smaller than"):
+        crop_grid_positions(200, 300, 224)
+
+
+class Recorder(nn.Module):
+    """Stand-in net: remembers every crop it sees and scores it by its top-left pixel."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.num_classes, self.seen = num_classes, []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return x[:, 0, 0, 0:1].repeat(1, self.num_classes) * torch.arange(self.num_classes) / 100
+
+
+def coded_image(h, w):
+    """Channel 0 holds the row index, channel 1 the column index: a crop tells where it came from."""
+    rows = torch.arange(h, dtype=torch.float32)[:, None].expand(h, w)
+    cols = torch.arange(w, dtype=torch.float32)[None, :].expand(h, w)
+    return torch.stack([rows, cols, torch.zeros(h, w)])
+
+
+def test_multi_crop_makes_150_crops_over_3_scales_at_the_grid_positions():
+    recorder = Recorder()
+    sizes = [(224, 298), (256, 341), (288, 384)]  # a 3:4 image at Q = 224, 256, 288
+    for h, w in sizes:
+        probs = multi_crop_probs(recorder, [coded_image(h, w)], 224, max_batch=16)
+        assert probs.shape == (1, 4)
+        torch.testing.assert_close(probs.sum(), torch.tensor(1.0))
+    crops = torch.cat(recorder.seen)
+    assert crops.shape == (150, 3, 224, 224)
+    for s, (h, w) in enumerate(sizes):
+        per_scale = crops[s * 50:(s + 1) * 50]
+        plain, flipped = per_scale[:25], per_scale[25:]
+        found = [(int(c[0, 0, 0]), int(c[1, 0, 0])) for c in plain]
+        assert found == crop_grid_positions(h, w, 224)
+        assert torch.equal(flipped, plain.flip(-1))  # the mirror images of the same 25 crops
+        assert [int(c[1, 0, -1]) for c in flipped] == [left for _, left in found]
+    # The soft-max (not the logits) is averaged over the 50 crops.
+    recorder.seen.clear()
+    image = coded_image(256, 341)
+    expected = F.softmax(Recorder()(multi_crops(image, 224)), dim=1).mean(0)
+    torch.testing.assert_close(multi_crop_probs(recorder, [image], 224)[0], expected)
+
+
+def test_multi_crop_batches_several_images_of_different_sizes():
+    recorder = Recorder()
+    images = [coded_image(224, 300), coded_image(240, 224)]
+    together = multi_crop_probs(recorder, images, 224, max_batch=30)
+    alone = torch.cat([multi_crop_probs(recorder, [im], 224) for im in images])
+    torch.testing.assert_close(together, alone)
+
+
+def test_evaluate_dataset_runs_50_crops_per_image_and_scale(checkpoint, val_dir):
+    net = load_eval_net(checkpoint)
+    assert net.scales == [36, 42, 48] and net.crop_size == CROP
+    crops = []
+    net.model.register_forward_hook(lambda module, inputs, output: crops.append(inputs[0].shape))
+    result = evaluate([net], val_dir, methods=(MULTI_CROP,))
+    assert all(shape[1:] == (3, CROP, CROP) for shape in crops)
+    assert sum(shape[0] for shape in crops) == 150 * result["images"]
+
+
+# --- Dense ----------------------------------------------------------------------------------------
+
+def test_dense_at_the_crop_size_without_flip_equals_the_plain_forward():
+    model = tiny_net(7)
+    dense = to_dense(model).eval()
+    x = torch.randn(3, 3, CROP, CROP) * 50
+    with torch.inference_mode():
+        plain = F.softmax(model(x), dim=1)
+        torch.testing.assert_close(dense_probs(dense, x, flip=False), plain, rtol=1e-4, atol=1e-6)
+        flipped = F.softmax(model(x.flip(-1)), dim=1)
+        torch.testing.assert_close(dense_probs(dense, x), (plain + flipped) / 2, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_averages_the_score_map_over_space_then_the_soft_max_over_flips():
+    torch.manual_seed(0)
+    dense = nn.Conv2d(3, 4, kernel_size=(1, 2))  # stand-in class score map that a mirror image changes
+    x = torch.randn(2, 3, 5, 7) * 3
+    with torch.inference_mode():
+        expected = (F.softmax(dense(x).mean(dim=(2, 3)), dim=1) +
+                    F.softmax(dense(x.flip(-1)).mean(dim=(2, 3)), dim=1)) / 2
+        torch.testing.assert_close(dense_probs(dense, x), expected)
+
+
+def test_dense_batch_equals_one_image_at_a_time():
+    dense = to_dense(tiny_net(5)).eval()
+    x = torch.randn(4, 3, 48, 80) * 50
+    with torch.inference_mode():
+        alone = torch.cat([dense_probs(dense, x[i:i + 1]) for i in range(4)])
+        torch.testing.assert_close(dense_probs(dense, x), alone, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_buckets_batch_only_equal_sizes_and_release_every_image_once():
+    buckets = _DenseBuckets()
+    sizes = [(36, 48), (48, 36), (36, 48), (36, 36), (36, 48), (48, 36), (36, 48)]
+    released = []
+    for pos, (h, w) in enumerate(sizes):
+        buckets.add((min(h, w), h, w), pos, torch.full((3, h, w), pos, dtype=torch.uint8))
+        for key, positions, batch in buckets.pop_full(batch_size=2, limit=100):
+            assert len(positions) == 2
+            released.append((key, positions, batch))
+    for key, positions, batch in buckets.pop_all():
+        released.append((key, positions, batch))
+    for key, positions, batch in released:
+        assert batch.shape[2:] == key[1:]
+        assert [int(b[0, 0, 0]) for b in batch] == positions.tolist()  # images stay with their positions
+    assert sorted(p for _, positions, _ in released for p in positions.tolist()) == list(range(len(sizes)))
+    # Past the memory limit every waiting image is released, full batch or not.
+    buckets.add((36, 36, 40), 0, torch.zeros(3, 36, 40, dtype=torch.uint8))
+    buckets.add((36, 40, 36), 1, torch.zeros(3, 40, 36, dtype=torch.uint8))
+    assert len(list(buckets.pop_full(batch_size=8, limit=1))) == 2 and not buckets.pending
+
+
+# --- Metrics and fusion ------------------------------------------------------------------------
+
+def test_topk_errors_on_hand_made_scores():
+    scores = torch.tensor([
+        [9.0, 1, 2, 3, 4, 5],  # label 0 is first: top-1 and top-5 hit
+        [5.0, 3, 9, 8, 1, 0],  # label 1 is third: top-5 hit only
+        [5.0, 4, 0, 3, 2, 1],  # label 2 is last (sixth): miss
+        [9.0, 8, 7, 6, 0, 5],  # label 5 is fifth: top-5 hit only
+    ])
+    labels = torch.tensor([0, 1, 2, 5])
+    assert topk_errors(scores, labels) == {1: 75.0, 5: 25.0}
+    assert topk_errors(scores, labels, ks=(1, 2, 6)) == {1: 75.0, 2: 75.0, 6: 0.0}
+    assert topk_errors(F.softmax(scores, dim=1), labels) == {1: 75.0, 5: 25.0}  # same ranking
+
+
+def test_fusing_a_net_with_itself_changes_nothing(checkpoint, val_dir):
+    p = F.softmax(torch.randn(10, 6), dim=1)
+    torch.testing.assert_close(fuse([p, p]), p)
+    torch.testing.assert_close(fuse([p, p.flip(0)]), (p + p.flip(0)) / 2)
+
+    nets = [load_eval_net(checkpoint, single_scale=True), load_eval_net(checkpoint, single_scale=True)]
+    result = evaluate(nets, val_dir, methods=(DENSE, MULTI_CROP))
+    rows = result["rows"]
+    assert [r["method"] for r in rows] == [DENSE, MULTI_CROP, BOTH] * 3
+    assert rows[6]["net"].startswith("fusion:")
+    for single, fused in zip(rows[:3], rows[6:]):
+        assert (fused["top1_err"], fused["top5_err"]) == (single["top1_err"], single["top5_err"])
+        assert fused["per_class_top1_acc"] == single["per_class_top1_acc"]
+
+
+# --- Whole-set evaluation: exact counting, skips, bad input ------------------------------------
+
+def test_shards_add_up_to_the_whole_set_exactly(checkpoint, val_dir):
+    """Three ranks' shards (evaluated separately here) count every image once, as one process does."""
+    net = load_eval_net(checkpoint, single_scale=True)
+    whole = evaluate([net], val_dir)
+    shards = [evaluate([net], val_dir, rank=r, world_size=3) for r in range(3)]
+    assert sum(s["images"] for s in shards) == whole["images"] > 0
+    counts = torch.tensor([s["class_images"] for s in shards]).sum(0)
+    assert counts.tolist() == whole["class_images"]
+
+    def hits(result, key):
+        acc = torch.tensor([a or 0.0 for a in result["rows"][0][key]], dtype=torch.float64)
+        return (acc * torch.tensor(result["class_images"]) / 100).round()
+
+    for key in ("per_class_top1_acc", "per_class_top5_acc"):
+        torch.testing.assert_close(sum(hits(s, key) for s in shards), hits(whole, key))
+
+
+def test_unreadable_images_are_counted_as_skipped_not_scored(checkpoint, val_dir, tmp_path):
+    copy = tmp_path / "val"
+    shutil.copytree(val_dir, copy)
+    net = load_eval_net(checkpoint, single_scale=True)
+    before = evaluate([net], copy)
+    first_class = sorted(p for p in copy.iterdir() if p.is_dir())[0]
+    (first_class / "zz_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    after = evaluate([net], copy, methods=(DENSE, MULTI_CROP))
+    assert after["skipped"] == before["skipped"] + 1
+    assert after["images"] == before["images"]
+    assert after["class_images"] == before["class_images"]
+    shards = [evaluate([net], copy, rank=r, world_size=3) for r in range(3)]
+    assert sum(s["skipped"] for s in shards) == after["skipped"]
+    assert sum(s["images"] for s in shards) == after["images"]
+
+
+def test_bad_checkpoints_and_data_fail_with_one_clear_message(checkpoint, classes, val_dir, tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_eval_net(tmp_path / "nope.pt")
+    other = write_tiny_checkpoint(tmp_path / "other" / "best.pt", classes[:-1] + ["n99999999"])
+    with pytest.raises(UserError, match="classes"):
+        evaluate([load_eval_net(other)], val_dir)
+    # Weights of a wider net under the name of a narrower one.
+    wrong = tmp_path / "wrong" / "best.pt"
+    wide = tiny_net(len(classes), width=1 / 8)
+    save_checkpoint(wrong, model=wide.state_dict(), arch=tiny_net(len(classes)).arch_kwargs(),
+                    config={"scale_min": 36, "scale_max": 36}, stats=IMAGENET_STATS.to_dict(), classes=classes)
+    with pytest.raises(UserError, match="do not fit"):
+        load_eval_net(wrong)
+    with pytest.raises(UserError, match="below the net's crop size"):
+        load_eval_net(checkpoint, scales=[16, 40])
+    with pytest.raises(UserError, match="not found"):
+        evaluate([load_eval_net(checkpoint)], tmp_path / "no_val")
+
+
+def test_results_table_and_files(checkpoint, val_dir, tmp_path):
+    result = evaluate([load_eval_net(checkpoint)], val_dir, methods=(DENSE, MULTI_CROP))
+    text = format_table(result["rows"])
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["net", "train", "S", "test"] and len(lines) == 2 + 3
+    assert "[36;48]" in lines[2] and "36,42,48" in lines[2] and BOTH in lines[4]
+    json_path, md_path = write_results(result, tmp_path / "eval" / "run1")
+    assert json_path.name == "run1.json" and md_path.name == "run1.md"
+    assert md_path.read_text().count("\n| ") >= 4
+    import json
+    saved = json.loads(json_path.read_text())
+    assert len(saved["rows"][0]["per_class_top1_acc"]) == len(saved["classes"])
+    assert saved["images"] + saved["skipped"] == len(ImageFolder(val_dir, transform=None).samples)

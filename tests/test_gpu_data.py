@@ -1,0 +1,239 @@
+"""The GPU data path (vgg/gpu_data.py) run on the CPU: same training-image distribution as the CPU
+path, awkward files decoded or skipped but never fatal; plus the benchmarks' FLOP count and a smoke
+run of bench/train_step.py."""
+
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from conftest import ROOT, subprocess_env
+from vgg import data as vdata
+from vgg.gpu_data import (build_gpu_train_loader, collate_encoded, decode_batch, decode_on_cpu,
+                          gpu_train_augment, jpeg_components, split_encoded)
+from vgg.transforms import TrainTransform, color_shift, normalize
+
+CROP, S_MIN, S_MAX = 64, 72, 128
+DRAWS = 300
+
+
+def jpeg_bytes(array: np.ndarray, mode: str = "RGB", quality: int = 92) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def as_tensor(raw: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+
+
+def coordinate_image(height: int = 300, width: int = 400) -> np.ndarray:
+    """R encodes x and G encodes y (0..255 across the image): a crop's R/G values tell where it came
+    from, how much of the image it covers, and whether it was flipped."""
+    x = np.linspace(0, 255, width)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height)[:, None].repeat(width, 1)
+    return np.stack([x, y, np.full_like(x, 128)], axis=-1).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def awkward_dir(tmp_path_factory):
+    """A class folder of good photos and the files ImageNet is known for: CMYK, PNG-as-JPEG, grey,
+    plus an empty file and a truncated JPEG."""
+    folder = tmp_path_factory.mktemp("awkward") / "train" / "n00000001"
+    folder.mkdir(parents=True)
+    photos = {"astronaut": skdata.astronaut(), "chelsea": skdata.chelsea(), "coffee": skdata.coffee(),
+              "rocket": skdata.rocket()}
+    for name, array in photos.items():
+        (folder / f"{name}.JPEG").write_bytes(jpeg_bytes(array))
+    (folder / "cmyk.JPEG").write_bytes(jpeg_bytes(photos["chelsea"], mode="CMYK"))
+    (folder / "grey.JPEG").write_bytes(jpeg_bytes(photos["coffee"], mode="L"))
+    png = io.BytesIO()
+    Image.fromarray(photos["rocket"]).save(png, "PNG")
+    (folder / "png_named.JPEG").write_bytes(png.getvalue())
+    (folder / "empty.JPEG").write_bytes(b"")
+    (folder / "truncated.JPEG").write_bytes(jpeg_bytes(photos["astronaut"])[:2000])
+    return folder.parent
+
+
+def test_jpeg_components_reads_the_frame_header():
+    photo = skdata.chelsea()
+    assert jpeg_components(as_tensor(jpeg_bytes(photo))) == 3
+    assert jpeg_components(as_tensor(jpeg_bytes(photo, mode="L"))) == 1
+    assert jpeg_components(as_tensor(jpeg_bytes(photo, mode="CMYK"))) == 4
+    png = io.BytesIO()
+    Image.fromarray(photo).save(png, "PNG")
+    assert jpeg_components(as_tensor(png.getvalue())) == 0
+    assert jpeg_components(as_tensor(b"\xff\xd8\xff")) == 0
+
+
+def test_collate_packs_bytes_and_split_recovers_them():
+    items = [(b"abc", 0, "a"), (None, 1, "b"), (b"", 2, "c"), (b"defg", 3, "d")]
+    flat, sizes, labels, names = collate_encoded(items)
+    parts = split_encoded(flat, sizes)
+    assert [None if p is None else bytes(p.tolist()) for p in parts] == [b"abc", None, b"", b"defg"]
+    assert labels.tolist() == [0, 1, 2, 3] and names == ["a", "b", "c", "d"]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_decode_batch_matches_pil_and_falls_back(awkward_dir, batched, caplog):
+    """batched=True is the CUDA code path (one batched call, then per-file retry, then the CPU
+    decoder) run with TorchCodec's CPU decoder; awkward files must not fail the good ones."""
+    paths = sorted((awkward_dir / "n00000001").iterdir())
+    encoded = [as_tensor(p.read_bytes()) for p in paths]
+    decoded = decode_batch(encoded, "cpu", [str(p) for p in paths], batched=batched)
+    assert "empty.JPEG (empty file)" in caplog.text and "truncated.JPEG" in caplog.text
+    for path, image in zip(paths, decoded):
+        if path.name in ("empty.JPEG", "truncated.JPEG"):
+            continue
+        assert image is not None, path.name
+        with Image.open(path) as pil:
+            expected = torch.from_numpy(np.array(pil.convert("RGB"))).permute(2, 0, 1)
+        assert image.shape == expected.shape and image.dtype == torch.uint8
+        if path.name != "cmyk.JPEG":  # libjpeg's and PIL's CMYK->RGB conversions differ slightly
+            assert (image.int() - expected.int()).abs().float().mean() < 1.0, path.name
+    assert decoded[[p.name for p in paths].index("empty.JPEG")] is None
+
+
+def test_loader_skips_the_same_files_as_the_cpu_path(awkward_dir):
+    cpu_set = vdata.ImageFolder(awkward_dir, TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX))
+    cpu_skipped = sum(cpu_set[i][0] is None for i in range(len(cpu_set)))
+    loader = build_gpu_train_loader(cpu_set, batch_size=4, device="cpu", crop_size=CROP, scale_min=S_MIN,
+                                    scale_max=S_MAX, workers=1, drop_last=False)
+    seen, skipped = 0, 0
+    for images, labels, n_skipped in loader:
+        assert images.dtype == torch.uint8 and images.shape[1:] == (3, CROP, CROP)
+        assert images.shape[0] == labels.shape[0]
+        seen, skipped = seen + labels.shape[0], skipped + n_skipped
+    assert seen + skipped == len(cpu_set)
+    assert skipped == cpu_skipped >= 1  # the empty file at least
+
+
+def crop_statistics(crops: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per crop of the coordinate image: centre (x, y), covered fraction of the height, flipped?"""
+    r, g = crops[:, 0].float() / 255, crops[:, 1].float() / 255
+    return {"x": r.mean(dim=(1, 2)), "y": g.mean(dim=(1, 2)),
+            "cover": g[:, -1, :].mean(dim=1) - g[:, 0, :].mean(dim=1),
+            "flip": (r[:, :, 0].mean(dim=1) > r[:, :, -1].mean(dim=1)).float()}
+
+
+def test_crops_have_the_cpu_path_distribution(tmp_path):
+    """Where crops come from, how much they cover and how often they flip: CPU path (TrainTransform
+    on a PIL image) vs GPU path (decode + gpu_train_augment), over many draws of one image."""
+    path = tmp_path / "coord.JPEG"
+    path.write_bytes(jpeg_bytes(coordinate_image(), quality=98))
+    transform = TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX)
+    torch.manual_seed(0)
+    with Image.open(path) as pil:
+        pil = pil.convert("RGB")
+        cpu = torch.stack([transform(pil) for _ in range(DRAWS)])
+    decoded = decode_batch([as_tensor(path.read_bytes())], "cpu")[0]
+    gpu = gpu_train_augment([decoded] * DRAWS, crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX,
+                            generator=torch.Generator().manual_seed(1))
+    assert gpu.shape == cpu.shape == (DRAWS, 3, CROP, CROP) and gpu.dtype == cpu.dtype == torch.uint8
+    a, b = crop_statistics(cpu), crop_statistics(gpu)
+    # The height covered is CROP/S with S uniform in [S_MIN, S_MAX]: known exactly.
+    s = torch.arange(S_MIN, S_MAX + 1).float()
+    expected_cover = (CROP / s).mean().item()
+    for stats in (a, b):
+        assert abs(stats["cover"].mean().item() - expected_cover) < 0.02
+    for key in ("x", "y", "cover", "flip"):
+        tolerance = 4 * ((a[key].var() + b[key].var()) / DRAWS).sqrt().item() + 0.01
+        assert abs(a[key].mean().item() - b[key].mean().item()) < tolerance, key
+        assert abs(a[key].std().item() - b[key].std().item()) < 0.25 * a[key].std().item() + 0.01, key
+    assert 0.4 < b["flip"].mean().item() < 0.6
+
+
+def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_path):
+    stats = vdata.IMAGENET_STATS
+    paths = [awkward_dir / "n00000001" / f"{n}.JPEG" for n in ("astronaut", "chelsea", "coffee", "rocket")]
+    transform = TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX)
+    torch.manual_seed(0)
+    pils = []
+    for p in paths:
+        with Image.open(p) as im:
+            pils.append(im.convert("RGB"))
+    cpu = normalize(torch.stack([transform(pils[i % 4]) for i in range(DRAWS)]), stats.mean_rgb)
+    decoded = decode_batch([as_tensor(p.read_bytes()) for p in paths], "cpu")
+    gpu = normalize(gpu_train_augment([decoded[i % 4] for i in range(DRAWS)], crop_size=CROP, scale_min=S_MIN,
+                                      scale_max=S_MAX, generator=torch.Generator().manual_seed(1)),
+                    stats.mean_rgb)
+    assert gpu.dtype == cpu.dtype == torch.float32
+    assert torch.allclose(cpu.mean(dim=(0, 2, 3)), gpu.mean(dim=(0, 2, 3)), atol=3.0)
+    assert torch.allclose(cpu.std(dim=(0, 2, 3)), gpu.std(dim=(0, 2, 3)), rtol=0.05)
+
+    # Colour shift: on a flat grey image every crop is the same, so the spread of the per-image
+    # channel means is the shift alone. CPU path: TrainTransform -> normalize -> color_shift in
+    # BatchAugment; GPU path: the loader with stats given.
+    grey = tmp_path / "grey" / "n00000001"
+    grey.mkdir(parents=True)
+    for i in range(8):
+        (grey / f"{i}.JPEG").write_bytes(jpeg_bytes(np.full((90, 120, 3), 128, np.uint8)))
+    flat = torch.stack([transform(Image.open(grey / "0.JPEG").convert("RGB")) for _ in range(DRAWS)])
+    cpu_shift = color_shift(normalize(flat, stats.mean_rgb), stats, std=0.1,
+                            generator=torch.Generator().manual_seed(2)).mean(dim=(2, 3))
+    loader = build_gpu_train_loader(vdata.ImageFolder(grey.parent, None), batch_size=4, device="cpu",
+                                    crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX, workers=0,
+                                    shuffle=True, stats=stats, color_shift_std=0.1, seed=3)
+    passes = -(-DRAWS // len(loader.loader.dataset))  # enough epochs of the 8 files for DRAWS images
+    gpu_shift = torch.cat([images.mean(dim=(2, 3)) for _ in range(passes) for images, _, _ in loader])[:DRAWS]
+    assert gpu_shift.dtype == torch.float32 and gpu_shift.shape == (DRAWS, 3)
+    cpu_std, gpu_std = cpu_shift.std(dim=0), gpu_shift.std(dim=0)
+    assert (cpu_std > 0.5).all()  # the shift is really there
+    assert torch.allclose(cpu_std, gpu_std, rtol=0.25), (cpu_std, gpu_std)
+    assert torch.allclose(cpu_shift.mean(dim=0), gpu_shift.mean(dim=0), atol=4 * cpu_std.max().item() / DRAWS**0.5)
+
+
+def test_prefetch_thread_gives_the_same_batches_and_stops_early(awkward_dir):
+    folder = vdata.ImageFolder(awkward_dir, None)
+
+    def batches(prefetch, limit=None):
+        loader = build_gpu_train_loader(folder, batch_size=3, device="cpu", crop_size=CROP, scale_min=S_MIN,
+                                        scale_max=S_MAX, workers=0, seed=5, shuffle=True, prefetch=prefetch)
+        out = []
+        for i, batch in enumerate(loader):
+            if limit is not None and i == limit:
+                break  # the background thread must wind down, not hang
+            out.append(batch)
+        return out
+
+    plain, prefetched = batches(False), batches(True)
+    assert len(plain) == len(prefetched) == len(folder) // 3
+    for (a, la, sa), (b, lb, sb) in zip(plain, prefetched):
+        assert torch.equal(a, b) and torch.equal(la, lb) and sa == sb
+    assert len(batches(True, limit=1)) == 1
+
+
+def test_undecodable_bytes_give_none_with_a_warning(caplog):
+    assert decode_on_cpu(as_tensor(b"not an image at all"), "bad.JPEG") is None
+    assert "skipping unreadable image bad.JPEG" in caplog.text
+    assert decode_on_cpu(None, "unreadable.JPEG") is None
+
+
+def test_count_macs_gives_the_papers_15_5_g_for_net_d():
+    from bench.common import count_macs
+    from vgg.models import build_vgg
+
+    with torch.device("meta"):
+        model = build_vgg("D")
+    macs = count_macs(model, 224)
+    assert abs(macs - 15.47e9) < 0.01e9, macs
+    with torch.device("meta"):
+        assert count_macs(build_vgg("A"), 224) < count_macs(build_vgg("E"), 224)
+
+
+def test_train_step_bench_runs_on_cpu(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_step.py"), "--device", "cpu", "--nets", "A",
+         "--width", "0.0625", "--fc-width", "32", "--image-size", "32", "--batch", "2", "--steps", "1",
+         "--warmup", "1", "--matmul-size", "128", "--no-record"],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    figures = result.stdout.strip().splitlines()[-1]
+    assert figures.startswith("train step (batch 2, 32px")
+    assert "net A:" in figures and "img/s" in figures and "MFU" in figures
+    assert "plain torchvision vgg16 fp32" in figures

@@ -1,0 +1,150 @@
+"""Real training runs on the generated sample dataset with a scaled-down net: CLI, resume, signals."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, subprocess_env
+from vgg.checkpoint import load_checkpoint, save_checkpoint
+from vgg.config import Config
+from vgg.models import build_vgg
+from vgg.trainer import run
+
+
+def tiny_config(sample_root, tmp_path, **overrides) -> Config:
+    """The demo's net and data, cut to a few steps an epoch."""
+    values = dict(arch="A", width=0.125, fc_width=64, init="xavier", data=str(sample_root), crop_size=32,
+                  scale_min=36, scale_max=48, stats_images=50, workers=1, batch_size=16, steps_per_epoch=4,
+                  epochs=2, log_every=2, checkpoint_every=0, run_name="tiny",
+                  out_dir=str(tmp_path / "checkpoints"), log_dir=str(tmp_path / "runs"), device="cpu")
+    values.update(overrides)
+    return Config(**values)
+
+
+def train_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=timeout, cwd=ROOT)
+
+
+def common_cli_args(sample_root, tmp_path):
+    return ["--config", "demo", "--data", str(sample_root), "--out-dir", str(tmp_path / "checkpoints"),
+            "--log-dir", str(tmp_path / "runs"), "--workers", "1", "--device", "cpu"]
+
+
+def test_resume_at_epoch_boundary_gives_identical_weights(sample_root, tmp_path):
+    run(tiny_config(sample_root, tmp_path, run_name="straight"))
+    run(tiny_config(sample_root, tmp_path, run_name="split", epochs=1))
+    run(tiny_config(sample_root, tmp_path, run_name="split"), resume="auto")
+    straight = load_checkpoint(tmp_path / "checkpoints" / "straight" / "last.pt")
+    split = load_checkpoint(tmp_path / "checkpoints" / "split" / "last.pt")
+    assert straight["epoch"] == split["epoch"] == 2
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    assert straight["optimizer"]["state"].keys() == split["optimizer"]["state"].keys()
+    first = load_checkpoint(tmp_path / "checkpoints" / "split" / "best.pt")
+    assert not all(torch.equal(first["model"][k], v) for k, v in straight["model"].items())
+
+
+def test_checkpoint_holds_everything_to_resume_and_evaluate(sample_root, tmp_path):
+    run(tiny_config(sample_root, tmp_path, epochs=1, checkpoint_every=2))
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "tiny" / "last.pt")
+    for key in ("model", "arch", "optimizer", "scheduler", "epoch", "step", "rng", "config", "stats",
+                "classes", "best_top1"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
+    assert ckpt["config"]["crop_size"] == 32 and len(ckpt["classes"]) >= 10
+    assert len(ckpt["stats"]["mean_rgb"]) == 3
+    rows = [json.loads(line) for line in (tmp_path / "checkpoints" / "tiny" / "metrics.jsonl").open()]
+    assert len(rows) == 1 and 0 <= rows[0]["val_top1_err"] <= 100
+
+
+def test_warm_start_and_wrong_init_from(sample_root, tmp_path):
+    run(tiny_config(sample_root, tmp_path, run_name="a", epochs=1))
+    a_ckpt = tmp_path / "checkpoints" / "a" / "best.pt"
+    run(tiny_config(sample_root, tmp_path, run_name="d", arch="D", epochs=1, steps_per_epoch=1,
+                    init_from=str(a_ckpt)))
+    a_model = load_checkpoint(a_ckpt)["model"]
+    # The D run started from A's first conv; after one small step it is still close to it, while a
+    # layer A does not have (stage 1 conv 2) started fresh.
+    d_model = load_checkpoint(tmp_path / "checkpoints" / "d" / "last.pt")["model"]
+    assert torch.allclose(d_model["features.0.weight"], a_model["features.0.weight"], atol=0.05)
+
+    # A checkpoint of net B is no warm start for net D: one clear line, non-zero exit.
+    b = build_vgg("B", num_classes=10, width=0.125, fc_width=64, image_size=32)
+    b_path = tmp_path / "b.pt"
+    save_checkpoint(b_path, model=b.state_dict(), arch=b.arch_kwargs(), classes=load_checkpoint(a_ckpt)["classes"])
+    result = train_cli(*common_cli_args(sample_root, tmp_path), "--arch", "D", "--init-from", str(b_path),
+                       "--run-name", "bad", "--epochs", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --init-from")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "nope"], "unknown config 'nope'"),
+    (["--config", "demo", "--data", "/does/not/exist"], "not found"),
+    (["--config", "demo", "--resume", "/does/not/exist.pt"], "nothing to resume"),
+])
+def test_bad_input_gives_one_clear_line(args, message, tmp_path):
+    result = train_cli(*args, "--out-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_cli_demo_writes_checkpoints_and_tensorboard(sample_root, tmp_path):
+    result = train_cli(*common_cli_args(sample_root, tmp_path), "--epochs", "2", "--steps-per-epoch", "6",
+                       "--run-name", "cli")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "checkpoints" / "cli"
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    assert not list(run_dir.glob("*.tmp"))
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "runs" / "cli"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/top1_err", "train/top5_err", "train/lr", "speed/images_per_s",
+                "speed/data_wait_fraction", "val/top1_err", "val/top5_err", "epoch/time_s"):
+        assert tag in scalars, tag
+    assert "train/augmented_images" in events.Tags()["images"]
+    assert len(events.Scalars("val/top1_err")) == 2
+
+
+def test_sigterm_saves_and_resume_finishes(sample_root, tmp_path):
+    args = [*common_cli_args(sample_root, tmp_path), "--epochs", "3", "--run-name", "sig", "--log-every", "1"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "checkpoints" / "sig"
+    deadline = time.time() + 120
+    while not (run_dir / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # a few training steps
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "Traceback" not in stderr
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"]) > (0, 0)
+
+    result = train_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
+    result = train_cli(*common_cli_args(sample_root, tmp_path), "--lr", "1e12", "--checkpoint-every", "1",
+                       "--log-every", "1", "--run-name", "nan")
+    assert result.returncode == 2
+    assert "NaN/inf" in result.stderr and "Traceback" not in result.stderr
+    last = tmp_path / "checkpoints" / "nan" / "last.pt"
+    if last.exists():  # saved only at steps whose loss was finite
+        ckpt = load_checkpoint(last)
+        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())

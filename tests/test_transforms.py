@@ -1,0 +1,251 @@
+"""vgg/transforms.py: the training/evaluation geometry on real JPEG files, decode-time downscaling,
+mode conversion, and the batch-level mean subtraction and colour shift."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from vgg.data import IMAGENET_STATS, DatasetStats
+from vgg.errors import UserError
+from vgg.transforms import (CenterCropTransform, EvalTransform, TrainTransform, color_shift, draw_train_crop,
+                            load_rgb, normalize, scaled_size)
+
+
+def save_jpeg(path, array: np.ndarray, mode: str = "RGB", quality: int = 95):
+    Image.fromarray(array).convert(mode).save(path, "JPEG", quality=quality)
+    return path
+
+
+def reference_resized_crop(array: np.ndarray, new_h: int, new_w: int, top: int, left: int, crop: int) -> np.ndarray:
+    """The textbook order: rescale the whole image with PIL, then crop."""
+    whole = Image.fromarray(array).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    return np.asarray(whole)[top:top + crop, left:left + crop]
+
+
+@pytest.fixture(scope="module")
+def photo_jpeg(tmp_path_factory):
+    return save_jpeg(tmp_path_factory.mktemp("photo") / "coffee.JPEG", skdata.coffee())  # 600x400
+
+
+@pytest.fixture(scope="module")
+def big_jpeg(tmp_path_factory):
+    """2048x1536: libjpeg can decode it at 1/2, 1/4 or 1/8 scale."""
+    array = np.asarray(Image.fromarray(skdata.astronaut()).resize((2048, 1536), Image.Resampling.BILINEAR))
+    return save_jpeg(tmp_path_factory.mktemp("big") / "big.JPEG", array), array
+
+
+# --- Training transform (paper §3.1) -------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [(600, 400), (300, 500), (40, 30), (64, 64)])
+def test_train_transform_gives_uint8_crops_for_any_shape(tmp_path, size):
+    w, h = size
+    path = save_jpeg(tmp_path / "x.JPEG", np.asarray(Image.fromarray(skdata.chelsea()).resize((w, h))))
+    transform = TrainTransform(crop_size=32, scale_min=36, scale_max=48)
+    for _ in range(5):
+        with Image.open(path) as image:
+            crop = transform(image)
+        assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and crop.is_contiguous()
+
+
+def test_train_crop_matches_rescale_then_crop(photo_jpeg):
+    """Resampling only the crop box gives the pixels of "rescale the whole image, then crop"."""
+    with Image.open(photo_jpeg) as image:
+        array = np.asarray(image.convert("RGB"))
+    transform = TrainTransform(crop_size=96, scale_min=128, scale_max=200)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        new_h, new_w, top, left, flip = draw_train_crop(400, 600, crop_size=96, scale_min=128, scale_max=200)
+        expected = reference_resized_crop(array, new_h, new_w, top, left, 96)
+        if flip:
+            expected = expected[:, ::-1]
+        torch.manual_seed(seed)
+        with Image.open(photo_jpeg) as image:
+            crop = transform(image).permute(1, 2, 0).numpy()
+        diff = np.abs(crop.astype(int) - expected.astype(int))
+        assert diff.mean() < 4, (seed, diff.mean())  # same place and scale (a misplaced crop gives ~30)
+
+
+def test_scale_jitter_and_flip_are_drawn_as_the_paper_says():
+    g = torch.Generator().manual_seed(0)
+    sides, flips = set(), []
+    for _ in range(2000):
+        new_h, new_w, top, left, flip = draw_train_crop(375, 500, crop_size=224, scale_min=256, scale_max=512,
+                                                        generator=g)
+        assert new_h == min(new_h, new_w) and abs(new_w / new_h - 500 / 375) < 0.01  # isotropic
+        assert 0 <= top <= new_h - 224 and 0 <= left <= new_w - 224
+        sides.add(new_h)
+        flips.append(flip)
+    assert sides == set(range(256, 513))  # every S in [S_min, S_max]
+    assert 0.45 < np.mean(flips) < 0.55
+    for _ in range(50):  # fixed S: S_min == S_max
+        assert min(draw_train_crop(500, 375, crop_size=224, scale_min=256, scale_max=256, generator=g)[:2]) == 256
+
+
+def test_flip_mirrors_the_same_crop(tmp_path):
+    # 80x64 at S=64 with 64x64 crops: top is always 0 and left one of 17 places, so a flipped and an
+    # unflipped draw at the same place turn up within a few seeds.
+    path = save_jpeg(tmp_path / "x.JPEG", np.asarray(Image.fromarray(skdata.coffee()).resize((80, 64))))
+    transform = TrainTransform(crop_size=64, scale_min=64, scale_max=64)
+    crops = {}
+    for seed in range(1000):
+        torch.manual_seed(seed)
+        _, _, top, left, flip = draw_train_crop(64, 80, crop_size=64, scale_min=64, scale_max=64)
+        if left == 5:
+            torch.manual_seed(seed)
+            with Image.open(path) as image:
+                crops[flip] = transform(image)
+        if len(crops) == 2:
+            break
+    assert torch.equal(crops[True], crops[False].flip(-1))
+    with Image.open(path) as image:
+        assert torch.equal(crops[False], torch.from_numpy(np.asarray(image.convert("RGB"))[:, 5:69]).permute(2, 0, 1))
+
+
+def test_bad_sizes_are_user_errors():
+    with pytest.raises(UserError, match="scale_min"):
+        TrainTransform(crop_size=224, scale_min=200, scale_max=256)
+    with pytest.raises(UserError, match="scale_max"):
+        TrainTransform(crop_size=224, scale_min=256, scale_max=255)
+    with pytest.raises(UserError, match="scale"):
+        EvalTransform(scale=0)
+    with pytest.raises(UserError, match="crop_size"):
+        CenterCropTransform(scale=256, crop_size=2.5)
+
+
+# --- Decoding: reduced-scale decode, modes ---------------------------------------------------------
+
+def test_decode_time_downscaling_never_goes_below_the_target(big_jpeg):
+    path, _ = big_jpeg
+    for target, expected_size in [(1536, (2048, 1536)), (700, (1024, 768)), (384, (512, 384)),
+                                  (300, (512, 384)), (192, (256, 192)), (100, (256, 192))]:
+        with Image.open(path) as image:
+            decoded = load_rgb(image, min_side=target)
+        assert decoded.size == expected_size, target  # the smallest 1/2^k scale that keeps >= target
+        assert decoded.mode == "RGB"
+
+
+def test_downscaled_decode_gives_the_full_decode_result(big_jpeg):
+    path, array = big_jpeg
+    with Image.open(path) as image:
+        fast = EvalTransform(scale=256)(image)
+    with Image.open(path) as image:
+        full = np.asarray(image.convert("RGB").resize((341, 256), Image.Resampling.BILINEAR))
+    assert fast.shape == (3, 256, 341)
+    assert np.abs(fast.permute(1, 2, 0).numpy().astype(int) - full.astype(int)).mean() < 2
+
+
+def test_one_opened_file_serves_several_scales(big_jpeg):
+    """Evaluation applies EvalTransforms for Q = 256, 384, 512 to one opened image: the later,
+    larger scales must not upsample the copy decoded at reduced scale for the first."""
+    path, _ = big_jpeg
+    scales = [192, 384, 768]
+    with Image.open(path) as image:
+        shared = [EvalTransform(scale=q)(image) for q in scales]
+    for q, out in zip(scales, shared):
+        with Image.open(path) as image:
+            alone = EvalTransform(scale=q)(image)
+        assert out.shape == alone.shape and min(out.shape[1:]) == q
+        assert torch.equal(out, alone), q
+
+
+def test_eval_and_center_crop_transforms(photo_jpeg):
+    with Image.open(photo_jpeg) as image:
+        full = EvalTransform(scale=100)(image)
+    assert full.shape == (3, 100, 150) and full.dtype == torch.uint8
+    with Image.open(photo_jpeg) as image:
+        centre = CenterCropTransform(scale=100, crop_size=64)(image)
+    assert centre.shape == (3, 64, 64)
+    with Image.open(photo_jpeg) as image:
+        expected = reference_resized_crop(np.asarray(image.convert("RGB")), 100, 150, 18, 43, 64)
+    assert np.abs(centre.permute(1, 2, 0).numpy().astype(int) - expected.astype(int)).mean() < 3
+    with Image.open(photo_jpeg) as image:  # portrait/landscape: the smallest side becomes Q
+        assert EvalTransform(scale=37)(image.transpose(Image.Transpose.ROTATE_90)).shape == (3, 55, 37)
+    assert scaled_size(400, 600, 100) == (100, 150) and scaled_size(600, 400, 100) == (150, 100)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA", "I;16"])
+def test_every_mode_becomes_rgb(tmp_path, mode):
+    array = skdata.chelsea()
+    image = Image.fromarray(array).convert(mode if mode != "I;16" else "L")
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(image).astype(np.uint16) * 257))
+    fmt = "JPEG" if mode in ("CMYK", "L") else "PNG"
+    path = tmp_path / f"x.{fmt.lower()}"
+    image.save(path, fmt)
+    with Image.open(path) as opened:
+        out = TrainTransform(crop_size=32, scale_min=40, scale_max=40)(opened)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    with Image.open(path) as opened:
+        assert load_rgb(opened).mode == "RGB"
+
+
+def test_loaded_images_and_paths_are_accepted_too(photo_jpeg):
+    transform = EvalTransform(scale=250)  # no reduced-scale decode for a 400-px side: identical
+    with Image.open(photo_jpeg) as image:
+        lazy = transform(image)
+    with Image.open(photo_jpeg) as image:
+        loaded = transform(image.convert("RGB"))
+    assert torch.equal(lazy, loaded)
+    assert load_rgb(photo_jpeg, min_side=50).mode == "RGB"
+    assert load_rgb(str(photo_jpeg)).size == (600, 400)
+
+
+# --- Batch-level float work ------------------------------------------------------------------------
+
+def test_normalize_subtracts_the_mean_and_keeps_the_layout():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    out = normalize(images, IMAGENET_STATS.mean_rgb)
+    assert out.dtype == torch.float32
+    expected = images.float() - torch.tensor(IMAGENET_STATS.mean_rgb).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, expected)
+    cl = normalize(images.contiguous(memory_format=torch.channels_last), IMAGENET_STATS.mean_rgb)
+    assert cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl, expected)
+    torch.testing.assert_close(normalize(images[0], [1.0, 2.0, 3.0]), images[0].float() - torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1))
+
+
+def test_imagenet_eigenvectors_are_the_columns():
+    vec = torch.tensor(IMAGENET_STATS.eigvec)
+    torch.testing.assert_close(vec.T @ vec, torch.eye(3), atol=2e-3, rtol=0)
+
+
+def test_color_shift_is_a_per_image_pca_shift():
+    stats = IMAGENET_STATS
+    images = torch.zeros(4000, 3, 2, 2)
+    out = color_shift(images.clone(), stats, std=0.1, generator=torch.Generator().manual_seed(0))
+    shift = out[:, :, 0, 0]
+    assert torch.equal(out, shift[:, :, None, None].expand_as(out))  # one RGB offset per image
+    # In the eigenbasis the shift's coordinates are 255 * alpha_i * lambda_i, alpha_i ~ N(0, 0.1^2).
+    coords = shift.double() @ torch.tensor(stats.eigvec, dtype=torch.float64)
+    expected_std = 255 * 0.1 * torch.tensor(stats.eigval, dtype=torch.float64)
+    torch.testing.assert_close(coords.std(dim=0), expected_std, rtol=0.06, atol=0)
+    assert coords.mean(dim=0).abs().max() < 0.1 * expected_std.max()
+    corr = torch.corrcoef(coords.T)
+    assert (corr - torch.eye(3, dtype=torch.float64)).abs().max() < 0.06  # independent alphas
+
+
+def test_color_shift_is_in_place_reproducible_and_keeps_the_layout():
+    stats = DatasetStats.from_dict(IMAGENET_STATS.to_dict())
+    images = torch.randn(3, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    a = color_shift(images.clone(), stats, generator=torch.Generator().manual_seed(1))
+    b = color_shift(images.clone(), stats, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.is_contiguous(memory_format=torch.channels_last)
+    c = color_shift(images.clone(), stats, generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(a, c)
+    same = images.clone()
+    assert color_shift(same, stats, std=0.0) is same
+    torch.testing.assert_close(same, images)
+
+
+def test_png_bytes_decode_like_the_jpeg_path():
+    """Transforms work on any PIL-openable file handed over unloaded (PNG named .JPEG)."""
+    buf = io.BytesIO()
+    Image.fromarray(skdata.rocket()).save(buf, "PNG")
+    buf.seek(0)
+    with Image.open(buf) as image:
+        out = EvalTransform(scale=64)(image)
+    assert out.shape == (3, 64, 95)  # 427x640 -> 64 x int(64 * 640 / 427)

@@ -1,0 +1,535 @@
+"""Testing a trained net the paper's ways (§3.2, §4): dense and multi-crop evaluation, ConvNet fusion.
+
+Per image and test scale Q (the smallest image side after isotropic rescaling, §3.2):
+
+    dense       the net made fully-convolutional (FC layers -> convs) runs on the whole rescaled
+                image; its class score map is averaged over space; the same for the horizontally
+                flipped image; the two soft-max outputs are averaged.
+    multi-crop  a 5x5 regular grid of crops of the training crop size and their flips (50 crops a
+                scale, §4.2); the 50 soft-max outputs are averaged.
+
+Soft-max outputs (never logits) are then averaged over scales (Table 4 and 5), over both methods
+("multi-crop & dense", Table 5) and over nets (ConvNet fusion, Table 6).
+
+Speed: each image is decoded once and rescaled to every scale any net needs, in loader workers.
+Dense images of equal size are grouped into buckets and run as one batch; the crops of several
+images go through the net together. On CUDA the nets run in bf16 autocast and channels-last.
+Distributed: each rank evaluates a disjoint shard (no padded repeats), and only per-class counts
+are summed across ranks, so every image is counted exactly once.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from vgg import data as vdata
+from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint
+from vgg.distributed import all_reduce_sum, shard_indices
+from vgg.engine import autocast_context
+from vgg.errors import UserError
+from vgg.models import to_dense
+from vgg.transforms import EvalTransform, normalize
+
+GRID = 5  # a 5x5 grid of crops per scale (§4.2)
+SCALE_STEP = 32  # fixed-S nets are tested at Q = {S-32, S, S+32} (§4.2, Table 4)
+CROPS_PER_FORWARD = 250  # multi-crop: the 50 crops of 5 images per forward pass
+PENDING_LIMIT = 4  # dense: flush every bucket once this many batches' worth of images wait
+DENSE, MULTI_CROP, BOTH = "dense", "multi-crop", "multi-crop & dense"
+
+
+# --- Scales ------------------------------------------------------------------------------------
+
+def eval_scales(scale_min: int, scale_max: int, crop_size: int, *, single_scale: bool = False) -> list[int]:
+    """The test scales Q for a net trained at S in [scale_min, scale_max] (scale_min == scale_max: fixed S).
+
+    Single scale (Table 3): Q = S, or (S_min + S_max) / 2 for a jittered net. Multi-scale (Table 4):
+    {S-32, S, S+32} for fixed S, {S_min, (S_min+S_max)/2, S_max} for jittered S. A crop (or the
+    dense net's receptive field of the first FC layer) needs Q >= crop_size, so smaller Q are raised
+    to crop_size and duplicates dropped: a scaled-down demo net with S=36, crop 32 gets {32, 36, 68}.
+    """
+    if single_scale:
+        scales = [(scale_min + scale_max) // 2]
+    elif scale_min == scale_max:
+        scales = [scale_min - SCALE_STEP, scale_min, scale_min + SCALE_STEP]
+    else:
+        scales = [scale_min, (scale_min + scale_max) // 2, scale_max]
+    return sorted({max(q, crop_size) for q in scales})
+
+
+def train_scale_text(scale_min: int, scale_max: int) -> str:
+    """Training S the way the paper's tables write it: "256", or "[256;512]" when jittered."""
+    return str(scale_min) if scale_min == scale_max else f"[{scale_min};{scale_max}]"
+
+
+# --- Multi-crop ----------------------------------------------------------------------------------
+
+def crop_grid_positions(h: int, w: int, crop: int, n: int = GRID) -> list[tuple[int, int]]:
+    """(top, left) of an n x n grid of crop x crop windows evenly spread over an h x w image.
+
+    The first row/column touches the top/left edge, the last the bottom/right edge; row-major order.
+    """
+    if h < crop or w < crop:
+        raise UserError(f"image {h}x{w} is smaller than the {crop}x{crop} crop: test scales must be >= {crop}")
+    if n < 1:
+        raise UserError(f"the crop grid needs n >= 1, got {n}")
+
+    def spread(size: int) -> list[int]:
+        if n == 1:
+            return [(size - crop) // 2]
+        return [round(i * (size - crop) / (n - 1)) for i in range(n)]
+
+    return [(top, left) for top in spread(h) for left in spread(w)]
+
+
+def multi_crops(image: torch.Tensor, crop: int, n: int = GRID, flip: bool = True) -> torch.Tensor:
+    """[C,H,W] image -> [n*n (*2 with flips), C, crop, crop]: the grid crops, then their mirror images."""
+    crops = torch.stack([image[:, top:top + crop, left:left + crop]
+                         for top, left in crop_grid_positions(image.shape[1], image.shape[2], crop, n)])
+    if flip:
+        crops = torch.cat([crops, crops.flip(-1)])
+    return crops
+
+
+def multi_crop_probs(model: nn.Module, images: list[torch.Tensor], crop: int, *, n: int = GRID,
+                     flip: bool = True, max_batch: int = CROPS_PER_FORWARD,
+                     channels_last: bool = False) -> torch.Tensor:
+    """Soft-max averaged over each image's grid crops and flips (§4.2): float images [3,H,W] -> [B, classes].
+
+    The images may differ in size; their crops all have the net's input size, so the crops of
+    several images are batched together, `max_batch` crops per forward pass.
+    """
+    crops = torch.cat([multi_crops(image, crop, n, flip) for image in images])
+    probs = []
+    for chunk in crops.split(max_batch):
+        if channels_last:
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        probs.append(F.softmax(model(chunk).float(), dim=1))
+    return torch.cat(probs).view(len(images), -1, probs[0].shape[1]).mean(dim=1)
+
+
+# --- Dense ---------------------------------------------------------------------------------------
+
+def dense_probs(dense_model: nn.Module, images: torch.Tensor, *, flip: bool = True) -> torch.Tensor:
+    """Dense evaluation (§3.2) of a batch of equal-size float images [B,3,H,W] -> soft-max [B, classes].
+
+    The class score map of the fully-convolutional net is averaged over space (sum-pooled), turned
+    into a soft-max; with `flip` the same for the mirrored images, and the two soft-max are averaged.
+    """
+    batch = images.shape[0]
+    x = torch.cat([images, images.flip(-1)]) if flip else images
+    scores = dense_model(x).float().mean(dim=(2, 3))
+    probs = F.softmax(scores, dim=1)
+    return probs.view(2, batch, -1).mean(dim=0) if flip else probs
+
+
+# --- Metrics ------------------------------------------------------------------------------------
+
+def topk_hits(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """bool [len(ks), N]: is image i's label among its k highest scores? (k capped at the class count)"""
+    maxk = min(max(ks), probs.shape[1])
+    top = probs.topk(maxk, dim=1).indices
+    hits = top == labels[:, None]
+    return torch.stack([hits[:, :min(k, maxk)].any(dim=1) for k in ks])
+
+
+def topk_errors(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
+    """Top-k error in percent for each k (ILSVRC's measures, §4): {1: top-1 err, 5: top-5 err}."""
+    if labels.numel() == 0:
+        raise UserError("no images to score")
+    hits = topk_hits(probs, labels, ks).double().mean(dim=1)
+    return {k: 100.0 * (1.0 - h.item()) for k, h in zip(ks, hits)}
+
+
+def fuse(probs_list: list[torch.Tensor]) -> torch.Tensor:
+    """ConvNet fusion (§4.3, Table 6): the soft-max outputs of several nets averaged."""
+    if not probs_list:
+        raise UserError("nothing to fuse")
+    return torch.stack(probs_list).mean(dim=0)
+
+
+# --- Nets ----------------------------------------------------------------------------------------
+
+@dataclass
+class EvalNet:
+    """A trained net ready for testing, with what its checkpoint says about how it was trained."""
+
+    name: str
+    path: Path
+    model: nn.Module  # the VGG as trained (multi-crop)
+    classes: list[str]
+    mean_rgb: list[float]
+    crop_size: int
+    scale_min: int
+    scale_max: int
+    scales: list[int]  # the test scales Q
+    config: dict  # the run config saved in the checkpoint
+
+    @property
+    def train_s(self) -> str:
+        return train_scale_text(self.scale_min, self.scale_max)
+
+
+def default_checkpoint(root="checkpoints") -> Path:
+    """The newest `<root>/<run>/best.pt` by modification time."""
+    found = sorted(Path(root).glob("*/best.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise UserError(f"no checkpoint found under {root}/*/best.pt: train a net first "
+                        "(python train.py) or pass --checkpoint PATH")
+    return found[-1]
+
+
+def load_eval_net(path, *, scales=None, single_scale: bool = False) -> EvalNet:
+    """Load a checkpoint for testing; the test scales follow its training scales unless `scales` is given."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "best.pt"
+    ckpt = load_checkpoint(path)
+    try:
+        model = build_model_from_checkpoint(ckpt)
+    except (RuntimeError, TypeError, KeyError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: its weights do not fit the net it names ({ckpt['arch']}): {reason}") from None
+    model.eval()
+    for key in ("classes", "stats"):
+        if key not in ckpt:
+            raise UserError(f"{path} has no '{key}' entry: not a checkpoint written by train.py")
+    config = ckpt.get("config", {})
+    crop = model.image_size
+    scale_min, scale_max = config.get("scale_min"), config.get("scale_max", config.get("scale_min"))
+    if scales:
+        too_small = [q for q in scales if q < crop]
+        if too_small:
+            raise UserError(f"--scales {too_small} are below the net's crop size {crop}: every Q must be >= {crop}")
+        test_scales = sorted(set(scales))
+    elif scale_min is None:
+        raise UserError(f"{path} does not record its training scale (config 'scale_min'): pass --scales")
+    else:
+        test_scales = eval_scales(scale_min, scale_max, crop, single_scale=single_scale)
+    run_name = config.get("run_name") or path.parent.name
+    name = model.arch_name if run_name == model.arch_name else f"{model.arch_name} ({run_name})"
+    return EvalNet(name=name, path=path, model=model, classes=list(ckpt["classes"]),
+                   mean_rgb=list(vdata.DatasetStats.from_dict(ckpt["stats"]).mean_rgb), crop_size=crop,
+                   scale_min=scale_min if scale_min is not None else 0,
+                   scale_max=scale_max if scale_max is not None else 0, scales=test_scales, config=config)
+
+
+# --- Data ----------------------------------------------------------------------------------------
+
+class MultiScaleTransform:
+    """Decoded image -> one uint8 [3,H,W] per test scale (smallest side Q, no crop, §3.2)."""
+
+    def __init__(self, *, scales: list[int]):
+        self.transforms = [EvalTransform(scale=q) for q in scales]
+
+    def __call__(self, image) -> list[torch.Tensor]:
+        return [transform(image) for transform in self.transforms]
+
+
+def open_val_set(nets: list[EvalNet], val_dir):
+    """The validation images at every scale any of `nets` is tested at; their classes must be the nets'."""
+    val_dir = Path(val_dir)
+    if not val_dir.is_dir():
+        raise UserError(f"validation folder {val_dir} not found: --data must be a root holding val/<wnid>/*")
+    dataset = vdata.ImageFolder(val_dir, MultiScaleTransform(scales=sorted({q for n in nets for q in n.scales})))
+    for net in nets:
+        if net.classes != dataset.classes:
+            raise UserError(f"{net.path} was trained on {len(net.classes)} classes, {val_dir} has "
+                            f"{len(dataset.classes)}{_first_difference(net.classes, dataset.classes)}: "
+                            "they must be the same")
+    return dataset
+
+
+class ShardDataset(Dataset):
+    """This rank's images, each tagged with its position in the shard (to file its results)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[self.indices[i]]
+        return i, image, label
+
+
+def collate_shard(items):
+    """-> (positions [B], per-image lists of uint8 images, labels [B], n_skipped); unreadable images dropped."""
+    kept = [item for item in items if item[1] is not None]
+    positions = torch.tensor([i for i, _, _ in kept], dtype=torch.int64)
+    labels = torch.tensor([label for _, _, label in kept], dtype=torch.int64)
+    return positions, [images for _, images, _ in kept], labels, len(items) - len(kept)
+
+
+# --- The evaluation loop -------------------------------------------------------------------------
+
+def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=torch.device("cpu"),
+                     batch_size: int = 32, workers: int = 4, bf16: bool = True, channels_last: bool = True,
+                     rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+    """Test `nets` on the images under `val_dir` with the given methods; returns the results, summed over ranks.
+
+    One row per net and method (plus "multi-crop & dense" when both are asked for), and with
+    several nets the fused rows (soft-max averaged over nets). Each row has top-1/top-5 error and
+    per-class accuracy. `rank`/`world_size`: this process's shard of the images (every image is
+    evaluated on exactly one rank). Keeps each net's soft-max for this rank's images in memory
+    (images x classes floats per net and method).
+    """
+    methods = [m for m in (DENSE, MULTI_CROP) if m in methods]
+    if not methods:
+        raise UserError(f"no evaluation method given; allowed: {DENSE}, {MULTI_CROP}")
+    if not nets:
+        raise UserError("no net to evaluate")
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    channels_last = channels_last and on_cuda
+    all_scales = sorted({q for net in nets for q in net.scales})
+    dataset = open_val_set(nets, val_dir)
+    val_dir, classes = Path(val_dir), dataset.classes
+    num_classes = len(classes)
+    indices = shard_indices(len(dataset), rank, world_size)
+    loader = vdata.build_loader(ShardDataset(dataset, indices), batch_size=batch_size, shuffle=False,
+                                workers=workers, collate_fn=collate_shard)
+
+    runners = [_NetRunner(net, device, channels_last) for net in nets]
+    # probs[net index][method]: this rank's images x classes, summed over that net's scales; kept on
+    # the device so the loop never waits for a copy back to the host.
+    probs = [{m: torch.zeros(len(indices), num_classes, device=device) for m in methods} for _ in nets]
+    # How many scale results each image received, to prove nothing is counted twice or missed.
+    filed = [{m: torch.zeros(len(indices), dtype=torch.int64) for m in methods} for _ in nets]
+    labels = torch.full((len(indices),), -1, dtype=torch.int64)
+    skipped = 0
+
+    def file(net_i: int, method: str, positions: torch.Tensor, p: torch.Tensor) -> None:
+        probs[net_i][method].index_add_(0, positions.to(device), p / len(nets[net_i].scales))
+        filed[net_i][method].index_add_(0, positions, torch.ones_like(positions))
+
+    buckets = _DenseBuckets()
+
+    def run_dense(key, positions, images) -> None:
+        q = key[0]
+        for net_i, runner in enumerate(runners):
+            if q in nets[net_i].scales:
+                file(net_i, DENSE, positions, runner.dense(images))
+
+    bar = tqdm(total=len(indices), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True)
+    with torch.inference_mode(), autocast_context(device, bf16):
+        for positions, per_image, batch_labels, n_skipped in loader:
+            skipped += n_skipped
+            bar.update(len(positions) + n_skipped)
+            if len(positions) == 0:
+                continue
+            labels[positions] = batch_labels
+            for scale_i, q in enumerate(all_scales):
+                images = [scaled[scale_i] for scaled in per_image]
+                if MULTI_CROP in methods:
+                    for net_i, runner in enumerate(runners):
+                        if q in nets[net_i].scales:
+                            file(net_i, MULTI_CROP, positions, runner.multi_crop(images))
+                if DENSE in methods:
+                    for pos, image in zip(positions.tolist(), images):
+                        buckets.add((q, *image.shape[1:]), pos, image)
+                    for key, pos, batch in buckets.pop_full(batch_size, PENDING_LIMIT * batch_size):
+                        run_dense(key, pos, batch)
+        if DENSE in methods:
+            for key, pos, batch in buckets.pop_all():
+                run_dense(key, pos, batch)
+    bar.close()
+
+    readable = labels >= 0
+    for net_i, net in enumerate(nets):
+        for m in methods:
+            expected = readable.long() * len(net.scales)
+            if not torch.equal(filed[net_i][m], expected):  # a bug, not bad input
+                raise RuntimeError(f"{m} results for {net.name} were filed {filed[net_i][m].tolist()} times, "
+                                   f"expected {expected.tolist()}")
+
+    rows = _result_rows(nets, methods, probs)
+    # Per-class sums over this rank's readable images, then one reduction over all ranks.
+    readable, y = readable.to(device), labels[readable].to(device)
+    sums = torch.zeros(len(rows) * 2 + 1, num_classes, dtype=torch.float64, device=device)
+    for row_i, row in enumerate(rows):
+        hits = topk_hits(row.pop("probs")[readable], y)
+        for k_i in range(2):
+            sums[row_i * 2 + k_i] = torch.bincount(y[hits[k_i]], minlength=num_classes).double()
+    sums[-1] = torch.bincount(y, minlength=num_classes).double()
+    flat = torch.cat([sums.flatten(), torch.tensor([float(skipped)], dtype=torch.float64, device=device)])
+    flat = all_reduce_sum(flat).cpu()
+    skipped = int(flat[-1].item())
+    sums = flat[:-1].view(len(rows) * 2 + 1, num_classes)
+    class_images = sums[-1]
+    total = int(class_images.sum().item())
+    if total == 0:
+        raise UserError(f"no readable image in {val_dir} ({skipped} skipped)")
+    for row_i, row in enumerate(rows):
+        top1, top5 = sums[row_i * 2], sums[row_i * 2 + 1]
+        row["top1_err"] = 100.0 * (1.0 - top1.sum().item() / total)
+        row["top5_err"] = 100.0 * (1.0 - top5.sum().item() / total)
+        row["images"] = total
+        row["per_class_top1_acc"] = _per_class(top1, class_images)
+        row["per_class_top5_acc"] = _per_class(top5, class_images)
+    return {"val_dir": str(val_dir), "images": total, "skipped": skipped, "world_size": world_size,
+            "methods": methods, "classes": classes, "class_images": [int(n) for n in class_images.tolist()],
+            "nets": [{"name": net.name, "checkpoint": str(net.path), "train_s": net.train_s,
+                      "test_q": net.scales} for net in nets],
+            "rows": rows}
+
+
+class _NetRunner:
+    """One net on the device: normalisation with its training mean RGB, its dense twin, its crop size."""
+
+    def __init__(self, net: EvalNet, device: torch.device, channels_last: bool):
+        self.net, self.device, self.channels_last = net, device, channels_last
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = net.model.to(device, memory_format=memory_format).eval()
+        self.dense_model = to_dense(net.model).to(device, memory_format=memory_format).eval()
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if self.channels_last and images.dim() == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return normalize(images, self.net.mean_rgb)  # no colour shift at test time
+
+    def multi_crop(self, images: list[torch.Tensor]) -> torch.Tensor:
+        return multi_crop_probs(self.model, [self.prepare(im) for im in images], self.net.crop_size,
+                                channels_last=self.channels_last)
+
+    def dense(self, images: torch.Tensor) -> torch.Tensor:
+        return dense_probs(self.dense_model, self.prepare(images))
+
+
+class _DenseBuckets:
+    """Images waiting for dense evaluation, grouped by (Q, H, W) so that each batch has one size."""
+
+    def __init__(self):
+        self.pending: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+
+    def add(self, key: tuple, position: int, image: torch.Tensor) -> None:
+        self.pending.setdefault(key, []).append((position, image))
+
+    def pop_full(self, batch_size: int, limit: int):
+        """Yield the full batches; if more than `limit` images still wait, everything (bounds memory)."""
+        flush_all = sum(len(items) for items in self.pending.values()) > limit
+        for key in list(self.pending):
+            items = self.pending[key]
+            while len(items) >= batch_size or (flush_all and items):
+                batch, items = items[:batch_size], items[batch_size:]
+                yield self._stack(key, batch)
+            if items:
+                self.pending[key] = items
+            else:
+                del self.pending[key]
+
+    def pop_all(self):
+        for key, items in self.pending.items():
+            yield self._stack(key, items)
+        self.pending = {}
+
+    @staticmethod
+    def _stack(key, items):
+        return key, torch.tensor([p for p, _ in items], dtype=torch.int64), torch.stack([im for _, im in items])
+
+
+def _result_rows(nets: list[EvalNet], methods: list[str], probs: list[dict]) -> list[dict]:
+    """Table rows (each still holding its soft-max) in the order of the paper's tables."""
+    rows = []
+    for net, net_probs in zip(nets, probs):
+        if len(methods) == 2:
+            net_probs[BOTH] = fuse([net_probs[DENSE], net_probs[MULTI_CROP]])
+        for m in net_probs:
+            rows.append({"net": net.name, "checkpoint": str(net.path), "train_s": net.train_s,
+                         "test_q": ",".join(map(str, net.scales)), "method": m, "probs": net_probs[m]})
+    if len(nets) > 1:  # ConvNet fusion, Table 6
+        for m in probs[0]:
+            rows.append({"net": "fusion: " + " + ".join(net.name for net in nets), "checkpoint": "",
+                         "train_s": "-", "test_q": "-", "method": m,
+                         "probs": fuse([net_probs[m] for net_probs in probs])})
+    return rows
+
+
+def _per_class(hits: torch.Tensor, counts: torch.Tensor) -> list[float | None]:
+    """Accuracy in percent per class; None for a class with no image in the set."""
+    return [100.0 * h / n if n else None for h, n in zip(hits.tolist(), counts.tolist())]
+
+
+def _first_difference(a: list[str], b: list[str]) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f" (class {i} is {x!r} in the checkpoint, {y!r} in the folder)"
+    return ""
+
+
+# --- Reporting -----------------------------------------------------------------------------------
+
+COLUMNS = ("net", "train S", "test Q", "method", "top-1 err (%)", "top-5 err (%)")
+
+
+def _cells(row: dict) -> list[str]:
+    return [row["net"], row["train_s"], row["test_q"], row["method"], f"{row['top1_err']:.2f}",
+            f"{row['top5_err']:.2f}"]
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    """The results in the layout of the paper's Tables 3-6, as aligned text or a Markdown table."""
+    cells = [list(COLUMNS)] + [_cells(row) for row in rows]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(COLUMNS))]
+    numeric = {4, 5}
+
+    def line(r):
+        parts = [cell.rjust(w) if c in numeric else cell.ljust(w) for c, (cell, w) in enumerate(zip(r, widths))]
+        return ("| " + " | ".join(parts) + " |") if markdown else "  ".join(parts).rstrip()
+
+    out = [line(cells[0])]
+    if markdown:
+        out.append("|" + "|".join("-" * (w + 1) + (":" if c in numeric else "-") for c, w in enumerate(widths)) + "|")
+    else:
+        out.append("  ".join("-" * w for w in widths))
+    out += [line(r) for r in cells[1:]]
+    return "\n".join(out)
+
+
+def format_per_class(result: dict, row: dict, count: int = 5) -> str:
+    """The `count` best and worst classes by top-1 accuracy for one result row."""
+    scored = [(acc, wnid) for wnid, acc in zip(result["classes"], row["per_class_top1_acc"]) if acc is not None]
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    count = min(count, math.ceil(len(scored) / 2))
+
+    def show(items):
+        return ", ".join(f"{wnid} {acc:.1f}%" for acc, wnid in items)
+
+    return (f"per-class top-1 accuracy ({row['net']}, {row['method']}):\n"
+            f"  best:  {show(scored[:count])}\n  worst: {show(scored[::-1][:count])}")
+
+
+def format_report(result: dict) -> str:
+    """What evaluate.py prints: the table, the best/worst classes of the last row, the image counts."""
+    lines = [format_table(result["rows"]), "", format_per_class(result, result["rows"][-1]), "",
+             f"{result['images']} images evaluated, {result['skipped']} unreadable images skipped"]
+    return "\n".join(lines)
+
+
+def format_markdown(result: dict) -> str:
+    """The Markdown file written next to the JSON: the table and the run's facts."""
+    nets = "\n".join(f"- {n['name']}: `{n['checkpoint']}` (train S {n['train_s']}, test Q "
+                     f"{','.join(map(str, n['test_q']))})" for n in result["nets"])
+    return (f"# Evaluation on `{result['val_dir']}`\n\n{format_table(result['rows'], markdown=True)}\n\n"
+            f"{result['images']} images evaluated, {result['skipped']} unreadable images skipped.\n\n"
+            f"Nets:\n{nets}\n")
+
+
+def write_results(result: dict, out) -> tuple[Path, Path]:
+    """Write `<out>.json` (everything, per-class accuracy included) and `<out>.md` (the table)."""
+    out = Path(out)
+    if out.suffix in (".json", ".md"):
+        out = out.with_suffix("")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out.parent / (out.name + ".json"), out.parent / (out.name + ".md")
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    md_path.write_text(format_markdown(result))
+    return json_path, md_path

@@ -1,0 +1,362 @@
+"""The GPU data path (`data_path: gpu`): JPEGs decoded in batches by nvJPEG (TorchCodec) and augmented
+on the GPU, for when CPU decoding cannot feed the net.
+
+DataLoader workers only read file bytes (cheap). The main process then, per batch:
+  1. `decode_batch`: one batched `torchcodec.decoders.decode_jpeg(..., device="cuda")` call. Files
+     nvJPEG cannot take (CMYK/YCCK JPEGs, PNGs named .JPEG, anything it rejects) are decoded on the
+     CPU instead (TorchCodec, then PIL) and moved over; files nobody can decode are skipped, counted,
+     and named in one warning line each (as vgg.data.ImageFolder does).
+  2. `gpu_train_augment`: the paper's training augmentation (§3.1), drawn exactly as the CPU path's
+     `vgg.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
+     rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop,
+     a horizontal flip with probability 1/2. Output uint8 [B, 3, crop, crop].
+  3. optionally the same `vgg.transforms.normalize` (mean RGB, §2.1) and `color_shift` (AlexNet PCA)
+     as the CPU path; by default the trainer's `BatchAugment` does this step for both paths.
+A background thread runs steps 1-3 for the next batch (on its own CUDA stream) while the current
+batch trains, so decoding overlaps the training step.
+
+Everything also runs with device="cpu" (TorchCodec's CPU decoder), which is how the tests check that
+the two paths produce the same distribution of training images.
+"""
+
+import contextlib
+import io
+import logging
+import queue
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchcodec.decoders import decode_jpeg
+
+from vgg.data import DECODE_ERRORS, DatasetStats
+from vgg.errors import UserError
+from vgg.transforms import color_shift, draw_train_crop, load_rgb, normalize, to_uint8_tensor
+
+log = logging.getLogger(__name__)  # a child of the "vgg" logger, like vgg.data's
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Start-of-frame markers (SOF0-SOF15 except DHT C4, JPG C8 and DAC CC): they carry the component count.
+_SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading bytes in DataLoader workers
+# --------------------------------------------------------------------------------------------------
+
+class EncodedImages(Dataset):
+    """(path, label) samples -> (encoded file bytes, label, path); bytes is None for an unreadable file.
+
+    Only reads the file; decoding happens batched on the device.
+    """
+
+    def __init__(self, samples):
+        self.samples = list(samples)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            log.warning(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})")
+            data = None
+        return data, label, str(path)
+
+
+def collate_encoded(items):
+    """Runs in the workers: -> (all files' bytes in one flat uint8 tensor, sizes int64 [B] (-1 for
+    an unreadable file), labels int64 [B], list of paths).
+
+    One flat tensor per batch crosses from the worker in one shared-memory block, instead of one
+    block (and file descriptor) per image.
+    """
+    sizes = torch.tensor([-1 if data is None else len(data) for data, _, _ in items], dtype=torch.int64)
+    flat = torch.frombuffer(bytearray(b"".join(data for data, _, _ in items if data)) or bytearray(1),
+                            dtype=torch.uint8)
+    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
+    return flat, sizes, labels, [path for _, _, path in items]
+
+
+def split_encoded(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor | None]:
+    """Undo collate_encoded's packing: one 1-D uint8 view per file (None where unreadable)."""
+    out, start = [], 0
+    for size in sizes.tolist():
+        if size < 0:
+            out.append(None)
+            continue
+        out.append(flat[start:start + size])
+        start += size
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+
+def jpeg_components(data: torch.Tensor) -> int:
+    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK/YCCK) from its frame header; 0 if the
+    bytes are not a JPEG or the header cannot be found."""
+    raw = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else memoryview(data)  # no copy
+    if bytes(raw[:3]) != JPEG_MAGIC:
+        return 0
+    i = 2
+    while i + 4 <= len(raw):
+        if raw[i] != 0xFF:
+            return 0
+        marker = raw[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(raw[i + 2:i + 4], "big")
+        if marker in _SOF_MARKERS:
+            return raw[i + 9] if i + 9 < len(raw) else 0
+        if marker == 0xDA:  # start of scan before any frame header: malformed
+            return 0
+        i += 2 + length
+    return 0
+
+
+def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>") -> torch.Tensor | None:
+    """Decode one image on the CPU: TorchCodec for JPEGs, else the CPU path's PIL decoder
+    (`vgg.transforms.load_rgb`: PNGs named .JPEG, CMYK, ...; truncated files are refused, as there).
+    Returns uint8 [3, H, W], or None (with one warning line naming the file)."""
+    if data is None:
+        return None
+    if data.numel() == 0:
+        log.warning(f"warning: skipping unreadable image {name} (empty file)")
+        return None
+    if data[:3].numpy().tobytes() == JPEG_MAGIC:
+        try:
+            return decode_jpeg(data, mode="RGB")
+        except RuntimeError:
+            pass  # e.g. truncated: let PIL have a go, as the CPU path would
+    try:  # the CPU path's decoder: same conversions (CMYK, grey, palette -> RGB), same refusals
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            return to_uint8_tensor(load_rgb(image)).contiguous()
+    except DECODE_ERRORS as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        log.warning(f"warning: skipping unreadable image {name} ({reason})")
+        return None
+
+
+def decode_batch(encoded: list, device: torch.device | str, names: list[str] | None = None, *,
+                 batched: bool | None = None) -> list[torch.Tensor | None]:
+    """Decode a batch of encoded images to uint8 [3, H, W] tensors on `device` (None where undecodable).
+
+    batched (default: device is CUDA): plain JPEGs (1 or 3 components) go through one batched
+    decode_jpeg call on `device` (nvJPEG on CUDA). If that call fails, each file is retried on its
+    own; whatever still fails, and every file that is not a plain JPEG, is decoded on the CPU
+    (`decode_on_cpu`) and copied to `device`. Without batching every file is decoded on the CPU.
+    """
+    device = torch.device(device)
+    names = names or [f"<image {i}>" for i in range(len(encoded))]
+    batched = device.type == "cuda" if batched is None else batched
+    out: list[torch.Tensor | None] = [None] * len(encoded)
+    gpu_ok = [i for i, data in enumerate(encoded)
+              if batched and data is not None and data.numel() > 0 and jpeg_components(data) in (1, 3)]
+    if gpu_ok:
+        try:
+            for i, image in zip(gpu_ok, decode_jpeg([encoded[i] for i in gpu_ok], mode="RGB", device=device)):
+                out[i] = image
+        except RuntimeError:
+            # One bad file fails the whole batched call: retry one by one to find it.
+            for i in gpu_ok:
+                try:
+                    out[i] = decode_jpeg(encoded[i], mode="RGB", device=device)
+                except RuntimeError:
+                    pass
+    for i, data in enumerate(encoded):
+        if out[i] is None:
+            image = decode_on_cpu(data, names[i])
+            out[i] = None if image is None else image.to(device, non_blocking=True)
+        elif out[i].shape[0] == 1:  # a decoder that ignored mode="RGB" for a grey JPEG
+            out[i] = out[i].expand(3, -1, -1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Augmentation (paper §3.1)
+# --------------------------------------------------------------------------------------------------
+
+def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: int, scale_max: int,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [3, H, W] images (any sizes, on one device) -> uint8 [B, 3, crop, crop] on that device.
+
+    Per image: draw (S, crop box, flip) with `vgg.transforms.draw_train_crop`, the CPU path's own
+    draw; rescale the whole image with antialiased bilinear interpolation (PIL's filter on the CPU
+    path, which resamples only the box: the same pixels), cut the crop, flip. The random draws use
+    `generator` (a CPU generator), so they do not depend on the device.
+    """
+    if scale_min < crop_size or scale_max < scale_min:
+        raise UserError(f"need crop_size <= scale_min <= scale_max, got crop_size={crop_size}, "
+                        f"scale_min={scale_min}, scale_max={scale_max}")
+    if not images:
+        return torch.empty(0, 3, crop_size, crop_size, dtype=torch.uint8)
+    crops, flips = [], []
+    for image in images:
+        new_h, new_w, top, left, flip = draw_train_crop(image.shape[-2], image.shape[-1], crop_size=crop_size,
+                                                        scale_min=scale_min, scale_max=scale_max,
+                                                        generator=generator)
+        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                                antialias=True, align_corners=False)
+        crops.append(resized[0, :, top:top + crop_size, left:left + crop_size])
+        flips.append(flip)
+    # Flip and convert back to uint8 once for the whole batch (fewer small GPU kernels).
+    batch = torch.stack(crops)
+    flipped = [i for i, flip in enumerate(flips) if flip]
+    if flipped:
+        index = torch.tensor(flipped, device=batch.device)
+        batch[index] = batch[index].flip(-1)
+    return batch.round_().clamp_(0, 255).to(torch.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------
+
+class GpuTrainLoader:
+    """Wraps a DataLoader of encoded bytes (`EncodedImages` + `collate_encoded`); iterating yields
+    (images, labels, n_skipped) with images and labels on `device`:
+
+    - stats is None (the default, for the trainer's BatchAugment): images uint8 [B, 3, crop, crop];
+    - stats given: images float32, mean subtracted and colour-shifted (std color_shift_std) with
+      the same `vgg.transforms` functions as the CPU path.
+
+    prefetch: a background thread prepares the next batch (on its own CUDA stream on a GPU).
+    """
+
+    def __init__(self, loader: DataLoader, *, device, crop_size: int, scale_min: int, scale_max: int,
+                 generator: torch.Generator | None = None, stats: DatasetStats | None = None,
+                 color_shift_std: float = 0.1, channels_last: bool = False, prefetch: bool = True):
+        self.loader = loader
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # pin it: threads start on GPU 0
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.stats, self.color_shift_std = stats, color_shift_std
+        self.channels_last, self.prefetch = channels_last, prefetch
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def prepare(self, batch):
+        """One collated batch of bytes -> (images, labels, n_skipped) on the device."""
+        flat, sizes, labels, names = batch
+        encoded = split_encoded(flat, sizes)
+        decoded = decode_batch(encoded, self.device, names)
+        keep = [i for i, image in enumerate(decoded) if image is not None]
+        images = gpu_train_augment([decoded[i] for i in keep], crop_size=self.crop_size,
+                                   scale_min=self.scale_min, scale_max=self.scale_max,
+                                   generator=self.generator)
+        if images.device != self.device:  # an all-skipped batch
+            images = images.to(self.device)
+        labels = labels[keep].to(self.device, non_blocking=True)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.stats is not None:
+            images = normalize(images, self.stats.mean_rgb)
+            if self.color_shift_std > 0:
+                images = color_shift(images, self.stats, std=self.color_shift_std, generator=self.generator)
+        return images, labels, len(encoded) - len(keep)
+
+    def __iter__(self):
+        if not self.prefetch:
+            for batch in self.loader:
+                yield self.prepare(batch)
+            return
+        yield from _prefetched(self.loader, self.prepare, self.device)
+
+
+_DONE = object()
+
+
+def _prefetched(loader, prepare, device: torch.device, depth: int = 2):
+    """Run prepare(batch) for upcoming batches in a background thread, `depth` batches ahead.
+
+    On CUDA the thread works on its own stream; the consumer's stream waits on an event recorded
+    after each batch, and the tensors are marked as used by the consumer's stream so the caching
+    allocator does not hand their memory back to the side stream too early.
+    """
+    results: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work():
+        try:
+            if side_stream is not None:
+                torch.cuda.set_device(device)  # the current GPU is per thread
+            with torch.cuda.stream(side_stream) if side_stream is not None else contextlib.nullcontext():
+                for batch in loader:
+                    if stop.is_set():
+                        return
+                    prepared = prepare(batch)
+                    event = None
+                    if side_stream is not None:
+                        event = torch.cuda.Event()
+                        event.record(side_stream)
+                    if not put((prepared, event)):
+                        return
+            put((_DONE, None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            put((e, None))
+
+    thread = threading.Thread(target=work, name="gpu-data-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, event = results.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if event is not None:
+                current = torch.cuda.current_stream(device)
+                current.wait_event(event)
+                for tensor in item[:2]:
+                    tensor.record_stream(current)
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, scale_min: int,
+                           scale_max: int, seed: int = 0, workers: int = 8, sampler=None,
+                           shuffle: bool = False, drop_last: bool = True,
+                           stats: DatasetStats | None = None, color_shift_std: float = 0.1,
+                           channels_last: bool = False, prefetch: bool = True) -> GpuTrainLoader:
+    """The `data_path: gpu` training loader over `dataset` (a vgg.data.ImageFolder, whose transform
+    is ignored, or any list of (path, label) samples).
+
+    sampler / shuffle / drop_last / workers mean what they mean for a DataLoader; `seed` seeds the
+    augmentation draws (and the colour shift when `stats` is given) and the shuffle.
+    """
+    samples = dataset.samples if hasattr(dataset, "samples") else dataset
+    loader = DataLoader(EncodedImages(samples), batch_size=batch_size, sampler=sampler,
+                        shuffle=shuffle if sampler is None else False, num_workers=workers,
+                        collate_fn=collate_encoded, drop_last=drop_last,
+                        generator=torch.Generator().manual_seed(seed),
+                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+    return GpuTrainLoader(loader, device=device, crop_size=crop_size, scale_min=scale_min,
+                          scale_max=scale_max, generator=torch.Generator().manual_seed(seed + 1),
+                          stats=stats, color_shift_std=color_shift_std, channels_last=channels_last,
+                          prefetch=prefetch)

@@ -1,0 +1,245 @@
+"""Image transforms: per-image geometry on uint8 in DataLoader workers, float work on whole batches.
+
+Training (paper §3.1), per image in a worker (`TrainTransform`):
+    decode -> RGB -> isotropic rescale so the smallest side is S (S fixed, or uniform in
+    [S_min, S_max]: scale jittering) -> random crop_size x crop_size crop -> random horizontal flip
+    -> uint8 tensor [3, crop, crop].
+then per batch, on the device the batch is on (the trainer's `BatchAugment`):
+    `normalize` (subtract the training set's mean RGB, paper §2.1) -> `color_shift` (AlexNet §4.1).
+
+Evaluation (paper §3.2): `EvalTransform` rescales the smallest side to Q and does not crop (the
+evaluator crops or runs the net densely); `CenterCropTransform` is the quick validation during training.
+
+Two things make the per-image part fast (docs/benchmarks.md, bench/transforms.py):
+  * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
+    `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
+    nothing is upsampled that a full decode would not have upsampled;
+  * crop before resize: the crop box is computed in source coordinates and only that box is resampled
+    (`Image.resize(size, box=...)`), which gives the same pixels as "rescale the whole image, then
+    crop" at a fraction of the work.
+Images stay uint8 until the batch is formed.
+
+Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
+`vgg.data.ImageFolder` does), they decode it themselves with `load_rgb`, at the reduced scale; an
+already loaded image is used as it is.
+"""
+
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from vgg.errors import UserError
+
+# Decoding. PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays at its default, False, on purpose: a truncated
+# JPEG raises OSError("image file is truncated") when loaded, and vgg.data.ImageFolder skips the file
+# with a warning instead of training on an image whose lower part is grey filler.
+
+
+def _is_unloaded(image: Image.Image) -> bool:
+    """True for an image fresh from Image.open whose pixels have not been decoded yet."""
+    return bool(getattr(image, "tile", None))
+
+
+def load_rgb(image, min_side: int | None = None) -> Image.Image:
+    """Decode `image` (a path, or a PIL image from `Image.open`) to an RGB PIL image.
+
+    min_side: the smallest side the caller will rescale to. For a not-yet-decoded JPEG, libjpeg then
+    decodes at the smallest of the scales 1, 1/2, 1/4, 1/8 whose smallest side is still >= min_side
+    (PIL's draft mode), which skips most of the decoding work for large photos. None: full size.
+
+    CMYK, grayscale, palette and other modes (and PNGs named .JPEG) are converted to RGB. Raises
+    OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.ImageFolder skips them).
+    """
+    if isinstance(image, (str, Path)):
+        image = Image.open(image)
+    if _is_unloaded(image):
+        if min_side is not None:
+            width, height = image.size
+            scale = min_side / min(width, height)
+            if scale < 1:
+                # draft picks the largest 1/2^k reduction with both sides >= the requested size.
+                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        image.load()
+    elif min_side is not None and min(image.size) < min_side and _drafted_scale(image) > 1 \
+            and getattr(image, "filename", ""):
+        # Already decoded at a reduced scale for a smaller target (e.g. several test scales from
+        # one opened file, smallest first): decode again rather than upsample the reduced copy.
+        with Image.open(image.filename) as fresh:
+            return load_rgb(fresh, min_side)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _drafted_scale(image: Image.Image) -> int:
+    config = getattr(image, "decoderconfig", ())
+    return config[0] if config else 1
+
+
+def _check_size(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def scaled_size(height: int, width: int, smallest_side: int) -> tuple[int, int]:
+    """(new_height, new_width) of an isotropic rescale that makes the smallest side `smallest_side`.
+
+    The other side is rounded down (as vgg.gpu_data.draw_crop does), never below smallest_side.
+    """
+    if height <= width:
+        return smallest_side, max(smallest_side, int(smallest_side * width / height))
+    return max(smallest_side, int(smallest_side * height / width)), smallest_side
+
+
+def draw_train_crop(height: int, width: int, *, crop_size: int, scale_min: int, scale_max: int,
+                    generator: torch.Generator | None = None) -> tuple[int, int, int, int, bool]:
+    """One draw of the paper's training augmentation (§3.1) for a height x width image.
+
+    Returns (new_height, new_width, top, left, flip): rescale isotropically so the smallest side is
+    S ~ U{scale_min..scale_max}, take the crop_size x crop_size crop at (top, left) of the rescaled
+    image, flip it horizontally if `flip`. Draws from torch's RNG (per-worker seeded by the DataLoader)
+    in the same order as vgg.gpu_data.draw_crop, so both data paths see the same distribution.
+    """
+    s = int(torch.randint(scale_min, scale_max + 1, (1,), generator=generator))
+    new_h, new_w = scaled_size(height, width, s)
+    top = int(torch.randint(0, new_h - crop_size + 1, (1,), generator=generator))
+    left = int(torch.randint(0, new_w - crop_size + 1, (1,), generator=generator))
+    flip = bool(torch.rand(1, generator=generator) < 0.5)
+    return new_h, new_w, top, left, flip
+
+
+def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int) -> torch.Tensor:
+    """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
+
+    Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
+    source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
+    nothing next to the 1x-2x scale jitter) and resized with antialiased bilinear interpolation, as
+    PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
+    """
+    image = load_rgb(image, min_side=min(new_h, new_w))
+    pixels = to_uint8_tensor(image)
+    src_h, src_w = pixels.shape[1:]
+    y0, y1 = _source_span(top, crop_h, src_h / new_h, src_h)
+    x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
+    region = pixels[:, y0:y1, x0:x1]
+    if region.shape[1:] == (crop_h, crop_w):
+        return region.contiguous()
+    return F.interpolate(region[None], size=(crop_h, crop_w), mode="bilinear", antialias=True,
+                         align_corners=False)[0].contiguous()
+
+
+def _source_span(start: int, length: int, scale: float, limit: int) -> tuple[int, int]:
+    """[start, start + length) in rescaled coordinates -> whole source pixels [a, b) inside [0, limit)."""
+    a = min(max(0, round(start * scale)), limit - 1)
+    b = min(limit, max(a + 1, round((start + length) * scale)))
+    return a, b
+
+
+def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor [3, H, W]: a CHW view of the HWC pixels (one copy, no float).
+
+    The tensor may be read-only memory (PIL hands numpy a bytes object); every transform here only
+    reads it and returns new tensors.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
+
+
+class TrainTransform:
+    """Paper §3.1: rescale (smallest side S, S uniform in [scale_min, scale_max]; fixed S when they
+    are equal), random crop_size x crop_size crop, random horizontal flip -> uint8 [3, crop, crop].
+
+    Mean subtraction and the colour shift are done later on whole batches (`normalize`, `color_shift`).
+    """
+
+    def __init__(self, *, crop_size: int, scale_min: int, scale_max: int):
+        _check_size("crop_size", crop_size)
+        _check_size("scale_min", scale_min, crop_size)
+        _check_size("scale_max", scale_max, scale_min)
+        self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
+
+    def __call__(self, image) -> torch.Tensor:
+        width, height = image.size
+        new_h, new_w, top, left, flip = draw_train_crop(height, width, crop_size=self.crop_size,
+                                                        scale_min=self.scale_min, scale_max=self.scale_max)
+        crop = _resized_crop(image, new_h, new_w, top, left, self.crop_size, self.crop_size)
+        return crop.flip(-1) if flip else crop
+
+    def __repr__(self) -> str:
+        return (f"TrainTransform(crop_size={self.crop_size}, scale_min={self.scale_min}, "
+                f"scale_max={self.scale_max})")
+
+
+class EvalTransform:
+    """Paper §3.2: rescale isotropically so the smallest side is Q (`scale`); no crop -> uint8 [3, H, W]."""
+
+    def __init__(self, *, scale: int):
+        self.scale = _check_size("scale", scale)
+
+    def __call__(self, image) -> torch.Tensor:
+        width, height = image.size
+        new_h, new_w = scaled_size(height, width, self.scale)
+        return _resized_crop(image, new_h, new_w, 0, 0, new_h, new_w)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(scale={self.scale})"
+
+
+class CenterCropTransform:
+    """Quick validation during training: rescale the smallest side to Q (`scale`), then take the
+    central crop_size x crop_size crop -> uint8 [3, crop, crop] (fixed-size, so batches stack)."""
+
+    def __init__(self, *, scale: int, crop_size: int):
+        self.crop_size = _check_size("crop_size", crop_size)
+        self.scale = _check_size("scale", scale, crop_size)
+
+    def __call__(self, image) -> torch.Tensor:
+        width, height = image.size
+        new_h, new_w = scaled_size(height, width, self.scale)
+        top = int(round((new_h - self.crop_size) / 2))
+        left = int(round((new_w - self.crop_size) / 2))
+        return _resized_crop(image, new_h, new_w, top, left, self.crop_size, self.crop_size)
+
+    def __repr__(self) -> str:
+        return f"CenterCropTransform(scale={self.scale}, crop_size={self.crop_size})"
+
+
+# --- Batch-level float work (on whatever device the batch is on) ---------------------------------
+
+def normalize(images: torch.Tensor, mean_rgb) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] (or [3, H, W]) -> float32 with the mean RGB subtracted (paper §2.1).
+
+    The only pre-processing the paper does: pixel values stay on the 0..255 scale. Runs on the
+    images' device and keeps the memory format (channels-last stays channels-last). Converting
+    first and subtracting in place is ~2x faster on the CPU than one mixed-dtype subtraction.
+    """
+    mean = torch.as_tensor(mean_rgb, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return images.to(torch.float32).sub_(mean)
+
+
+def color_shift(images: torch.Tensor, stats, std: float = 0.1,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """AlexNet §4.1 PCA colour augmentation, used by the paper (§3.1): adds a per-image RGB shift to
+    float images [B, 3, H, W] on any device, IN PLACE (the batch from `normalize` is a temporary,
+    and a second batch-sized buffer costs as much as the shift on the CPU), and returns them.
+
+    The shift is sum_i alpha_i * lambda_i * p_i, with p_i, lambda_i the eigenvectors (columns of
+    `stats.eigvec`) and eigenvalues of the training set's RGB covariance and alpha_i ~ N(0, std^2)
+    drawn once per image (and per pass over it). The statistics are computed on pixel values scaled
+    to [0, 1] (so the well-known ImageNet eigenvalues 0.2175, 0.0188, 0.0045 apply), while images
+    here are on the 0..255 scale minus the mean, so the shift is multiplied by 255.
+
+    generator: draws the alphas (a CPU generator is fine for CUDA images); None uses the global RNG.
+    """
+    batch = images.shape[0]
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    alphas = torch.randn(batch, 3, generator=generator, device=gen_device).to(images.device) * std
+    eigval = torch.as_tensor(stats.eigval, dtype=torch.float32, device=images.device)
+    eigvec = torch.as_tensor(stats.eigvec, dtype=torch.float32, device=images.device)
+    shift = 255.0 * (alphas * eigval) @ eigvec.T  # [B, 3]: row b = sum_i alpha_bi lambda_i p_i
+    return images.add_(shift.to(images.dtype).view(batch, 3, 1, 1))
