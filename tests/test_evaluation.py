@@ -33,8 +33,16 @@ def write_tiny_checkpoint(path, classes, *, data="", scale_min=36, scale_max=48,
 
 
 @pytest.fixture(scope="module")
-def val_dir(sample_root):
-    return sample_root / "val"
+def val_dir(sample_root, tmp_path_factory):
+    """A small copy of the sample validation set: two photos a class plus every awkward file (CMYK,
+    grayscale, PNG named .JPEG, truncated, empty), so the tests stay fast on 2 cores."""
+    root = tmp_path_factory.mktemp("small") / "val"
+    for folder in sorted(p for p in (sample_root / "val").iterdir() if p.is_dir()):
+        (root / folder.name).mkdir(parents=True)
+        files = sorted(folder.iterdir())
+        for f in [f for f in files if "awkward" not in f.name][:2] + [f for f in files if "awkward" in f.name]:
+            shutil.copy(f, root / folder.name / f.name)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +252,7 @@ def test_unreadable_images_are_counted_as_skipped_not_scored(checkpoint, val_dir
     shutil.copytree(val_dir, copy)
     net = load_eval_net(checkpoint, single_scale=True)
     before = evaluate([net], copy)
+    assert before["skipped"] > 0  # the sample set's truncated and empty files
     first_class = sorted(p for p in copy.iterdir() if p.is_dir())[0]
     (first_class / "zz_broken.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     after = evaluate([net], copy, methods=(DENSE, MULTI_CROP))

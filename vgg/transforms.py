@@ -127,7 +127,7 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
     region = pixels[:, y0:y1, x0:x1]
     if region.shape[1:] == (crop_h, crop_w):
-        return region.contiguous()
+        return region.clone(memory_format=torch.contiguous_format)  # a copy: `pixels` may be read-only
     return F.interpolate(region[None], size=(crop_h, crop_w), mode="bilinear", antialias=True,
                          align_corners=False)[0].contiguous()
 
