@@ -206,7 +206,8 @@ def load_eval_net(path, *, scales=None, single_scale: bool = False) -> EvalNet:
     if scales:
         too_small = [q for q in scales if q < crop]
         if too_small:
-            raise UserError(f"--scales {too_small} are below the net's crop size {crop}: every Q must be >= {crop}")
+            raise UserError(f"--scales {', '.join(map(str, too_small))} below the net's crop size {crop}: "
+                            f"every Q must be >= {crop}")
         test_scales = sorted(set(scales))
     elif scale_min is None:
         raise UserError(f"{path} does not record its training scale (config 'scale_min'): pass --scales")
@@ -223,13 +224,16 @@ def load_eval_net(path, *, scales=None, single_scale: bool = False) -> EvalNet:
 # --- Data ----------------------------------------------------------------------------------------
 
 class MultiScaleTransform:
-    """Decoded image -> one uint8 [3,H,W] per test scale (smallest side Q, no crop, §3.2)."""
+    """Opened image -> one uint8 [3,H,W] per test scale, in the order given (smallest side Q, no crop, §3.2)."""
 
     def __init__(self, *, scales: list[int]):
-        self.transforms = [EvalTransform(scale=q) for q in scales]
+        self.scales = list(scales)
 
     def __call__(self, image) -> list[torch.Tensor]:
-        return [transform(image) for transform in self.transforms]
+        # Largest Q first: the file is decoded once (at the reduced JPEG scale that suits the largest
+        # Q, see vgg.transforms.load_rgb) and the smaller scales reuse the decoded pixels.
+        scaled = {q: EvalTransform(scale=q)(image) for q in sorted(self.scales, reverse=True)}
+        return [scaled[q] for q in self.scales]
 
 
 def open_val_set(nets: list[EvalNet], val_dir):

@@ -10,13 +10,15 @@ then per batch, on the device the batch is on (the trainer's `BatchAugment`):
 Evaluation (paper §3.2): `EvalTransform` rescales the smallest side to Q and does not crop (the
 evaluator crops or runs the net densely); `CenterCropTransform` is the quick validation during training.
 
-Two things make the per-image part fast (docs/benchmarks.md, bench/transforms.py):
+Three things make the per-image part fast (bench/transforms.py, docs/benchmarks.md):
   * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
     `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
     nothing is upsampled that a full decode would not have upsampled;
-  * crop before resize: the crop box is computed in source coordinates and only that box is resampled
-    (`Image.resize(size, box=...)`), which gives the same pixels as "rescale the whole image, then
-    crop" at a fraction of the work.
+  * crop before resize: the crop box is mapped back to source pixels and only that box is
+    resampled, which gives the pixels of "rescale the whole image, then crop" for a fraction of
+    the work (most of all with scale jittering, where S goes up to 512);
+  * the resampling itself is torch's vectorised uint8 antialiased bilinear kernel (the filter PIL
+    uses, several times faster than PIL's own).
 Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
