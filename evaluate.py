@@ -14,6 +14,7 @@ written as JSON (with per-class accuracy) and Markdown to <first checkpoint's fo
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="PATH",
                         help="write PATH.json and PATH.md (default: <checkpoint folder>/eval/<time>)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch, per GPU (default: 32)")
-    parser.add_argument("--workers", type=int, default=4, help="data-loading processes per GPU (default: 4)")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="data-loading processes per GPU (default: min(4, CPU cores))")
     parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) on this machine (default: 1)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: auto")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
