@@ -149,3 +149,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
     if last.exists():  # saved only at steps whose loss was finite
         ckpt = load_checkpoint(last)
         assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path):
+    """`data_path: gpu` swaps in the TorchCodec loader; on a machine without a GPU it runs on the CPU."""
+    metrics = run(tiny_config(sample_root, tmp_path, run_name="gpu-path", data_path="gpu", epochs=1))
+    assert metrics["images"] > 0 and 0 <= metrics["top1_err"] <= 100
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "gpu-path" / "last.pt")
+    assert ckpt["config"]["data_path"] == "gpu" and ckpt["epoch"] == 1

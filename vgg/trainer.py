@@ -112,6 +112,18 @@ def init_from_checkpoint(model, path: str, classes: list[str]) -> list[str]:
     return warm_start(model, source)
 
 
+def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int):
+    """uint8 training crops, decoded and augmented by CPU workers (default) or on the GPU (TorchCodec)."""
+    if config.data_path == "gpu":
+        from vgg.gpu_data import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
+
+        return build_gpu_train_loader(train_set, batch_size=batch_size, device=device, crop_size=config.crop_size,
+                                      scale_min=config.scale_min, scale_max=config.scale_max, seed=seed,
+                                      workers=config.workers, sampler=sampler, drop_last=True)
+    return vdata.build_loader(train_set, batch_size=batch_size, sampler=sampler, workers=config.workers,
+                              collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
+
+
 def build_optimizer(model, config: Config) -> torch.optim.SGD:
     """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases is a config choice."""
     decay = [p for n, p in model.named_parameters() if config.bias_decay or not n.endswith("bias")]
@@ -256,10 +268,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     val_metrics = {}
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)
-        train_loader = vdata.build_loader(
-            train_set, batch_size=per_rank_batch, sampler=sampler, workers=config.workers,
-            collate_fn=vdata.collate_batch, seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank,
-            drop_last=True)
+        train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
+                                          seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank)
         augment = BatchAugment(stats, device, config.color_shift_std, channels_last=on_cuda and config.channels_last,
                                generator=_epoch_generator(config, epoch, dist.rank))
         if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
