@@ -5,7 +5,7 @@
     python train.py --config D --data /data/imagenet --gpus 4   # warm-starts from checkpoints/A/best.pt
     python train.py --config D-S384 --data /data/imagenet --gpus 4
     python train.py --config D --resume               # continue checkpoints/D/last.pt exactly
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 train.py --config D --data ...
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py --config D --data ...
     tensorboard --logdir runs
 
 Any config field can be overridden: `python train.py --config D --lr 0.005 --batch-size 128`.
