@@ -2,6 +2,8 @@
 mode conversion, and the batch-level mean subtraction and colour shift."""
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import ROOT, subprocess_env
 from vgg.data import IMAGENET_STATS, DatasetStats
 from vgg.errors import UserError
 from vgg.transforms import (CenterCropTransform, EvalTransform, TrainTransform, color_shift, draw_train_crop,
@@ -249,3 +252,12 @@ def test_png_bytes_decode_like_the_jpeg_path():
     with Image.open(buf) as image:
         out = EvalTransform(scale=64)(image)
     assert out.shape == (3, 64, 95)  # 427x640 -> 64 x int(64 * 640 / 427)
+
+
+def test_transform_benchmark_runs(tmp_path):
+    """A smoke run of bench/transforms.py on a few files (speed is measured there, never tested)."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "transforms.py"), "--images", "4", "--rounds", "1",
+                             "--jpeg-dir", str(tmp_path), "--no-record"],
+                            capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "ours" in result.stdout and "torchvision v2" in result.stdout and len(list(tmp_path.glob("*.JPEG"))) == 4

@@ -52,12 +52,12 @@ def autocast_context(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[torch.Tensor]:
-    """Number of samples whose label is among the top-k scores, for each k (as device tensors)."""
-    maxk = min(max(ks), logits.shape[1])
-    top = logits.topk(maxk, dim=1).indices
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """bool [len(ks), N]: is sample i's label among its k highest scores? (k capped at the class count)"""
+    maxk = min(max(ks), scores.shape[1])
+    top = scores.topk(maxk, dim=1).indices
     hits = top == labels[:, None]
-    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+    return torch.stack([hits[:, : min(k, maxk)].any(dim=1) for k in ks])
 
 
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
@@ -89,6 +89,10 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
         if step >= num_steps:
             break
         data_time += time.perf_counter() - fetch_start
+        if labels.numel() == 0:  # every file of the batch was unreadable: nothing to learn from
+            skipped += n_skipped
+            fetch_start = time.perf_counter()
+            continue
         images = augment(images, train=True)
         labels = labels.to(device, non_blocking=True)
         with autocast_context(device, bf16):
@@ -99,7 +103,7 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
         optimizer.step()
 
         loss = loss.detach()
-        top1, top5 = topk_correct(logits.detach(), labels)
+        top1, top5 = topk_hits(logits.detach(), labels).sum(dim=1)
         device_sums += torch.stack([loss.double() * labels.shape[0], top1.double(), top5.double(),
                                     (~torch.isfinite(loss)).double()])
         images_seen += labels.shape[0]
@@ -166,7 +170,7 @@ def validate(model, loader, augment: BatchAugment, *, bf16: bool = True, desc: s
         labels = labels.to(device, non_blocking=True)
         with autocast_context(device, bf16):
             logits = model(images).float()
-        top1, top5 = topk_correct(logits, labels)
+        top1, top5 = topk_hits(logits, labels).sum(dim=1)
         n = labels.shape[0]
         sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
         sums[1] += top1

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from vgg import data as vdata
 from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint
 from vgg.distributed import all_reduce_sum, shard_indices
-from vgg.engine import autocast_context
+from vgg.engine import autocast_context, topk_hits
 from vgg.errors import UserError
 from vgg.models import to_dense
 from vgg.transforms import EvalTransform, normalize
@@ -130,14 +130,6 @@ def dense_probs(dense_model: nn.Module, images: torch.Tensor, *, flip: bool = Tr
 
 
 # --- Metrics ------------------------------------------------------------------------------------
-
-def topk_hits(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
-    """bool [len(ks), N]: is image i's label among its k highest scores? (k capped at the class count)"""
-    maxk = min(max(ks), probs.shape[1])
-    top = probs.topk(maxk, dim=1).indices
-    hits = top == labels[:, None]
-    return torch.stack([hits[:, :min(k, maxk)].any(dim=1) for k in ks])
-
 
 def topk_errors(probs: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, float]:
     """Top-k error in percent for each k (ILSVRC's measures, §4): {1: top-1 err, 5: top-5 err}."""
