@@ -14,17 +14,18 @@ written as JSON (with per-class accuracy) and Markdown to <first checkpoint's fo
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
+from vgg.config import RUNTIME_FIELDS, get_args_parser, runtime_value
 from vgg.distributed import cleanup_distributed, init_distributed, is_main_process, launch_if_needed
 from vgg.errors import UserError
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     parents=[get_args_parser(fields=RUNTIME_FIELDS)])
     parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
                         help="checkpoint(s) or run folder(s); several are fused (default: the newest "
                              "checkpoints/*/best.pt)")
@@ -39,14 +40,6 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="PATH",
                         help="write PATH.json and PATH.md (default: <checkpoint folder>/eval/<time>)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch, per GPU (default: 32)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="data-loading processes per GPU (default: min(4, CPU cores))")
-    parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) on this machine (default: 1)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="default: auto")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
-                        help="bf16 autocast on CUDA (default: on)")
-    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
-                        help="channels-last memory format on CUDA (default: on)")
     return parser
 
 
@@ -71,6 +64,8 @@ def prepare(args):
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    for name in RUNTIME_FIELDS:  # flags not given take the Config defaults
+        setattr(args, name, runtime_value(args, name))
     try:
         nets, val_dir = prepare(args)
         launch_if_needed(args.gpus)  # --gpus N: re-run this script as N processes, then exit

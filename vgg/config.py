@@ -8,6 +8,7 @@ checkpoint, so a run can always be reproduced from what it saved.
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +44,8 @@ class Config:
         "help": "dataset statistics: auto (compute once from train/, cached), imagenet (the "
                 "well-known values) or a path to a stats JSON"})
     stats_images: int = field(default=10000, metadata={"help": "training images sampled for the statistics"})
-    workers: int = field(default=8, metadata={"help": "data-loading worker processes per GPU"})
+    workers: int = field(default=min(8, os.cpu_count() or 1),
+                         metadata={"help": "data-loading worker processes per GPU (8, or the CPU count if fewer)"})
     data_path: str = field(default="cpu", metadata={
         "help": "where images are decoded and augmented: cpu (PIL in workers) or gpu (TorchCodec)"})
 
@@ -149,14 +151,28 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def get_args_parser(add_help: bool = False, default_config: str = "demo") -> argparse.ArgumentParser:
-    """The flags shared by train.py, evaluate.py and the benchmarks: --config plus every Config field."""
+# The flags evaluate.py shares with train.py: how to run, not what to train.
+RUNTIME_FIELDS = ("device", "gpus", "workers", "bf16", "channels_last")
+
+
+def get_args_parser(add_help: bool = False, default_config: str = "demo",
+                    fields: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """Flags for Config fields, each spelled `--field-name`, for use through `parents=[...]`.
+
+    By default: --config plus every field (train.py). With `fields`: only those, and no --config
+    (evaluate.py takes RUNTIME_FIELDS). Unset flags are absent from the namespace (SUPPRESS), so
+    only what the user typed overrides the YAML file; read others with `runtime_value`.
+    """
     parser = argparse.ArgumentParser(add_help=add_help, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", default=default_config,
-                        help=f"a name under configs/ ({', '.join(available_configs())}) or a YAML "
-                             f"path (default: {default_config})")
-    group = parser.add_argument_group("config fields (override the YAML file)")
+    if fields is None:
+        parser.add_argument("--config", default=default_config,
+                            help=f"a name under configs/ ({', '.join(available_configs())}) or a YAML "
+                                 f"path (default: {default_config})")
+    group = parser.add_argument_group("config fields (override the YAML file)" if fields is None
+                                      else "runtime")
     for name, f in FIELDS.items():
+        if fields is not None and name not in fields:
+            continue
         kind = type(f.default)
         flag = "--" + name.replace("_", "-")
         default_text = f" (default: {f.default!r})"
@@ -167,6 +183,11 @@ def get_args_parser(add_help: bool = False, default_config: str = "demo") -> arg
             group.add_argument(flag, type=kind, metavar=name.upper(), choices=CHOICES.get(name),
                                help=f.metadata["help"] + default_text)
     return parser
+
+
+def runtime_value(args: argparse.Namespace, name: str):
+    """A field's value from the command line, or the Config default when it was not given."""
+    return getattr(args, name, FIELDS[name].default)
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
