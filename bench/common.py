@@ -15,9 +15,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from vgg.engine import autocast_context
+from vgg.engine import train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -161,19 +160,9 @@ def train_flops_per_image(model: torch.nn.Module, image_size: int) -> int:
 
 
 def make_train_step(model, optimizer, *, device: torch.device, bf16: bool):
-    """The trainer's step (vgg/engine.py `train_one_epoch`, without the metric bookkeeping).
-
-    vgg/engine.py has no separate step function, so this repeats its four lines: forward under
-    bf16 autocast, fp32 cross-entropy, backward, SGD step.
-    """
+    """The trainer's step (vgg.engine.train_step) as a closure of (images, labels) -> loss."""
     def step(images, labels):
-        with autocast_context(device, bf16):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+        return train_step(model, images, labels, optimizer, bf16=bf16)[1]
     return step
 
 

@@ -20,53 +20,29 @@ it to docs/benchmarks.md. The goal (issue 4): ours >= 1.5x torchvision per core.
 """
 
 import argparse
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
-from skimage import data as skdata
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import record  # noqa: E402
+from bench.common import record, write_imagenet_like_jpeg  # noqa: E402
 from vgg.data import IMAGENET_STATS  # noqa: E402
 from vgg.transforms import TrainTransform, color_shift, normalize  # noqa: E402
 
 BATCH = 64
 CROP = 224
-# ImageNet's common image sizes (width, height); most train images are 500 px on the long side.
-IMAGENET_SIZES = [(500, 375)] * 6 + [(375, 500)] * 2 + [(500, 333), (500, 400), (400, 300), (333, 500)]
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry")
-
-
 def make_jpegs(folder: Path, count: int) -> list[Path]:
     """`count` ImageNet-like JPEGs in `folder` (deterministic; files already there are reused)."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(count):
-        path = folder / f"img_{i:05d}.JPEG"
-        paths.append(path)
-        if path.exists():
-            continue
-        rng = random.Random(i)
-        photo = getattr(skdata, rng.choice(PHOTOS))()[..., :3]
-        h, w = photo.shape[:2]
-        ch, cw = rng.randint(h // 2, h), rng.randint(w // 2, w)
-        top, left = rng.randint(0, h - ch), rng.randint(0, w - cw)
-        image = Image.fromarray(photo[top:top + ch, left:left + cw]).resize(rng.choice(IMAGENET_SIZES),
-                                                                             Image.Resampling.BILINEAR)
-        # Camera-like grain: smooth upscaled crops would make files smaller and quicker to decode
-        # than ImageNet's (~110 kB at 500x375); this gives ~105 kB.
-        noise = np.random.default_rng(i).normal(0, 8, (image.height, image.width, 1))
-        array = np.clip(np.asarray(image, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
-        tmp = path.with_suffix(".tmp")
-        Image.fromarray(array).save(tmp, "JPEG", quality=95)
-        tmp.replace(path)
+    paths = [folder / f"img_{i:05d}.JPEG" for i in range(count)]
+    for i, path in enumerate(paths):
+        if not path.exists():
+            write_imagenet_like_jpeg(path, seed=i)
     return paths
 
 

@@ -60,6 +60,20 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Te
     return torch.stack([hits[:, : min(k, maxk)].any(dim=1) for k in ks])
 
 
+def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, bf16: bool = True):
+    """One SGD step (§3.1): forward (bf16 autocast on CUDA), fp32 cross-entropy, backward, update.
+
+    Returns the detached logits and loss; nothing here waits for the GPU.
+    """
+    with autocast_context(images.device, bf16):
+        logits = model(images)
+    loss = F.cross_entropy(logits.float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return logits.detach(), loss.detach()
+
+
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
                     start_step: int = 0, bf16: bool = True, log_every: int = 20,
                     checkpoint_every: int = 0, on_checkpoint=None, stop_requested=lambda: False,
@@ -95,15 +109,8 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
             continue
         images = augment(images, train=True)
         labels = labels.to(device, non_blocking=True)
-        with autocast_context(device, bf16):
-            logits = model(images)
-        loss = F.cross_entropy(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-        loss = loss.detach()
-        top1, top5 = topk_hits(logits.detach(), labels).sum(dim=1)
+        logits, loss = train_step(model, images, labels, optimizer, bf16=bf16)
+        top1, top5 = topk_hits(logits, labels).sum(dim=1)
         device_sums += torch.stack([loss.double() * labels.shape[0], top1.double(), top5.double(),
                                     (~torch.isfinite(loss)).double()])
         images_seen += labels.shape[0]

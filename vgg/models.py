@@ -7,7 +7,6 @@ by ReLU; the classifier is FC-4096, FC-4096, FC-classes with ReLU and dropout af
 The state-dict keys match torchvision's vgg11/vgg13/vgg16/vgg19 for A/B/D/E.
 """
 
-import math
 
 import torch
 import torch.nn as nn
