@@ -159,6 +159,13 @@ def train_flops_per_image(model: torch.nn.Module, image_size: int) -> int:
     return 2 * 3 * count_macs(model, image_size)
 
 
+def speed_switches_text(*, bf16: bool, channels_last: bool, use_compile: bool) -> str:
+    """How a benchmark ran, for its figures line: "bf16, channels-last on, compile on"."""
+    on_off = {True: "on", False: "off"}
+    return (f"{'bf16' if bf16 else 'fp32'}, channels-last {on_off[bool(channels_last)]}, "
+            f"compile {on_off[bool(use_compile)]}")
+
+
 def make_train_step(model, optimizer, *, device: torch.device, bf16: bool):
     """The trainer's step (vgg.engine.train_step) as a closure of (images, labels) -> loss."""
     def step(images, labels):

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (add_common_args, prepare_model, record, resolve_device,  # noqa: E402
-                          synchronize, time_loop)
+                          speed_switches_text, synchronize, time_loop)
 from vgg.engine import autocast_context  # noqa: E402
 from vgg.evaluation import dense_probs, fuse, multi_crop_probs  # noqa: E402
 from vgg.models import build_vgg, to_dense  # noqa: E402
@@ -92,8 +92,8 @@ def main(argv=None) -> str:
         print(parts[-1], flush=True)
 
     settings = (f"net {args.net} width {args.width:g}, Q {','.join(map(str, scales))}, 4:3 images, "
-                f"batch {args.batch}, {'bf16' if bf16 else 'fp32'}, channels-last {'on' if channels_last else 'off'}, "
-                f"compile {'on' if use_compile else 'off'}")
+                f"batch {args.batch}, "
+                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile))
     figures = f"evaluation ({settings}): " + "; ".join(parts)
     record(device, figures, enabled=args.record)
     return figures

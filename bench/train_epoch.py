@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (REPO, add_common_args, make_train_step, prepare_model, record,  # noqa: E402
-                          resolve_device, synchronize, time_loop, trainer_optimizer,
-                          write_imagenet_like_jpeg)
+                          resolve_device, speed_switches_text, synchronize, time_loop,
+                          trainer_optimizer, write_imagenet_like_jpeg)
 from vgg import data as vdata  # noqa: E402
 from vgg.engine import BatchAugment  # noqa: E402
 from vgg.gpu_data import build_gpu_train_loader  # noqa: E402
@@ -169,7 +169,7 @@ def main(argv=None) -> str:
     source = (f"{args.data}/train" if args.data else "synthetic JPEGs") + f" ({len(train_set)}, {kilobytes:.0f} kB)"
     settings = (f"net {args.net} width {args.width:g}, batch {args.batch}, crop {args.crop_size}, "
                 f"S {args.scale_min}-{args.scale_max}, {args.workers} workers, {source}, "
-                f"{'bf16' if bf16 else 'fp32'}, compile {'on' if use_compile else 'off'}")
+                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile))
     figures = f"train epoch ({settings}): " + "; ".join(parts)
     record(device, figures, enabled=args.record)
     return figures

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (add_common_args, count_macs, describe_device, free_memory,  # noqa: E402
                           make_train_step, matmul_flops_per_s, prepare_model, record, resolve_device,
-                          synchronize, time_loop, trainer_optimizer)
+                          speed_switches_text, synchronize, time_loop, trainer_optimizer)
 from vgg.models import build_vgg  # noqa: E402
 
 
@@ -111,8 +111,7 @@ def main(argv=None) -> str:
         free_memory(device)
 
     settings = (f"batch {args.batch}, {args.image_size}px, width {args.width:g}, "
-                f"{'bf16' if bf16 else 'fp32'}, channels-last {'on' if channels_last else 'off'}, "
-                f"compile {'on' if use_compile else 'off'}")
+                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile))
     figures = f"train step ({settings}): " + "; ".join(parts)
     record(device, figures, enabled=args.record)
     return figures
