@@ -90,6 +90,7 @@ def test_warm_start_and_wrong_init_from(sample_root, tmp_path):
     (["--config", "nope"], "unknown config 'nope'"),
     (["--config", "demo", "--data", "/does/not/exist"], "not found"),
     (["--config", "demo", "--resume", "/does/not/exist.pt"], "nothing to resume"),
+    (["--config", "D", "--init-from", "/does/not/exist.pt"], "train that first"),
 ])
 def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     result = train_cli(*args, "--out-dir", str(tmp_path))

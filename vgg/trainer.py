@@ -190,6 +190,11 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     elif (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --run-name")
 
+    if config.init_from and not resume_path and not Path(config.init_from).is_file():
+        raise UserError(f"--init-from {config.init_from} not found: net {config.arch} starts from a trained "
+                        "net (§3.1: deeper nets from net A, S=384 from S=256, jittered from S=384); train "
+                        "that first, or pass --init-from PATH, or --init-from '' to start from scratch")
+
     # Data (§3.1): uint8 crops from workers, float work on whole batches in BatchAugment.
     root = prepare_dataset(config)
     ckpt = load_checkpoint(resume_path) if resume_path else None
