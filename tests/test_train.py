@@ -168,3 +168,23 @@ def test_gpus_flag_launches_ddp_processes(sample_root, tmp_path):
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "ddp" / "last.pt")
     assert ckpt["epoch"] == 1
     assert "2 x cpu" in result.stderr  # the run's banner counts both processes
+
+
+def test_kill_9_keeps_a_loadable_checkpoint_and_resume_goes_on(sample_root, tmp_path):
+    """Checkpoints are written atomically: a SIGKILL at any moment leaves the last one whole."""
+    args = [*common_cli_args(sample_root, tmp_path), "--epochs", "3", "--run-name", "kill", "--log-every", "1",
+            "--checkpoint-every", "2"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], env=subprocess_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / "checkpoints" / "kill" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.5)  # likely mid-way through another save or step
+    proc.kill()
+    proc.wait(timeout=60)
+    ckpt = load_checkpoint(last)
+    assert (ckpt["epoch"], ckpt["step"]) >= (0, 2)
+    result = train_cli(*args, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_checkpoint(last)["epoch"] == 3
