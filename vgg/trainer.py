@@ -222,6 +222,10 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     torch.manual_seed(config.seed)
     model = build_vgg(config.arch, num_classes=len(classes), width=config.width, fc_width=config.fc_width,
                       image_size=config.crop_size, dropout=config.dropout, init=config.init)
+    # On the device before the optimizer exists: its loaded state (momentum) follows the parameters.
+    model.to(device)
+    if on_cuda and config.channels_last:
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=config.lr_factor, patience=config.patience)
@@ -240,9 +244,6 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         copied = init_from_checkpoint(model, config.init_from, classes)
         log.info(f"initialised from {config.init_from}: copied {len(copied)} tensors: {', '.join(copied)}")
 
-    model.to(device)
-    if on_cuda and config.channels_last:
-        model.to(memory_format=torch.channels_last)
     raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None)
