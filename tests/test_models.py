@@ -11,6 +11,7 @@ from vgg.models import (CFGS, VGG, build_vgg, from_torchvision_state_dict, init_
 
 PARAMS = {"A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
           "D": 138_357_544, "E": 143_667_240}
+DEPTH = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}  # Table 1's weight layers
 SMALL = dict(width=1 / 16, fc_width=64, image_size=32)
 
 
@@ -18,31 +19,50 @@ def small(name, **kw):
     return build_vgg(name, num_classes=10, **{**SMALL, **kw})
 
 
+def meta(name, **kw):
+    """A full-size net without memory or init cost: for counting and inspecting only."""
+    with torch.device("meta"):
+        return VGG(name, **kw)
+
+
+def test_configurations_are_table_1():
+    assert list(CFGS) == ["A", "A-LRN", "B", "C", "D", "E"]
+    assert CFGS["D"] == [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3]
+    assert CFGS["C"][2] == [256, 256, (256, 1)]  # C's third conv of stages 3-5 is 1x1
+
+
 @pytest.mark.parametrize("name", list(PARAMS))
 def test_parameter_counts_match_table_2(name):
-    with torch.device("meta"):
-        model = VGG(name)
-    assert sum(p.numel() for p in model.parameters()) == PARAMS[name]
+    assert sum(p.numel() for p in meta(name).parameters()) == PARAMS[name]
 
 
 @pytest.mark.parametrize("name", list(CFGS))
 def test_layer_structure_follows_table_1(name):
-    with torch.device("meta"):
-        model = VGG(name)
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    weight_layers = {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}[name]
-    assert len(convs) + 3 == weight_layers  # Table 1's depth counts the convs and the 3 FC layers
-    assert sum(isinstance(m, nn.MaxPool2d) and m.kernel_size == 2 and m.stride == 2 for m in model.features) == 5
+    model = meta(name)
+    layers = list(model.features)
+    convs = [m for m in layers if isinstance(m, nn.Conv2d)]
+    assert len(convs) + 3 == DEPTH[name]
+    pools = [m for m in layers if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 5 and all(p.kernel_size == 2 and p.stride == 2 for p in pools)
+    assert isinstance(layers[-1], nn.MaxPool2d)
     for conv in convs:
         assert conv.stride == (1, 1)
         assert conv.kernel_size in ((3, 3), (1, 1)) and conv.padding == (conv.kernel_size[0] // 2,) * 2
-    assert sum(c.kernel_size == (1, 1) for c in convs) == (3 if name == "C" else 0)
-    # every conv is followed by a ReLU
-    layers = list(model.features)
-    for i, layer in enumerate(layers):
+    one_by_one = [i for i, c in enumerate(convs) if c.kernel_size == (1, 1)]
+    assert one_by_one == ([6, 9, 12] if name == "C" else [])  # the last conv of stages 3, 4, 5
+    # widths per stage: 64, 128, 256, 512, 512 (Table 1)
+    stage_widths, stage = [], []
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d):
+            stage.append(layer.out_channels)
+        elif isinstance(layer, nn.MaxPool2d):
+            stage_widths.append(set(stage))
+            stage = []
+    assert stage_widths == [{64}, {128}, {256}, {512}, {512}]
+    for i, layer in enumerate(layers):  # every conv is followed by a ReLU
         if isinstance(layer, nn.Conv2d):
             assert isinstance(layers[i + 1], nn.ReLU)
-    lrns = [m for m in model.features if isinstance(m, nn.LocalResponseNorm)]
+    lrns = [m for m in layers if isinstance(m, nn.LocalResponseNorm)]
     if name == "A-LRN":
         assert len(lrns) == 1 and (lrns[0].size, lrns[0].alpha, lrns[0].beta, lrns[0].k) == (5, 1e-4, 0.75, 2)
         assert layers.index(lrns[0]) == 2  # right after the first conv + ReLU
@@ -50,8 +70,10 @@ def test_layer_structure_follows_table_1(name):
         assert not lrns
     kinds = [type(m) for m in model.classifier]
     assert kinds == [nn.Linear, nn.ReLU, nn.Dropout, nn.Linear, nn.ReLU, nn.Dropout, nn.Linear]
-    assert [m.out_features for m in model.classifier if isinstance(m, nn.Linear)] == [4096, 4096, 1000]
+    assert [(m.in_features, m.out_features) for m in model.classifier if isinstance(m, nn.Linear)] == [
+        (512 * 7 * 7, 4096), (4096, 4096), (4096, 1000)]
     assert all(m.p == 0.5 for m in model.classifier if isinstance(m, nn.Dropout))
+    assert not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
 
 
 @pytest.mark.parametrize("name", list(CFGS))
@@ -60,47 +82,119 @@ def test_small_nets_forward_backward_every_parameter_gets_a_gradient(name):
     model = small(name, init="xavier")
     logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
-    logits.sum().backward()
+    logits.logsumexp(dim=1).sum().backward()
     for pname, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
 
 
 def test_torchvision_weights_move_both_ways_with_the_same_logits():
     torch.manual_seed(0)
-    ours = build_vgg("D").eval()
-    theirs = torchvision.models.vgg16(weights=None).eval()
-    theirs.load_state_dict(to_torchvision_state_dict(ours.state_dict(), "D"), strict=True)
+    theirs = torchvision.models.vgg16(weights=None).eval()  # torchvision's own (Kaiming) init
+    ours = VGG("D").eval()
+    ours.load_state_dict(from_torchvision_state_dict(theirs.state_dict()), strict=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-4, atol=1e-5)
+        logits = ours(x)
+        torch.testing.assert_close(logits, theirs(x), rtol=1e-4, atol=1e-5)
+    assert logits.std() > 0
+    back = to_torchvision_state_dict(ours.state_dict(), "D")
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(back[key], value), key
+    with torch.device("meta"):
+        again = torchvision.models.vgg16(weights=None)
+    again.load_state_dict(back, strict=True, assign=True)
+    # the other twins, on the meta device: keys and shapes load strictly both ways
     for name, tv_name in {"A": "vgg11", "B": "vgg13", "E": "vgg19"}.items():
         with torch.device("meta"):
             tv = getattr(torchvision.models, tv_name)(weights=None)
             net = VGG(name)
-        net.load_state_dict(from_torchvision_state_dict(tv.state_dict(), name), strict=True, assign=True)
+        net.load_state_dict(from_torchvision_state_dict(tv.state_dict()), strict=True, assign=True)
         tv.load_state_dict(to_torchvision_state_dict(net.state_dict(), name), strict=True, assign=True)
-    with pytest.raises(UserError, match="no torchvision counterpart"):
-        to_torchvision_state_dict({}, "C")
+
+
+def test_torchvision_conversion_refuses_nets_without_a_twin():
+    for name in ("C", "A-LRN"):
+        state = meta(name).state_dict()
+        with pytest.raises(UserError, match=f"net {name} has no torchvision counterpart"):
+            to_torchvision_state_dict(state)  # found from the layers: C has D's keys but 1x1 kernels
+        with pytest.raises(UserError, match="no torchvision counterpart"):
+            from_torchvision_state_dict(state, name)
+    with pytest.raises(UserError, match="not a state dict of net D"):
+        to_torchvision_state_dict(meta("C").state_dict(), "D")
+    with pytest.raises(UserError, match="not a state dict of net B"):
+        from_torchvision_state_dict(meta("A").state_dict(), "B")
+    with pytest.raises(UserError, match="not a state dict of VGG"):
+        from_torchvision_state_dict({"fc.weight": torch.zeros(1)})
+    with pytest.raises(UserError, match="allowed: A, A-LRN, B, C, D, E"):
+        from_torchvision_state_dict(meta("A").state_dict(), "vgg11")
 
 
 def test_width_and_fc_width_scale_the_same_code():
     model = build_vgg("D", num_classes=10, width=0.25, fc_width=128, image_size=64)
     convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    assert [c.out_channels for c in convs][:3] == [16, 16, 32]
+    assert [c.out_channels for c in convs] == [16, 16, 32, 32, 64, 64, 64] + [128] * 6
     assert model.classifier[0].in_features == 128 * 2 * 2 and model.classifier[0].out_features == 128
+    assert model.classifier[3].in_features == 128 and model.classifier[6].out_features == 10
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10)
-    assert build_vgg(**model.arch_kwargs()).state_dict().keys() == model.state_dict().keys()
+    tiny = meta("E", width=1 / 1024)
+    assert all(m.out_channels == 1 for m in tiny.features if isinstance(m, nn.Conv2d))  # at least 1 channel
+
+
+def test_arch_kwargs_rebuild_the_same_net():
+    model = build_vgg("C", num_classes=7, width=0.125, fc_width=48, image_size=96, dropout=0.25, init="xavier")
+    kwargs = model.arch_kwargs()
+    assert kwargs == {"name": "C", "num_classes": 7, "width": 0.125, "fc_width": 48, "image_size": 96,
+                      "dropout": 0.25}
+    rebuilt = build_vgg(**kwargs)
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    assert rebuilt.arch_kwargs() == kwargs
+    assert (rebuilt.arch_name, rebuilt.image_size, rebuilt.num_classes) == ("C", 96, 7)
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(UserError, match="unknown VGG configuration 'F'; allowed: A, A-LRN, B, C, D, E"):
+        build_vgg("F")
+    for image_size in (0, 16, 100, 230):
+        with pytest.raises(UserError, match=f"multiple of 32.*got {image_size}"):
+            build_vgg("A", image_size=image_size)
+    with pytest.raises(UserError, match="width"):
+        build_vgg("A", width=0)
+    with pytest.raises(UserError, match="fc_width"):
+        build_vgg("A", fc_width=0)
+    with pytest.raises(UserError, match="num_classes"):
+        build_vgg("A", num_classes=0)
+    with pytest.raises(UserError, match="dropout"):
+        build_vgg("A", dropout=1.0)
+    with pytest.raises(UserError, match="unknown init 'kaiming'; allowed: normal, xavier"):
+        build_vgg("A", init="kaiming")
+
+
+def test_forward_takes_only_the_training_crop():
+    model = small("A")
+    with pytest.raises(UserError, match=r"takes 32x32 inputs, got \(64, 64\).*to_dense"):
+        model(torch.randn(1, 3, 64, 64))
+    with pytest.raises(UserError, match="takes 32x32"):
+        model(torch.randn(1, 3, 32, 64))
 
 
 def test_init_schemes():
     torch.manual_seed(0)
     model = build_vgg("A", num_classes=10, width=0.5, fc_width=512, image_size=64, init="normal")
-    fc = model.classifier[0].weight
-    assert abs(fc.std().item() - 0.01) < 5e-4 and abs(fc.mean().item()) < 5e-4
-    assert all((m.bias == 0).all() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    big = [model.classifier[0].weight, model.features[model.conv_index[(4, 1)]].weight]  # 1M and 600k weights
+    for weight in big:
+        assert abs(weight.std().item() - 0.01) < 2e-4 and abs(weight.mean().item()) < 1e-4
+    biases = [m.bias for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(biases) == 11 and all((b == 0).all() for b in biases)
+    for p in model.parameters():
+        p.data.fill_(1.0)
     init_weights(model, "xavier")
-    bound = (6 / (fc.shape[0] + fc.shape[1])) ** 0.5
-    assert fc.abs().max() <= bound and fc.std() > 0.5 * bound / 3**0.5
+    assert all((b == 0).all() for b in biases)
+    fc = model.classifier[0].weight
+    bound = (6 / (fc.shape[0] + fc.shape[1])) ** 0.5  # Glorot uniform: U(-bound, bound), std bound/sqrt(3)
+    assert fc.abs().max() <= bound and abs(fc.std().item() - bound / 3**0.5) < 0.02 * bound
+    conv = model.features[0].weight  # fan_in 27, fan_out 288
+    conv_bound = (6 / (27 + 32 * 9)) ** 0.5
+    assert conv.abs().max() <= conv_bound and conv.abs().max() > 0.9 * conv_bound
     with pytest.raises(UserError, match="allowed: normal, xavier"):
         init_weights(model, "kaiming")
 
@@ -116,42 +210,76 @@ def test_warm_start_copies_first_four_convs_and_fc_layers_of_net_a(name):
     tgt_convs = [i for i, m in enumerate(target.features) if isinstance(m, nn.Conv2d)]
     # stage 1 conv 1, stage 2 conv 1, stage 3 convs 1 and 2: conv numbers 0, 2, 4, 5 in B-E
     per_stage = [0, 2, 4, 5]
-    expected = {f"features.{tgt_convs[j]}.{s}" for j in per_stage for s in ("weight", "bias")}
-    expected |= {f"classifier.{i}.{s}" for i in (0, 3, 6) for s in ("weight", "bias")}
-    assert set(copied) == expected
-    src_keys = [f"features.{i}" for i in src_convs]
-    after = target.state_dict()
-    for j, src in zip(per_stage, src_keys):
-        assert torch.equal(after[f"features.{tgt_convs[j]}.weight"], source.state_dict()[f"{src}.weight"])
+    assert all(target.features[tgt_convs[j]].kernel_size == (3, 3) for j in per_stage)  # C's 1x1 is conv 6
+    pairs = [(f"features.{tgt_convs[j]}", f"features.{src}") for j, src in zip(per_stage, src_convs)]
+    pairs += [(f"classifier.{i}", f"classifier.{i}") for i in (0, 3, 6)]
+    expected = [f"{t}.{s}" for t, _ in pairs for s in ("weight", "bias")]
+    assert sorted(copied) == sorted(expected) and len(copied) == 14
+    after, src_state = target.state_dict(), source.state_dict()
+    for t, s in pairs:
+        for suffix in ("weight", "bias"):
+            assert torch.equal(after[f"{t}.{suffix}"], src_state[f"{s}.{suffix}"])
+        assert not torch.equal(after[f"{t}.weight"], before[f"{t}.weight"])  # it did change
     for key, value in after.items():
         if key not in expected:
             assert torch.equal(value, before[key]), key  # the layers in between stay as initialised
-    with pytest.raises(UserError):
+
+
+def test_warm_start_refuses_a_mismatched_source_and_copies_nothing():
+    torch.manual_seed(0)
+    target = small("D")
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(UserError, match="takes net A as its source, got net B"):
         warm_start(target, small("B"))
     with pytest.raises(UserError, match="shape"):
-        warm_start(small(name, fc_width=32), source)
+        warm_start(target, small("A", width=1 / 8))
+    with pytest.raises(UserError, match="classifier.6.weight"):
+        warm_start(target, build_vgg("A", num_classes=11, **SMALL))
+    with pytest.raises(UserError, match="classifier.0.weight"):
+        warm_start(target, small("A", image_size=64))
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
-def test_dense_net_equals_fc_net_at_crop_size_and_takes_bigger_images():
+def test_dense_net_equals_fc_net_at_crop_size_and_slides_over_bigger_images():
     torch.manual_seed(0)
-    model = small("D").eval()
+    # image_size 64 makes FC1 a 2x2 conv, so the kernel layout of the reshaped weights is checked
+    model = build_vgg("D", num_classes=10, width=1 / 16, fc_width=64, image_size=64, init="xavier").eval()
     dense = to_dense(model).eval()
-    x = torch.randn(2, 3, 32, 32)
+    assert dense.min_input_size == 64 and dense.classifier[0].kernel_size == (2, 2)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         score_map = dense(x)
         assert score_map.shape == (2, 10, 1, 1)
-        torch.testing.assert_close(score_map.flatten(1), model(x), rtol=1e-5, atol=1e-6)
-        assert dense(torch.randn(1, 3, 96, 64)).shape == (1, 10, 3, 2)
-    full = to_dense(build_vgg("A"))
-    assert full.classifier[0].kernel_size == (7, 7) and full.classifier[3].kernel_size == (1, 1)
-    assert full.min_input_size == 224
+        torch.testing.assert_close(score_map.flatten(1), model(x), rtol=1e-5, atol=1e-5)
+        big = torch.randn(1, 3, 128, 96)
+        score_map = dense(big)
+        assert score_map.shape == (1, 10, 3, 2) and torch.isfinite(score_map).all()
+        # each map cell is the FC classifier applied to one 2x2 window of the feature map
+        features = model.features(big)
+        for i in range(3):
+            for j in range(2):
+                window = features[:, :, i:i + 2, j:j + 2].flatten(1)
+                torch.testing.assert_close(score_map[:, :, i, j], model.classifier(window), rtol=1e-5, atol=1e-5)
+    # a copy: changing the FC net afterwards leaves the dense net alone
+    with torch.no_grad():
+        model.features[0].weight.zero_()
+    assert dense.features[0].weight.abs().sum() > 0
 
 
-def test_clear_errors_for_unknown_names_and_small_inputs():
-    with pytest.raises(UserError, match="unknown VGG configuration 'F'; allowed: A, A-LRN, B, C, D, E"):
-        build_vgg("F")
+def test_dense_net_of_a_full_size_net():
+    with torch.device("meta"):
+        dense = to_dense(VGG("A", dropout=0.3))
+    assert dense.min_input_size == 224
+    assert [m.kernel_size for m in dense.classifier if isinstance(m, nn.Conv2d)] == [(7, 7), (1, 1), (1, 1)]
+    assert [type(m) for m in dense.classifier] == [nn.Conv2d, nn.ReLU, nn.Dropout, nn.Conv2d, nn.ReLU,
+                                                   nn.Dropout, nn.Conv2d]
+    assert all(m.p == 0.3 for m in dense.classifier if isinstance(m, nn.Dropout))
+    assert sum(p.numel() for p in dense.parameters()) == PARAMS["A"]
+
+
+def test_dense_net_refuses_inputs_smaller_than_the_crop():
     dense = to_dense(small("A"))
-    with pytest.raises(UserError, match="at least 32x32"):
-        dense(torch.randn(1, 3, 31, 64))
-    with pytest.raises(UserError, match="takes 32x32 inputs"):
-        small("A")(torch.randn(1, 3, 64, 64))
+    for shape in ((31, 64), (64, 31), (16, 16)):
+        with pytest.raises(UserError, match=r"needs inputs of at least 32x32 .*got \(%d, %d\)" % shape):
+            dense(torch.randn(1, 3, *shape))
