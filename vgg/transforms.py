@@ -90,7 +90,7 @@ def _check_size(name: str, value, minimum: int = 1) -> int:
 def scaled_size(height: int, width: int, smallest_side: int) -> tuple[int, int]:
     """(new_height, new_width) of an isotropic rescale that makes the smallest side `smallest_side`.
 
-    The other side is rounded down (as vgg.gpu_data.draw_crop does), never below smallest_side.
+    The other side is rounded down, never below smallest_side.
     """
     if height <= width:
         return smallest_side, max(smallest_side, int(smallest_side * width / height))
@@ -104,7 +104,7 @@ def draw_train_crop(height: int, width: int, *, crop_size: int, scale_min: int, 
     Returns (new_height, new_width, top, left, flip): rescale isotropically so the smallest side is
     S ~ U{scale_min..scale_max}, take the crop_size x crop_size crop at (top, left) of the rescaled
     image, flip it horizontally if `flip`. Draws from torch's RNG (per-worker seeded by the DataLoader)
-    in the same order as vgg.gpu_data.draw_crop, so both data paths see the same distribution.
+    or `generator`; vgg.gpu_data uses this same function, so both data paths draw alike.
     """
     s = int(torch.randint(scale_min, scale_max + 1, (1,), generator=generator))
     new_h, new_w = scaled_size(height, width, s)
