@@ -14,6 +14,7 @@ from skimage import data as skdata
 
 from conftest import ROOT, subprocess_env
 from vgg import data as vdata
+from vgg.engine import BatchAugment
 from vgg.gpu_data import (build_gpu_train_loader, collate_encoded, decode_batch, decode_on_cpu,
                           gpu_train_augment, jpeg_components, split_encoded)
 from vgg.transforms import TrainTransform, color_shift, normalize
@@ -168,7 +169,7 @@ def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_pa
 
     # Colour shift: on a flat grey image every crop is the same, so the spread of the per-image
     # channel means is the shift alone. CPU path: TrainTransform -> normalize -> color_shift in
-    # BatchAugment; GPU path: the loader with stats given.
+    # BatchAugment; GPU path: the loader's uint8 crops -> the same BatchAugment.
     grey = tmp_path / "grey" / "n00000001"
     grey.mkdir(parents=True)
     for i in range(8):
@@ -178,9 +179,11 @@ def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_pa
                             generator=torch.Generator().manual_seed(2)).mean(dim=(2, 3))
     loader = build_gpu_train_loader(vdata.ImageFolder(grey.parent, None), batch_size=4, device="cpu",
                                     crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX, workers=0,
-                                    shuffle=True, stats=stats, color_shift_std=0.1, seed=3)
+                                    shuffle=True, seed=3)
+    augment = BatchAugment(stats, torch.device("cpu"), color_shift_std=0.1, generator=torch.Generator().manual_seed(4))
     passes = -(-DRAWS // len(loader.loader.dataset))  # enough epochs of the 8 files for DRAWS images
-    gpu_shift = torch.cat([images.mean(dim=(2, 3)) for _ in range(passes) for images, _, _ in loader])[:DRAWS]
+    gpu_shift = torch.cat([augment(images, train=True).mean(dim=(2, 3))
+                           for _ in range(passes) for images, _, _ in loader])[:DRAWS]
     assert gpu_shift.dtype == torch.float32 and gpu_shift.shape == (DRAWS, 3)
     cpu_std, gpu_std = cpu_shift.std(dim=0), gpu_shift.std(dim=0)
     assert (cpu_std > 0.5).all()  # the shift is really there

@@ -10,9 +10,8 @@ DataLoader workers only read file bytes (cheap). The main process then, per batc
      `vgg.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
      rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop,
      a horizontal flip with probability 1/2. Output uint8 [B, 3, crop, crop].
-  3. optionally the same `vgg.transforms.normalize` (mean RGB, §2.1) and `color_shift` (AlexNet PCA)
-     as the CPU path; by default the trainer's `BatchAugment` does this step for both paths.
-A background thread runs steps 1-3 for the next batch (on its own CUDA stream) while the current
+The mean subtraction and colour shift then happen in the trainer's `vgg.engine.BatchAugment`, the
+same code for both paths. A background thread runs steps 1-2 for the next batch (on its own CUDA stream) while the current
 batch trains, so decoding overlaps the training step.
 
 Everything also runs with device="cpu" (TorchCodec's CPU decoder), which is how the tests check that
@@ -32,9 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import decode_jpeg
 
-from vgg.data import DECODE_ERRORS, DatasetStats
+from vgg.data import DECODE_ERRORS
 from vgg.errors import UserError
-from vgg.transforms import color_shift, draw_train_crop, load_rgb, normalize, to_uint8_tensor
+from vgg.transforms import draw_train_crop, load_rgb, to_uint8_tensor
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger, like vgg.data's
 
@@ -225,25 +224,21 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
 
 class GpuTrainLoader:
     """Wraps a DataLoader of encoded bytes (`EncodedImages` + `collate_encoded`); iterating yields
-    (images, labels, n_skipped) with images and labels on `device`:
-
-    - stats is None (the default, for the trainer's BatchAugment): images uint8 [B, 3, crop, crop];
-    - stats given: images float32, mean subtracted and colour-shifted (std color_shift_std) with
-      the same `vgg.transforms` functions as the CPU path.
+    (images uint8 [B, 3, crop, crop], labels, n_skipped) with images and labels on `device`, ready
+    for the trainer's BatchAugment (mean subtraction and colour shift, as on the CPU path).
 
     prefetch: a background thread prepares the next batch (on its own CUDA stream on a GPU).
     """
 
     def __init__(self, loader: DataLoader, *, device, crop_size: int, scale_min: int, scale_max: int,
-                 generator: torch.Generator | None = None, stats: DatasetStats | None = None,
-                 color_shift_std: float = 0.1, channels_last: bool = False, prefetch: bool = True):
+                 generator: torch.Generator | None = None, channels_last: bool = False,
+                 prefetch: bool = True):
         self.loader = loader
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # pin it: threads start on GPU 0
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
-        self.stats, self.color_shift_std = stats, color_shift_std
         self.channels_last, self.prefetch = channels_last, prefetch
 
     def __len__(self) -> int:
@@ -263,10 +258,6 @@ class GpuTrainLoader:
         labels = labels[keep].to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if self.stats is not None:
-            images = normalize(images, self.stats.mean_rgb)
-            if self.color_shift_std > 0:
-                images = color_shift(images, self.stats, std=self.color_shift_std, generator=self.generator)
         return images, labels, len(encoded) - len(keep)
 
     def __iter__(self):
@@ -342,13 +333,12 @@ def _prefetched(loader, prepare, device: torch.device, depth: int = 2):
 def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, scale_min: int,
                            scale_max: int, seed: int = 0, workers: int = 8, sampler=None,
                            shuffle: bool = False, drop_last: bool = True,
-                           stats: DatasetStats | None = None, color_shift_std: float = 0.1,
                            channels_last: bool = False, prefetch: bool = True) -> GpuTrainLoader:
     """The `data_path: gpu` training loader over `dataset` (a vgg.data.ImageFolder, whose transform
     is ignored, or any list of (path, label) samples).
 
     sampler / shuffle / drop_last / workers mean what they mean for a DataLoader; `seed` seeds the
-    augmentation draws (and the colour shift when `stats` is given) and the shuffle.
+    augmentation draws and the shuffle.
     """
     samples = dataset.samples if hasattr(dataset, "samples") else dataset
     loader = DataLoader(EncodedImages(samples), batch_size=batch_size, sampler=sampler,
@@ -358,5 +348,4 @@ def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, 
                         persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
     return GpuTrainLoader(loader, device=device, crop_size=crop_size, scale_min=scale_min,
                           scale_max=scale_max, generator=torch.Generator().manual_seed(seed + 1),
-                          stats=stats, color_shift_std=color_shift_std, channels_last=channels_last,
-                          prefetch=prefetch)
+                          channels_last=channels_last, prefetch=prefetch)

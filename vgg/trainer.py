@@ -16,7 +16,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vgg import data as vdata
 from vgg import sample_data
-from vgg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from vgg.config import Config
 from vgg.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, get_logger,
                              init_distributed, is_main_process, shard_indices)
@@ -98,8 +98,7 @@ def init_from_checkpoint(model, path: str, classes: list[str]) -> list[str]:
     if source_ckpt.get("classes", classes) != classes:
         raise UserError(f"--init-from {path}: its {len(source_ckpt.get('classes', []))} classes differ "
                         f"from this dataset's {len(classes)}")
-    source = build_vgg(**source_arch)
-    source.load_state_dict(source_ckpt["model"])
+    source = build_model_from_checkpoint(source_ckpt)
     if source_arch["name"] == model.arch_name:
         if source_arch != model.arch_kwargs():
             raise UserError(f"--init-from {path}: net {source_arch} does not match this run's "
