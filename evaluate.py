@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from vgg.config import RUNTIME_FIELDS, get_args_parser, runtime_value
-from vgg.distributed import cleanup_distributed, init_distributed, is_main_process, launch_if_needed
-from vgg.errors import UserError
+from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value
+from vgg.distributed import cleanup_distributed, init_distributed, is_main_process, launch_if_needed, rank_prefix
+from vgg.errors import UserError, out_of_memory_message
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,10 @@ def prepare(args):
         raise UserError("--batch-size and --gpus must be at least 1, --workers at least 0")
     paths = args.checkpoint or [default_checkpoint()]
     nets = [load_eval_net(p, scales=args.scales, single_scale=args.single_scale) for p in paths]
+    # The results' folder must be writable before an hour of evaluation, not after it.
+    args.out = Path(args.out or nets[0].path.parent / "eval" / (time.strftime("%Y%m%d-%H%M%S") + "-" +
+                                                                "-".join(methods_of(args))))
+    ensure_writable_dir(args.out.parent, "--out")
     if args.data:
         val_dir = Path(args.data) / "val"
     else:
@@ -60,6 +64,11 @@ def prepare(args):
         val_dir = Path(data) / "val"
     open_val_set(nets, val_dir)
     return nets, val_dir
+
+
+def methods_of(args) -> list[str]:
+    """The methods asked for, in the paper's order; dense when none is given."""
+    return [m for m, on in (("dense", args.dense), ("multi-crop", args.multi_crop)) if on] or ["dense"]
 
 
 def main(argv=None) -> int:
@@ -75,22 +84,27 @@ def main(argv=None) -> int:
         finally:
             cleanup_distributed()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        message = out_of_memory_message(e, f"lower --batch-size (now {args.batch_size}) or the test scales "
+                                           "(--scales, --single-scale)")
+        if message is None:
+            raise
+        print(f"{rank_prefix()}error: {message}", file=sys.stderr)
         return 2
     return 0
 
 
 def run(args, nets, val_dir, dist) -> None:
-    from vgg.evaluation import DENSE, MULTI_CROP, evaluate_dataset, format_report, write_results
+    from vgg.evaluation import evaluate_dataset, format_report, write_results
 
-    methods = [m for m, on in ((DENSE, args.dense), (MULTI_CROP, args.multi_crop)) if on] or [DENSE]
-    result = evaluate_dataset(nets, val_dir, methods=methods, device=dist.device, batch_size=args.batch_size,
+    result = evaluate_dataset(nets, val_dir, methods=methods_of(args), device=dist.device, batch_size=args.batch_size,
                               workers=args.workers, bf16=args.bf16, channels_last=args.channels_last,
                               rank=dist.rank, world_size=dist.world_size, progress=is_main_process())
     if not is_main_process():
         return
-    out = args.out or nets[0].path.parent / "eval" / (time.strftime("%Y%m%d-%H%M%S") + "-" + "-".join(methods))
-    json_path, md_path = write_results(result, out)
+    json_path, md_path = write_results(result, args.out)
     print(format_report(result))
     print(f"results: {json_path}, {md_path}")
 

@@ -15,10 +15,10 @@ Any config field can be overridden: `python train.py --config D --lr 0.005 --bat
 import argparse
 import sys
 
-from vgg.config import available_configs, get_args_parser, resolve_config
-from vgg.distributed import launch_if_needed
+from vgg.config import available_configs, check_output_dirs, get_args_parser, resolve_config
+from vgg.distributed import launch_if_needed, rank_prefix
 from vgg.engine import NonFiniteLossError
-from vgg.errors import UserError
+from vgg.errors import UserError, out_of_memory_message
 
 
 def main(argv=None) -> int:
@@ -29,14 +29,23 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", nargs="?", const="auto", default="",
                         help="continue a run: a run folder or .pt file (default: <out-dir>/<run-name>/last.pt)")
     args = parser.parse_args(argv)
+    config = None
     try:
-        config = resolve_config(args)
+        config = resolve_config(args)  # every field's range, before any data scan or model build
+        check_output_dirs(config)
         launch_if_needed(config.gpus)
         from vgg.trainer import run  # imported late: the launcher process needs none of it
 
         run(config, resume=args.resume)
     except (UserError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
+        return 2
+    except (RuntimeError, MemoryError) as e:
+        message = out_of_memory_message(e, f"lower --batch-size (now {config.batch_size} over {config.gpus} "
+                                           "GPUs) or the net's size (--width, --fc-width)" if config else "")
+        if message is None:
+            raise
+        print(f"{rank_prefix()}error: {message}", file=sys.stderr)
         return 2
     return 0
 

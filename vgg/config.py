@@ -8,7 +8,9 @@ checkpoint, so a run can always be reproduced from what it saved.
 
 import argparse
 import dataclasses
+import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,18 +206,80 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
+# Bounds on single fields, checked before any data scan or model build: (low, high, low_open, high_open)
+# with None for no bound. An impossible value (lr 0, dropout 1.5, --workers -1) fails at once, in one line.
+RANGES = {
+    "width": (0, None, True, False), "fc_width": (1, None, False, False),
+    "dropout": (0, 1, False, True), "crop_size": (32, None, False, False),
+    "scale_min": (1, None, False, False), "scale_max": (1, None, False, False),
+    "val_scale": (0, None, False, False), "color_shift_std": (0, None, False, False),
+    "stats_images": (1, None, False, False), "workers": (0, None, False, False),
+    "batch_size": (1, None, False, False), "lr": (0, None, True, False),
+    "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False),
+    "lr_factor": (0, 1, True, True), "patience": (0, None, False, False),
+    "max_lr_drops": (0, None, False, False), "epochs": (1, None, False, False),
+    "steps_per_epoch": (0, None, False, False), "seed": (0, None, False, False),
+    "gpus": (1, None, False, False), "checkpoint_every": (0, None, False, False),
+    "log_every": (1, None, False, False),
+}
+
+
+def _range_text(low, high, low_open, high_open) -> str:
+    if high is None:
+        return f"{'>' if low_open else '>='} {low}"
+    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one plain folder name: it must not be empty or climb out of --out-dir/--log-dir."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or name != name.strip():
+        raise UserError(f"run_name {name!r} must be a plain folder name (no '/', not empty, '.' or '..'): "
+                        "runs are written to <out_dir>/<run_name>")
+    return name
+
+
 def validate(config: Config) -> None:
-    """Cross-field checks a YAML type check cannot make."""
+    """Checks a YAML type check cannot make: each field's range, then the cross-field ones."""
+    for name, (low, high, low_open, high_open) in RANGES.items():
+        value = getattr(config, name)
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise UserError(f"{name} must be {_range_text(low, high, low_open, high_open)}, got {value!r} "
+                            f"(--{name.replace('_', '-')})")
+    check_run_name(config.run_name)
     if config.scale_min > config.scale_max:
         raise UserError(f"scale_min ({config.scale_min}) must not exceed scale_max ({config.scale_max})")
     if config.scale_min < config.crop_size:
         raise UserError(f"scale_min ({config.scale_min}) must be at least crop_size ({config.crop_size}): "
                         "the random crop is taken from the rescaled image (§3.1)")
+    if 0 < config.val_scale < config.crop_size:
+        raise UserError(f"val_scale ({config.val_scale}) must be 0 (= S) or at least crop_size ({config.crop_size})")
     if config.crop_size % 32:
         raise UserError(f"crop_size must be a multiple of 32 (five 2x2 max-pools), got {config.crop_size}")
-    for name in ("batch_size", "epochs", "gpus", "fc_width"):
-        if getattr(config, name) < 1:
-            raise UserError(f"{name} must be at least 1, got {getattr(config, name)}")
     if config.batch_size % config.gpus:
         raise UserError(f"batch_size {config.batch_size} is the global batch; it must split evenly "
                         f"over {config.gpus} GPUs")
+
+
+def ensure_writable_dir(path, flag: str) -> Path:
+    """Create `path` (and parents) if needed and prove a file can be written there; UserError otherwise.
+
+    Called before any data scan or model build, so an unwritable output place fails in a second, not
+    after an hour of training or evaluation. (A permission check alone would not do: root passes it
+    on a read-only file system.)
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {e.strerror or e}") from None
+    return path
+
+
+def check_output_dirs(config: Config) -> None:
+    """The run folder and the TensorBoard folder must be writable (checked up front)."""
+    ensure_writable_dir(Path(config.out_dir) / config.run_name, "--out-dir")
+    ensure_writable_dir(Path(config.log_dir) / config.run_name, "--log-dir")

@@ -8,7 +8,6 @@ NCCL on CUDA, gloo on CPU (so tests can run two processes on a machine without a
 
 import logging
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -96,6 +95,12 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def rank_prefix() -> str:
+    """"[rank k] " in a process other than rank 0 of a torchrun job (for its error lines), else ""."""
+    rank = int(os.environ.get("RANK", "0"))
+    return f"[rank {rank}] " if rank else ""
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger("vgg")
 
@@ -118,13 +123,27 @@ def launch_if_needed(gpus: int) -> None:
     """With --gpus N > 1 and not already under torchrun: re-run this script as N processes, then exit.
 
     The child processes see RANK/WORLD_SIZE/LOCAL_RANK and take the normal path through
-    `init_distributed`. Single-machine only; for several machines run torchrun yourself.
+    `init_distributed`. Single-machine only; for several machines run torchrun yourself. torchrun
+    runs in this process, so that a child's failure ends the launcher with the child's exit code and
+    no second report: the child has already printed its one `error:` line (or its traceback).
     """
     if gpus <= 1 or "RANK" in os.environ:
         return
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", sys.argv[0], *sys.argv[1:]]
-    sys.exit(subprocess.call(cmd))
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    # torchrun's own report of a failed child (a traceback-sized block) would bury the child's line.
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here without its banner
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={gpus}", sys.argv[0], *sys.argv[1:]]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode < 0:  # killed by a signal: it could not say why itself
+            print(f"error: process rank {rank} was killed by {failure.signal_name()}", file=sys.stderr)
+            sys.exit(128 - failure.exitcode)
+        sys.exit(failure.exitcode)
+    sys.exit(0)
 
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:

@@ -1,4 +1,6 @@
-"""The one exception the CLIs turn into a single clear line (no traceback)."""
+"""The one exception the CLIs turn into a single clear line (no traceback), and out-of-memory detection."""
+
+import re
 
 
 class UserError(ValueError):
@@ -7,3 +9,26 @@ class UserError(ValueError):
     `train.py` and `evaluate.py` catch it and print `error: <message>` with a non-zero exit, so every
     message must name what was wrong and what is allowed.
     """
+
+
+# What the allocators say: CUDA's torch.OutOfMemoryError ("CUDA out of memory. Tried to allocate 2.00 GiB"),
+# the CPU allocator's RuntimeError ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N
+# bytes"), also when raised in a DataLoader worker and re-raised in the main process as text.
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "cannot allocate memory")
+_OOM_SIZE = re.compile(r"[Tt]ried to allocate ([\d.]+ ?[KMGT]?i?B|\d+ bytes)")
+
+
+def out_of_memory_message(error: BaseException, advice: str) -> str | None:
+    """One line for an out-of-memory error ("out of memory (tried to allocate 37.25 GiB): <advice>"),
+    or None when `error` is something else (which then keeps its traceback: it is a bug)."""
+    if not isinstance(error, (MemoryError, RuntimeError)):
+        return None
+    text = str(error)
+    if not isinstance(error, MemoryError) and not any(m in text.lower() for m in _OOM_MARKERS):
+        return None
+    size = _OOM_SIZE.search(text)
+    if size and size.group(1).endswith(" bytes"):
+        size_text = f"{int(size.group(1).split()[0]) / 2**30:.2f} GiB"
+    else:
+        size_text = size.group(1) if size else ""
+    return f"out of memory{f' (tried to allocate {size_text})' if size_text else ''}: {advice}"

@@ -314,8 +314,9 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
             if q in nets[net_i].scales:
                 file(net_i, DENSE, positions, runner.dense(images))
 
-    bar = tqdm(total=len(indices), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode(), autocast_context(device, bf16):
+    # A with-block closes the bar on an error too, so an error line starts on a line of its own.
+    with tqdm(total=len(indices), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True) as bar, \
+            torch.inference_mode(), autocast_context(device, bf16):
         for positions, per_image, batch_labels, n_skipped in loader:
             skipped += n_skipped
             bar.update(len(positions) + n_skipped)
@@ -336,7 +337,6 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
         if DENSE in methods:
             for key, pos, batch in buckets.pop_all():
                 run_dense(key, pos, batch)
-    bar.close()
 
     readable = labels >= 0
     for net_i, net in enumerate(nets):

@@ -1,0 +1,106 @@
+"""Issue 10, bad input: impossible values, run names and unwritable outputs are refused in one line before
+any data scan or model build; running out of memory names the flag to lower. All through the real CLIs."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, subprocess_env
+from test_train import tiny_config
+from vgg.trainer import run as train_run
+
+MISSING_DATA = "/does/not/exist/imagenet"  # would fail the data scan: a value error must come first
+
+
+def cli(script, *args, cwd=ROOT, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=timeout, cwd=cwd)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    # One error line, on a line of its own and last (a progress bar may have been drawn before it).
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if "error" in line] == [lines[-1]] and lines[-1].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "0", "lr must be > 0"),
+    ("--lr", "-0.01", "lr must be > 0"),
+    ("--lr", "nan", "lr must be > 0, got nan"),
+    ("--momentum", "-0.1", "momentum must be in [0, 1)"),
+    ("--weight-decay", "-5e-4", "weight_decay must be >= 0"),  # spelt --weight-decay=-5e-4 by argparse's rules
+    ("--lr-factor", "1", "lr_factor must be in (0, 1)"),
+    ("--lr-factor", "0", "lr_factor must be in (0, 1)"),
+    ("--log-every", "0", "log_every must be >= 1"),
+    ("--workers", "-1", "workers must be >= 0"),
+    ("--steps-per-epoch", "-1", "steps_per_epoch must be >= 0"),
+    ("--patience", "-1", "patience must be >= 0"),
+    ("--dropout", "1.5", "dropout must be in [0, 1)"),
+    ("--width", "0", "width must be > 0"),
+    ("--color-shift-std", "inf", "color_shift_std must be >= 0, got inf"),
+    ("--checkpoint-every", "-5", "checkpoint_every must be >= 0"),
+])
+def test_impossible_values_are_refused_before_any_data_scan(flag, value, message, tmp_path):
+    result = cli("train.py", f"{flag}={value}", "--data", MISSING_DATA, "--out-dir", str(tmp_path / "out"))
+    assert_one_line_error(result, message, flag)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "", "..", "a/b"])
+def test_run_names_that_leave_the_out_dir_are_refused(name, tmp_path):
+    out = tmp_path / "nest" / "out"
+    result = cli("train.py", "--run-name", name, "--data", MISSING_DATA, "--out-dir", str(out),
+                 "--log-dir", str(tmp_path / "nest" / "runs"))
+    assert_one_line_error(result, "run_name", "plain folder name")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "nest").exists()
+
+
+def test_unwritable_output_places_are_refused_up_front(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    # A file where the run folder's parent should be: refused before the (missing) data is looked at.
+    assert_one_line_error(cli("train.py", "--out-dir", str(a_file), "--data", MISSING_DATA),
+                          "--out-dir", "cannot be written")
+    assert_one_line_error(cli("train.py", "--log-dir", str(a_file / "runs"), "--out-dir", str(tmp_path / "ok"),
+                              "--data", MISSING_DATA), "--log-dir", "cannot be written")
+    # A read-only file system (sysfs refuses new entries even to root, for whom chmod 555 is no barrier).
+    assert_one_line_error(cli("train.py", "--out-dir", "/sys/vgg-imagenet-test", "--data", MISSING_DATA),
+                          "--out-dir /sys/vgg-imagenet-test", "cannot be written")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sample_root, tmp_path_factory):
+    """best.pt of one tiny epoch (the demo's net on the sample data)."""
+    out = tmp_path_factory.mktemp("hardening")
+    train_run(tiny_config(sample_root, out, epochs=1, steps_per_epoch=2))
+    return out / "checkpoints" / "tiny" / "best.pt"
+
+
+def test_evaluate_refuses_an_unwritable_out_before_evaluating(checkpoint, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    result = cli("evaluate.py", "--checkpoint", str(checkpoint), "--out", str(a_file / "results"),
+                 "--workers", "0", "--device", "cpu")
+    assert_one_line_error(result, "--out", "cannot be written")
+    assert result.stdout == ""  # no table: nothing was evaluated
+
+
+def test_evaluate_out_of_memory_names_the_flags_to_lower(checkpoint):
+    # Q = 100000 rescales each image to about 100000 x 133000 x 3 bytes (~40 GB): the allocation fails
+    # in the loader worker and must come back as one line, not a worker traceback.
+    result = cli("evaluate.py", "--checkpoint", str(checkpoint), "--scales", "100000", "--workers", "1",
+                 "--device", "cpu")
+    assert_one_line_error(result, "out of memory (tried to allocate", "--batch-size", "--scales")
+
+
+def test_train_out_of_memory_names_the_flags_to_lower(sample_root, tmp_path):
+    # FC layers of 10^8 units need ~24 GiB for the first weight matrix alone.
+    result = cli("train.py", "--data", str(sample_root), "--fc-width", "100000000", "--workers", "0",
+                 "--stats-images", "50", "--device", "cpu", "--out-dir", str(tmp_path / "c"),
+                 "--log-dir", str(tmp_path / "r"))
+    assert_one_line_error(result, "out of memory (tried to allocate", "--batch-size", "--fc-width")
