@@ -64,7 +64,8 @@ def test_layer_structure_follows_table_1(name):
             assert isinstance(layers[i + 1], nn.ReLU)
     lrns = [m for m in layers if isinstance(m, nn.LocalResponseNorm)]
     if name == "A-LRN":
-        assert len(lrns) == 1 and (lrns[0].size, lrns[0].alpha, lrns[0].beta, lrns[0].k) == (5, 1e-4, 0.75, 2)
+        # torch's alpha is AlexNet's alpha (1e-4) times n (see test_a_lrn_is_alexnets_formula)
+        assert len(lrns) == 1 and (lrns[0].size, lrns[0].alpha, lrns[0].beta, lrns[0].k) == (5, 5e-4, 0.75, 2)
         assert layers.index(lrns[0]) == 2  # right after the first conv + ReLU
     else:
         assert not lrns
@@ -283,3 +284,36 @@ def test_dense_net_refuses_inputs_smaller_than_the_crop():
     for shape in ((31, 64), (64, 31), (16, 16)):
         with pytest.raises(UserError, match=r"needs inputs of at least 32x32 .*got \(%d, %d\)" % shape):
             dense(torch.randn(1, 3, *shape))
+
+
+def test_a_lrn_is_alexnets_formula():
+    """§2.3 takes AlexNet's LRN: b_i = a_i / (k + alpha * sum_{j=i-n/2}^{i+n/2} a_j^2)^beta, k=2, n=5,
+    alpha=1e-4, beta=0.75 -- with no division by n (torch's layer divides, so alpha must be 5x)."""
+    lrn = next(m for m in build_vgg("A-LRN", num_classes=3, width=1 / 8, fc_width=8, image_size=32).features
+               if isinstance(m, nn.LocalResponseNorm))
+    torch.manual_seed(0)
+    a = torch.rand(2, 8, 3, 4) * 50  # ReLU outputs are >= 0; large enough for the norm to matter
+    k, n, alpha, beta = 2.0, 5, 1e-4, 0.75
+    expected = torch.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        lo, hi = max(0, i - n // 2), min(channels - 1, i + n // 2)
+        expected[:, i] = a[:, i] / (k + alpha * (a[:, lo:hi + 1] ** 2).sum(dim=1)) ** beta
+    torch.testing.assert_close(lrn(a), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(lrn(a), a / (k + alpha / n * (a ** 2)) ** beta)  # the normalisation bites
+
+
+@pytest.mark.parametrize("q, positions", [(48, 2), (36, 2), (64, 2), (65, 3), (100, 4)])
+def test_dense_score_map_covers_the_whole_image_at_any_q(q, positions):
+    """§3.2 with Caffe's ceil pooling: ceil(Q/32) - crop/32 + 1 positions a side, the last seeing the border."""
+    torch.manual_seed(0)
+    model = build_vgg("A", num_classes=5, width=1 / 16, fc_width=16, image_size=32, init="xavier").eval()
+    dense = to_dense(model).eval()
+    image = torch.randn(1, 3, q, q)
+    with torch.no_grad():
+        score_map = dense(image)
+        assert score_map.shape[-2:] == (positions, positions) == (-(-q // 32) - 32 // 32 + 1,) * 2
+        touched = image.clone()
+        touched[..., -1, -1] += 100.0  # the bottom-right pixel alone
+        changed = (dense(touched) - score_map).abs().amax(dim=1)[0]
+    assert changed[-1, -1] > 0  # the last position sees the border pixel

@@ -48,7 +48,7 @@ def make_layers(cfg: list[list], width: float = 1.0) -> tuple[nn.Sequential, dic
         position = 0
         for item in stage_cfg:
             if item == "LRN":  # AlexNet's LRN, after the first conv + ReLU (§2.3: it does not help, Table 3)
-                layers.append(nn.LocalResponseNorm(size=5, alpha=1e-4, beta=0.75, k=2.0))
+                layers.append(alexnet_lrn())
                 continue
             channels, kernel = item if isinstance(item, tuple) else (item, 3)
             out_channels = max(1, round(channels * width))
@@ -58,6 +58,17 @@ def make_layers(cfg: list[list], width: float = 1.0) -> tuple[nn.Sequential, dic
             in_channels, position = out_channels, position + 1
         layers.append(nn.MaxPool2d(kernel_size=2, stride=2))  # closes every stage (§2.1)
     return nn.Sequential(*layers), conv_index, in_channels
+
+
+# AlexNet's LRN (Krizhevsky et al. 2012, §3.3), which A-LRN takes (§2.3): k=2, n=5, alpha=1e-4, beta=0.75
+# in b = a / (k + alpha * sum of a^2 over n neighbouring channels)^beta. torch's LocalResponseNorm (like
+# Caffe's layer) divides alpha by n, so AlexNet's alpha is passed as alpha * n (the VGG group's own Caffe
+# models use 5e-4 in that form).
+LRN_SIZE, LRN_ALPHA, LRN_BETA, LRN_K = 5, 1e-4, 0.75, 2.0
+
+
+def alexnet_lrn() -> nn.LocalResponseNorm:
+    return nn.LocalResponseNorm(size=LRN_SIZE, alpha=LRN_ALPHA * LRN_SIZE, beta=LRN_BETA, k=LRN_K)
 
 
 class VGG(nn.Module):
@@ -172,6 +183,12 @@ class DenseVGG(nn.Module):
         self.arch_name, self.num_classes = model.arch_name, model.num_classes
         self.min_input_size = model.image_size
         self.features = copy.deepcopy(model.features)
+        # Pool with ceil, as Caffe (which the authors used) does: on a side that is not a multiple of 32
+        # the last, partial window is kept, so the score map covers the whole image, right and bottom
+        # borders included (ceil(Q/32) - crop/32 + 1 positions a side). Same output at multiples of 32.
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):
+                layer.ceil_mode = True
         fc1, fc2, fc3 = (model.classifier[i] for i in FC_INDICES)
         k = model.feature_size
         channels = fc1.in_features // (k * k)
