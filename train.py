@@ -15,7 +15,7 @@ Any config field can be overridden: `python train.py --config D --lr 0.005 --bat
 import argparse
 import sys
 
-from vgg.config import available_configs, check_output_dirs, get_args_parser, resolve_config
+from vgg.config import available_configs, check_output_dirs, config_defaults, get_args_parser, resolve_config
 from vgg.distributed import launch_if_needed, rank_prefix
 from vgg.engine import NonFiniteLossError
 from vgg.errors import UserError, out_of_memory_message
@@ -24,7 +24,7 @@ from vgg.errors import UserError, out_of_memory_message
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        parents=[get_args_parser()],
+        parents=[get_args_parser(shown_defaults=config_defaults(argv if argv is not None else sys.argv[1:]))],
         epilog="configs: " + ", ".join(available_configs()))
     parser.add_argument("--resume", nargs="?", const="auto", default="",
                         help="continue a run: a run folder or .pt file (default: <out-dir>/<run-name>/last.pt)")

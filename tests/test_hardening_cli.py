@@ -64,13 +64,30 @@ def test_unwritable_output_places_are_refused_up_front(tmp_path):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     # A file where the run folder's parent should be: refused before the (missing) data is looked at.
-    assert_one_line_error(cli("train.py", "--out-dir", str(a_file), "--data", MISSING_DATA),
-                          "--out-dir", "cannot be written")
-    assert_one_line_error(cli("train.py", "--log-dir", str(a_file / "runs"), "--out-dir", str(tmp_path / "ok"),
-                              "--data", MISSING_DATA), "--log-dir", "cannot be written")
+    common = ["--config", "demo", "--data", MISSING_DATA]
+    assert_one_line_error(cli("train.py", *common, "--out-dir", str(a_file)), "--out-dir", "cannot be written")
+    assert_one_line_error(cli("train.py", *common, "--log-dir", str(a_file / "runs"), "--out-dir", str(tmp_path / "ok")),
+                          "--log-dir", "cannot be written")
     # A read-only file system (sysfs refuses new entries even to root, for whom chmod 555 is no barrier).
-    assert_one_line_error(cli("train.py", "--out-dir", "/sys/vgg-imagenet-test", "--data", MISSING_DATA),
+    assert_one_line_error(cli("train.py", *common, "--out-dir", "/sys/vgg-imagenet-test"),
                           "--out-dir /sys/vgg-imagenet-test", "cannot be written")
+
+
+def test_data_without_config_is_refused_with_a_hint(tmp_path):
+    # Forgetting --config would train the tiny demo net on a real dataset without a word.
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    result = cli("train.py", "--data", str(tmp_path / "imagenet"), "--out-dir", str(tmp_path / "out"))
+    assert_one_line_error(result, "without --config", "--config A")
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_the_defaults_of_the_config_in_use():
+    demo, d = cli("train.py", "--help"), cli("train.py", "--config", "D", "--help")
+    assert demo.returncode == d.returncode == 0
+    flat = [" ".join(text.split()) for text in (demo.stdout, d.stdout)]
+    assert "--arch ARCH VGG configuration: A, A-LRN, B, C, D, E (default: 'A')" in flat[0]
+    assert "(default: 0.125)" in flat[0] and "(default: 1.0)" in flat[1]  # the demo's width vs D's
+    assert "--arch ARCH VGG configuration: A, A-LRN, B, C, D, E (default: 'D')" in flat[1]
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +117,7 @@ def test_evaluate_out_of_memory_names_the_flags_to_lower(checkpoint):
 
 def test_train_out_of_memory_names_the_flags_to_lower(sample_root, tmp_path):
     # FC layers of 10^8 units need ~24 GiB for the first weight matrix alone.
-    result = cli("train.py", "--data", str(sample_root), "--fc-width", "100000000", "--workers", "0",
-                 "--stats-images", "50", "--device", "cpu", "--out-dir", str(tmp_path / "c"),
+    result = cli("train.py", "--config", "demo", "--data", str(sample_root), "--fc-width", "100000000",
+                 "--workers", "0", "--stats-images", "50", "--device", "cpu", "--out-dir", str(tmp_path / "c"),
                  "--log-dir", str(tmp_path / "r"))
     assert_one_line_error(result, "out of memory (tried to allocate", "--batch-size", "--fc-width")

@@ -75,7 +75,7 @@ class Config:
     cudnn_benchmark: bool = field(default=True, metadata={"help": "cuDNN autotuning on CUDA"})
 
     # --- Output ---
-    run_name: str = field(default="", metadata={"help": "run folder name (default: the config's name)"})
+    run_name: str = field(default="", metadata={"help": "run folder name (the config's name unless given)"})
     out_dir: str = field(default="checkpoints", metadata={"help": "where run folders are written"})
     log_dir: str = field(default="runs", metadata={"help": "TensorBoard root (events in <log_dir>/<run>)"})
     checkpoint_every: int = field(default=1000, metadata={"help": "also save last.pt every N steps (0: off)"})
@@ -158,26 +158,28 @@ RUNTIME_FIELDS = ("device", "gpus", "workers", "bf16", "channels_last")
 
 
 def get_args_parser(add_help: bool = False, default_config: str = "demo",
-                    fields: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+                    fields: tuple[str, ...] | None = None, shown_defaults: dict | None = None) -> argparse.ArgumentParser:
     """Flags for Config fields, each spelled `--field-name`, for use through `parents=[...]`.
 
     By default: --config plus every field (train.py). With `fields`: only those, and no --config
     (evaluate.py takes RUNTIME_FIELDS). Unset flags are absent from the namespace (SUPPRESS), so
     only what the user typed overrides the YAML file; read others with `runtime_value`.
+    shown_defaults: the values `--help` shows as defaults (the chosen config file's), where they
+    differ from the dataclass's.
     """
     parser = argparse.ArgumentParser(add_help=add_help, argument_default=argparse.SUPPRESS)
     if fields is None:
-        parser.add_argument("--config", default=default_config,
-                            help=f"a name under configs/ ({', '.join(available_configs())}) or a YAML "
-                                 f"path (default: {default_config})")
+        parser.add_argument("--config", help=f"a name under configs/ ({', '.join(available_configs())}) or a "
+                                             f"YAML path (default: {default_config}, the small CPU demo)")
     group = parser.add_argument_group("config fields (override the YAML file)" if fields is None
                                       else "runtime")
+    shown_defaults = shown_defaults or {}
     for name, f in FIELDS.items():
         if fields is not None and name not in fields:
             continue
         kind = type(f.default)
         flag = "--" + name.replace("_", "-")
-        default_text = f" (default: {f.default!r})"
+        default_text = f" (default: {shown_defaults.get(name, f.default)!r})"
         if kind is bool:
             group.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL",
                                help=f.metadata["help"] + default_text)
@@ -187,6 +189,20 @@ def get_args_parser(add_help: bool = False, default_config: str = "demo",
     return parser
 
 
+def config_defaults(argv: list[str] | None, default_config: str = "demo") -> dict:
+    """The values of the config file `argv` names with --config (or the default one), for `--help`;
+    {} if it cannot be read (resolve_config then reports why)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=default_config)
+    known, _ = pre.parse_known_args(argv)
+    try:
+        values = load_yaml(config_path(known.config))
+    except UserError:
+        return {}
+    values.setdefault("run_name", config_path(known.config).stem)
+    return values
+
+
 def runtime_value(args: argparse.Namespace, name: str):
     """A field's value from the command line, or the Config default when it was not given."""
     return getattr(args, name, FIELDS[name].default)
@@ -194,8 +210,8 @@ def runtime_value(args: argparse.Namespace, name: str):
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults < YAML named by args.config < command-line values present in `args`."""
-    config_name = getattr(args, "config", "demo")
-    path = config_path(config_name)
+    config_name = getattr(args, "config", None)
+    path = config_path(config_name or "demo")
     values = load_yaml(path)
     for name in FIELDS:
         if name in args:
@@ -203,6 +219,10 @@ def resolve_config(args: argparse.Namespace) -> Config:
     values.setdefault("run_name", path.stem)
     config = Config(**values)
     validate(config)
+    if config_name is None and Path(config.data).resolve() != Path(FIELDS["data"].default).resolve():
+        # `train.py --data /data/imagenet` alone would train the tiny demo net on ImageNet.
+        raise UserError(f"--data {config.data} given without --config: the default config is the small CPU "
+                        f"demo; pick a net, e.g. --config A (available: {', '.join(available_configs())})")
     return config
 
 
