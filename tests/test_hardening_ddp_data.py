@@ -7,7 +7,6 @@
 * 16-bit images are scaled to 8 bits; symlink loops and empty class folders do not break the scan.
 """
 
-import io
 import json
 import logging
 import os
@@ -15,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,16 +69,14 @@ def hostile_dataset(sample_root, root, *, seed: int = 0) -> dict:
     os.symlink("self", root / "val" / "self")  # a folder linking to itself
 
     train = ImageFolder(root / "train").samples
-    sampler = EpochSampler(len(train), seed=seed, rank=0, world_size=2)
-    order = list(iter(EpochSampler(len(train), seed=seed, rank=0, world_size=1)))
-    assert list(sampler) == order[0::2]  # rank r's step s takes order[2 * s + r]
-    first_rank0, third_rank1 = train[order[0]][0], train[order[5]][0]
-    with open(first_rank0, "wb"):
-        pass  # empty
-    full = open(third_rank1, "rb").read()
-    open(third_rank1, "wb").write(full[: len(full) // 2])  # truncated
-    first_val_rank0 = ImageFolder(root / "val").samples[0][0]  # shard_indices: rank 0 takes 0, 2
-    open(first_val_rank0, "wb").close()
+    order = list(EpochSampler(len(train), seed=seed, rank=0, world_size=1))
+    assert list(EpochSampler(len(train), seed=seed, rank=0, world_size=2)) == order[0::2]
+    # Rank r's step s takes order[2 * s + r]: empty rank 0's first file, truncate rank 1's third.
+    Path(train[order[0]][0]).write_bytes(b"")
+    third_rank1 = Path(train[order[5]][0])
+    third_rank1.write_bytes(third_rank1.read_bytes()[:1000])
+    # Validation shards with shard_indices (rank 0 takes items 0, 2): empty rank 0's first file.
+    Path(ImageFolder(root / "val").samples[0][0]).write_bytes(b"")
     return {"train_images": 6, "train_skipped": 2, "val_images": 3, "val_skipped": 1}
 
 
@@ -101,7 +99,7 @@ def test_two_processes_finish_when_a_rank_has_only_unreadable_files(sample_root,
     assert "skipped 1 symlink loop(s)" in result.stderr  # val/self
     empty_warnings = [l for l in result.stderr.splitlines() if "hold no images" in l and "n00000002" in l]
     assert len(empty_warnings) == 2 * 2  # train and val, on each of the 2 ranks
-    assert ckpt_classes(run_dir) == ["n00000000", "n00000001", "n00000002"]
+    assert load_checkpoint(run_dir / "last.pt")["classes"] == ["n00000000", "n00000001", "n00000002"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -109,10 +107,6 @@ def test_two_processes_finish_when_a_rank_has_only_unreadable_files(sample_root,
     events.Reload()
     # Rank 0's first batch was unreadable: the grid comes from the next one.
     assert "train/augmented_images" in events.Tags()["images"]
-
-
-def ckpt_classes(run_dir) -> list[str]:
-    return load_checkpoint(run_dir / "last.pt")["classes"]
 
 
 # --- The engine: zero-weight steps, a final sync, carried sums ------------------------------------

@@ -102,10 +102,8 @@ def _is_symlink_loop(entry: os.DirEntry, ancestors=frozenset()) -> bool:
         return False
     try:
         os.stat(entry.path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return True
-        return False  # a dangling link: is_dir()/is_file() say False, and it is left out as before
+    except OSError as e:  # other errors (a dangling link) are left to is_dir()/is_file(), as before
+        return e.errno == errno.ELOOP
     return Path(entry.path).resolve() in ancestors
 
 
@@ -164,7 +162,7 @@ def list_files(split_dir) -> dict[str, list[str]]:
     folders, loops = _class_folders(split_dir)
     paths = _cache_paths(split_dir, FILELIST_NAME)
     cached = _read_json(paths, lambda c: c.get("version") == FILELIST_VERSION and c.get("folders") == folders
-                        and isinstance(c.get("files"), dict))
+                        and isinstance(c.get("files"), dict) and isinstance(c.get("loops", []), list))
     if cached is not None:
         files = cached["files"]
         loops += cached.get("loops", [])
@@ -173,8 +171,9 @@ def list_files(split_dir) -> dict[str, list[str]]:
         for wnid in sorted(folders):
             files[wnid], found = _scan_class(split_dir / wnid)
             class_loops += found
-        _write_json(paths, {"version": FILELIST_VERSION, "folders": folders, "files": files, "loops": class_loops})
         loops += class_loops
+        _write_json(paths, {"version": FILELIST_VERSION, "folders": folders, "files": files,
+                            "loops": class_loops})
     if loops:
         _warn_once(f"warning: skipped {len(loops)} symlink loop(s) in {split_dir}: {', '.join(sorted(loops)[:5])}"
                    f"{' ...' if len(loops) > 5 else ''}")

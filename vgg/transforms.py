@@ -41,6 +41,10 @@ from vgg.errors import UserError
 # JPEG raises OSError("image file is truncated") when loaded, and vgg.data.ImageFolder skips the file
 # with a warning instead of training on an image whose lower part is grey filler.
 
+# 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
+# value above 255, which turns them all white, so load_rgb scales them to 8 bits first (`_to_8_bit`).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
 
 def _is_unloaded(image: Image.Image) -> bool:
     """True for an image fresh from Image.open whose pixels have not been decoded yet."""
@@ -77,11 +81,6 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         image = _to_8_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
-
-
-# 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
-# value above 255, which turns them all white, so they are scaled to 8 bits first (`_to_8_bit`).
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
