@@ -15,6 +15,7 @@ covariance, computed once from a sample of training images and cached as `<root>
 """
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -94,20 +95,56 @@ def _write_json(paths: list[Path], content) -> Path | None:
 # The dataset
 # --------------------------------------------------------------------------------------------------
 
-def _class_folders(split_dir: Path) -> dict[str, int]:
-    """Class folder name -> its modification time (ns), for every visible subfolder."""
-    folders = {}
+def _is_symlink_loop(entry: os.DirEntry, ancestors=frozenset()) -> bool:
+    """A symlink that never resolves (ELOOP: it points at itself, or round a circle), or a folder
+    symlink back to one of `ancestors` (a class folder that would hold the split itself)."""
+    if not entry.is_symlink():
+        return False
+    try:
+        os.stat(entry.path)
+    except OSError as e:  # other errors (a dangling link) are left to is_dir()/is_file(), as before
+        return e.errno == errno.ELOOP
+    return Path(entry.path).resolve() in ancestors
+
+
+def _class_folders(split_dir: Path) -> tuple[dict[str, int], list[str]]:
+    """Class folder name -> its modification time (ns), for every visible subfolder (symlinked
+    folders included), and the symlink loops left out."""
+    folders, loops = {}, []
+    ancestors = frozenset([split_dir.resolve(), *split_dir.resolve().parents])
     with os.scandir(split_dir) as entries:
         for entry in entries:
-            if entry.is_dir() and not entry.name.startswith("."):
+            if entry.name.startswith("."):
+                continue
+            if _is_symlink_loop(entry, ancestors):
+                loops.append(entry.name)
+            elif entry.is_dir():
                 folders[entry.name] = entry.stat().st_mtime_ns
-    return folders
+    return folders, loops
 
 
-def _scan_class(folder: Path) -> list[str]:
+def _scan_class(folder: Path) -> tuple[list[str], list[str]]:
+    """The sorted image file names in a class folder, and the symlink loops left out."""
+    names, loops = [], []
     with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries
-                      if not e.name.startswith(".") and e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file())
+        for e in entries:
+            if e.name.startswith(".") or not e.name.lower().endswith(IMG_EXTENSIONS):
+                continue
+            if _is_symlink_loop(e):
+                loops.append(f"{folder.name}/{e.name}")
+            elif e.is_file():
+                names.append(e.name)
+    return sorted(names), loops
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a warning once per process (a run builds the same ImageFolder more than once)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def list_files(split_dir) -> dict[str, list[str]]:
@@ -116,16 +153,34 @@ def list_files(split_dir) -> dict[str, list[str]]:
     The cache is keyed on the class folders' names and modification times: adding, removing or
     renaming a file changes its folder's mtime, so the cache is rebuilt; rewriting a file does not
     matter (only the names are cached).
+
+    Symlink loops (a link to itself or round a circle, a class-folder link back to a parent folder)
+    would crash or corrupt the scan: they are left out and counted in one warning. An empty class
+    folder stays a class (the class indices must match the other split's) with one warning.
     """
     split_dir = Path(split_dir)
-    folders = _class_folders(split_dir)
+    folders, loops = _class_folders(split_dir)
     paths = _cache_paths(split_dir, FILELIST_NAME)
     cached = _read_json(paths, lambda c: c.get("version") == FILELIST_VERSION and c.get("folders") == folders
-                        and isinstance(c.get("files"), dict))
+                        and isinstance(c.get("files"), dict) and isinstance(c.get("loops", []), list))
     if cached is not None:
-        return cached["files"]
-    files = {wnid: _scan_class(split_dir / wnid) for wnid in sorted(folders)}
-    _write_json(paths, {"version": FILELIST_VERSION, "folders": folders, "files": files})
+        files = cached["files"]
+        loops += cached.get("loops", [])
+    else:
+        files, class_loops = {}, []
+        for wnid in sorted(folders):
+            files[wnid], found = _scan_class(split_dir / wnid)
+            class_loops += found
+        loops += class_loops
+        _write_json(paths, {"version": FILELIST_VERSION, "folders": folders, "files": files,
+                            "loops": class_loops})
+    if loops:
+        _warn_once(f"warning: skipped {len(loops)} symlink loop(s) in {split_dir}: {', '.join(sorted(loops)[:5])}"
+                   f"{' ...' if len(loops) > 5 else ''}")
+    empty = [wnid for wnid, names in files.items() if not names]
+    if empty:
+        _warn_once(f"warning: {len(empty)} class folder(s) in {split_dir} hold no images, kept as classes: "
+                   f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
     return files
 
 

@@ -60,60 +60,102 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Te
     return torch.stack([hits[:, : min(k, maxk)].any(dim=1) for k in ks])
 
 
-def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, bf16: bool = True):
+def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, bf16: bool = True,
+               weight: float = 1.0):
     """One SGD step (§3.1): forward (bf16 autocast on CUDA), fp32 cross-entropy, backward, update.
 
-    Returns the detached logits and loss; nothing here waits for the GPU.
+    weight: multiplies the loss; 0 makes a zero-weight step (see train_one_epoch). Returns the
+    detached logits and (unweighted) loss; nothing here waits for the GPU.
     """
     with autocast_context(images.device, bf16):
         logits = model(images)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight).backward()
     optimizer.step()
     return logits.detach(), loss.detach()
+
+
+def _placeholder_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
+    """One black uint8 image of the net's input size and label 0, for a zero-weight step.
+
+    The size comes from the VGG net, through torch.compile's (_orig_mod) and DDP's (module) wrappers.
+    """
+    net = getattr(model, "_orig_mod", model)
+    size = getattr(net, "module", net).image_size
+    return torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
 
 
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
                     start_step: int = 0, bf16: bool = True, log_every: int = 20,
                     checkpoint_every: int = 0, on_checkpoint=None, stop_requested=lambda: False,
-                    writer=None) -> dict:
+                    writer=None, carried_sums: list[float] | None = None) -> dict:
     """Run optimizer steps `start_step .. num_steps-1` of `epoch` (the loader starts at start_step).
 
     Every `log_every` steps (and at the end) the running sums are reduced over ranks, the loss is
     checked for NaN/inf and a stop request is agreed on. Every `checkpoint_every` global steps
-    `on_checkpoint(step)` is called at such a sync point, i.e. only after the loss was seen finite.
-    Returns the epoch's metrics, with `interrupted=True` if a stop was requested on any rank.
+    `on_checkpoint(step, sums)` is called at such a sync point, i.e. only after the loss was seen
+    finite. `sums` are the epoch's sums over all ranks so far, [loss * images, top-1 hits, top-5
+    hits, images, skipped images]; `carried_sums` are those of steps 0 .. start_step-1 (saved by a
+    mid-epoch checkpoint), so that a resumed epoch's metrics still cover the whole epoch.
+    Returns the epoch's metrics and `sums`, with `interrupted=True` if any rank asked to stop.
     """
     device = augment.device
     model.train()
+    carried = list(carried_sums) if carried_sums else [0.0] * 5
     device_sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1, top5, nonfinite
-    images_seen, skipped = 0, 0
-    synced = {"loss": math.nan, "top1_err": math.nan, "top5_err": math.nan, "images": 0, "skipped": 0}
+    images_seen, skipped = 0, 0  # this rank's, since start_step
+    sums, part_images = carried, 0.0  # as of the last sync: the epoch's global sums; this part's images
     data_time = 0.0
     start = time.perf_counter()
-    last_log_time, last_log_images = start, 0
+    last_log_time = start
     interrupted = False
     bar = tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", unit="step",
                disable=not is_main_process(), dynamic_ncols=True, leave=False)
 
-    step = start_step
+    def sync(step: int) -> bool:
+        """The one host-device sync: sums and the stop flag over all ranks, then the NaN check.
+        Updates `sums` (the carried ones added host-side: they are global already) and `part_images`;
+        returns whether any rank asked to stop."""
+        nonlocal sums, part_images
+        host = torch.tensor([images_seen, skipped, float(stop_requested())], dtype=torch.float64)
+        reduced = all_reduce_sum(torch.cat([device_sums, host.to(device)])).tolist()
+        if reduced[3] > 0:
+            raise NonFiniteLossError(
+                f"the training loss became NaN/inf in epoch {epoch} before step {step}; stopping. "
+                "The last good checkpoint is untouched; try a lower --lr")
+        part = [reduced[0], reduced[1], reduced[2], reduced[4], reduced[5]]
+        sums = [c + p for c, p in zip(carried, part)]
+        part_images = reduced[4]
+        return reduced[6] > 0
+
+    step = synced_step = start_step
     fetch_start = time.perf_counter()
     for images, labels, n_skipped in loader:
         if step >= num_steps:
             break
         data_time += time.perf_counter() - fetch_start
-        if labels.numel() == 0:  # every file of the batch was unreadable: nothing to learn from
-            skipped += n_skipped
-            fetch_start = time.perf_counter()
-            continue
+        n = labels.shape[0]
+        weight = 1.0
+        if n == 0:
+            # Every file of this rank's batch was unreadable. The step still happens, with weight 0:
+            # under DDP every rank must join the same gradient all-reduce in every step (skipping it
+            # would pair this rank's next all-reduce with another rank's current one: gloo aborts,
+            # NCCL hangs), and agreeing on a skip would cost a host-device sync per step. A black
+            # image whose loss is multiplied by 0 adds nothing to the averaged gradient, so every
+            # rank still applies the same update and counts the same steps (were every rank's batch
+            # unreadable, that update would be momentum and weight decay alone).
+            images, labels = _placeholder_batch(model)
+            weight = 0.0
         images = augment(images, train=True)
         labels = labels.to(device, non_blocking=True)
-        logits, loss = train_step(model, images, labels, optimizer, bf16=bf16)
-        top1, top5 = topk_hits(logits, labels).sum(dim=1)
-        device_sums += torch.stack([loss.double() * labels.shape[0], top1.double(), top5.double(),
-                                    (~torch.isfinite(loss)).double()])
-        images_seen += labels.shape[0]
+        logits, loss = train_step(model, images, labels, optimizer, bf16=bf16, weight=weight)
+        if n:  # (a placeholder counts for nothing)
+            top1, top5 = topk_hits(logits, labels).sum(dim=1)
+            device_sums[:3] += torch.stack([loss.double() * n, top1.double(), top5.double()])
+        # Checked for a placeholder too: 0 * NaN is NaN, which would reach every rank's weights.
+        device_sums[3] += (~torch.isfinite(loss)).double()
+        images_seen += n
         skipped += n_skipped
         step += 1
         bar.update(1)
@@ -121,42 +163,49 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
         global_step = epoch * num_steps + step
         checkpoint_due = checkpoint_every > 0 and global_step % checkpoint_every == 0
         if step % log_every == 0 or step == num_steps or checkpoint_due:
-            # The one host-device sync: sums and the stop flag over all ranks, then the NaN check.
-            host = torch.tensor([images_seen, skipped, float(stop_requested())], dtype=torch.float64)
-            reduced = all_reduce_sum(torch.cat([device_sums, host.to(device)])).tolist()
-            if reduced[3] > 0:
-                raise NonFiniteLossError(
-                    f"the training loss became NaN/inf in epoch {epoch} before step {step}; stopping. "
-                    "The last good checkpoint is untouched; try a lower --lr")
-            count = max(reduced[4], 1.0)
-            synced = {"loss": reduced[0] / count, "top1_err": 100 * (1 - reduced[1] / count),
-                      "top5_err": 100 * (1 - reduced[2] / count), "images": int(reduced[4]),
-                      "skipped": int(reduced[5])}
+            last_images = part_images
+            stop = sync(step)
+            synced_step = step
+            metrics = _train_metrics(sums)
             now = time.perf_counter()
-            images_per_s = (synced["images"] - last_log_images) / max(now - last_log_time, 1e-9)
-            last_log_time, last_log_images = now, synced["images"]
-            bar.set_postfix(loss=f"{synced['loss']:.3f}", top1=f"{100 - synced['top1_err']:.1f}%",
+            images_per_s = (part_images - last_images) / max(now - last_log_time, 1e-9)
+            last_log_time = now
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{100 - metrics['top1_err']:.1f}%",
                             img_s=f"{images_per_s:.0f}")
             if writer is not None:
-                writer.add_scalar("train/loss", synced["loss"], global_step)
-                writer.add_scalar("train/top1_err", synced["top1_err"], global_step)
-                writer.add_scalar("train/top5_err", synced["top5_err"], global_step)
+                writer.add_scalar("train/loss", metrics["loss"], global_step)
+                writer.add_scalar("train/top1_err", metrics["top1_err"], global_step)
+                writer.add_scalar("train/top5_err", metrics["top5_err"], global_step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
                 writer.add_scalar("speed/images_per_s", images_per_s, global_step)
                 writer.add_scalar("speed/data_wait_fraction", data_time / max(now - start, 1e-9),
                                   global_step)
             if checkpoint_due and on_checkpoint is not None:
-                on_checkpoint(step)
-            if reduced[6] > 0:
+                on_checkpoint(step, sums)
+            if stop:
                 interrupted = True
                 break
         fetch_start = time.perf_counter()
     bar.close()
+    if step != synced_step:
+        # The loader ran out before num_steps: reduce the steps since the last sync too, or the
+        # epoch's metrics would miss them. Every rank has the same batch count, so all get here.
+        sync(step)
 
     elapsed = time.perf_counter() - start
-    return {**synced, "step": step, "interrupted": interrupted, "epoch_time_s": elapsed,
-            "data_wait_fraction": data_time / max(elapsed, 1e-9),
-            "images_per_s": synced["images"] / max(elapsed, 1e-9)}
+    return {**_train_metrics(sums), "step": step, "interrupted": interrupted, "sums": sums,
+            "epoch_time_s": elapsed, "data_wait_fraction": data_time / max(elapsed, 1e-9),
+            "images_per_s": part_images / max(elapsed, 1e-9)}
+
+
+def _train_metrics(sums: list[float]) -> dict:
+    """[loss * images, top-1 hits, top-5 hits, images, skipped] -> mean loss, top-1/5 error (%), counts."""
+    loss_sum, top1, top5, images, skipped = sums
+    if images == 0:
+        return {"loss": math.nan, "top1_err": math.nan, "top5_err": math.nan, "images": 0,
+                "skipped": int(skipped)}
+    return {"loss": loss_sum / images, "top1_err": 100 * (1 - top1 / images),
+            "top5_err": 100 * (1 - top5 / images), "images": int(images), "skipped": int(skipped)}
 
 
 @torch.inference_mode()
@@ -172,6 +221,9 @@ def validate(model, loader, augment: BatchAugment, *, bf16: bool = True, desc: s
                                           disable=not is_main_process(), dynamic_ncols=True):
         sums[4] += n_skipped
         if labels.numel() == 0:
+            # Safe to skip here, unlike in training: forward in eval mode without grad makes no DDP
+            # collective (our nets have no buffers to broadcast), and the shards' batch counts may
+            # differ anyway; the one all-reduce comes after the loop.
             continue
         images = augment(images, train=False)
         labels = labels.to(device, non_blocking=True)

@@ -266,11 +266,13 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                 "epoch": epoch, "step": step, "rng": rng_state(), "config": config.to_dict(),
                 "stats": stats.to_dict(), "classes": classes, "best_top1": best_top1}
 
-    def save(name: str, epoch: int, step: int) -> None:
+    def save(name: str, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
+        # epoch_sums: the metric sums of a part-done epoch's steps 0..step-1, so its row covers it all
         if is_main_process():
-            save_checkpoint(run_dir / name, **checkpoint_state(epoch, step))
+            save_checkpoint(run_dir / name, **checkpoint_state(epoch, step), epoch_sums=epoch_sums)
 
     val_metrics = {}
+    epoch_sums = ckpt.get("epoch_sums") if ckpt else None  # None from an epoch boundary
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)
         train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
@@ -282,11 +284,11 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         train_metrics = train_one_epoch(
             model, train_loader, optimizer, augment, epoch=epoch, num_steps=steps_per_epoch,
             start_step=start_step, bf16=config.bf16, log_every=config.log_every,
-            checkpoint_every=config.checkpoint_every, on_checkpoint=lambda step: save("last.pt", epoch, step),
-            stop_requested=stop, writer=writer)
-        start_step = 0
+            checkpoint_every=config.checkpoint_every, stop_requested=stop, writer=writer,
+            on_checkpoint=lambda step, sums: save("last.pt", epoch, step, sums), carried_sums=epoch_sums)
+        start_step, epoch_sums = 0, None
         if train_metrics["interrupted"]:
-            save("last.pt", epoch, train_metrics["step"])
+            save("last.pt", epoch, train_metrics["step"], train_metrics["sums"])
             log.warning(f"stopped at epoch {epoch} step {train_metrics['step']}; saved {run_dir / 'last.pt'}; "
                         f"continue with --resume")
             raise SystemExit(128 + (stop.signal or signal.SIGINT))
@@ -302,7 +304,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         save("last.pt", epoch + 1, 0)
 
         row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-               **{f"train_{k}": v for k, v in train_metrics.items() if k not in ("interrupted", "step")},
+               **{f"train_{k}": v for k, v in train_metrics.items() if k not in ("interrupted", "step", "sums")},
                **{f"val_{k}": v for k, v in val_metrics.items()}}
         if is_main_process():
             with open(run_dir / "metrics.jsonl", "a") as f:
@@ -328,7 +330,12 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
 def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, count: int = 32) -> None:
     """A grid of training images as the net sees them (after every augmentation), for a sanity look."""
-    images, _, _ = next(iter(loader))
+    for images, labels, _ in loader:  # the first batch with a readable image
+        if labels.numel():
+            break
+    else:
+        log.warning("warning: no readable training image for the TensorBoard image grid; none logged")
+        return
     batch = augment(images[:count], train=True).float().cpu()
     mean = torch.tensor(augment.stats.mean_rgb).view(1, 3, 1, 1)
     writer.add_images("train/augmented_images", ((batch + mean) / 255).clamp(0, 1), 0)

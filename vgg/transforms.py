@@ -41,6 +41,10 @@ from vgg.errors import UserError
 # JPEG raises OSError("image file is truncated") when loaded, and vgg.data.ImageFolder skips the file
 # with a warning instead of training on an image whose lower part is grey filler.
 
+# 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
+# value above 255, which turns them all white, so load_rgb scales them to 8 bits first (`_to_8_bit`).
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
 
 def _is_unloaded(image: Image.Image) -> bool:
     """True for an image fresh from Image.open whose pixels have not been decoded yet."""
@@ -54,7 +58,8 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     decodes at the smallest of the scales 1, 1/2, 1/4, 1/8 whose smallest side is still >= min_side
     (PIL's draft mode), which skips most of the decoding work for large photos. None: full size.
 
-    CMYK, grayscale, palette and other modes (and PNGs named .JPEG) are converted to RGB. Raises
+    CMYK, grayscale, palette and other modes (and PNGs named .JPEG) are converted to RGB, 16-bit
+    grey (PNG, TIFF, PGM) scaled to 8 bits first. Raises
     OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.ImageFolder skips them).
     """
     if isinstance(image, (str, Path)):
@@ -73,7 +78,18 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
         # one opened file, smallest first): decode again rather than upsample the reduced copy.
         with Image.open(image.filename) as fresh:
             return load_rgb(fresh, min_side)
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = _to_8_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit grey -> 8-bit grey ("L"): v * 255 / 65535, rounded (so 257 * k -> k exactly).
+
+    Mode "I" is 32-bit; values outside 0..65535 are clipped (it holds 16-bit data here).
+    """
+    pixels = np.asarray(image).astype(np.int64).clip(0, 65535)
+    return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
 
 
 def _drafted_scale(image: Image.Image) -> int:
