@@ -88,8 +88,7 @@ def load_checkpoint(path, map_location="cpu", require=MODEL_KEYS) -> dict:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, a type weights_only refuses ...
         if "Weights only load failed" in str(e):
-            raise UserError(f"refused to load {path} (not a plain-tensor checkpoint: {_refusal(str(e))}); "
-                            "vgg-imagenet reads no file that could run code") from None
+            raise UserError(f"refused to load {path} (not a plain-tensor checkpoint: {_refusal(str(e))})") from None
         reason = str(e).strip().splitlines()[0] if str(e).strip() else "empty or truncated file"
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(ckpt, dict):
@@ -112,8 +111,8 @@ def _refusal(message: str) -> str:
     found = re.search(r"GLOBAL ([\w.]+)", message)
     if found:
         return f"it imports {found.group(1)}"
-    found = re.search(r"Unsupported operand \w+", message)
-    return found.group(0) if found else "it holds objects other than tensors and plain values"
+    found = re.search(r"Unsupported operand (\w+)", message)
+    return f"pickle opcode {found.group(1)} is not allowed" if found else "it holds other objects than tensors"
 
 
 def strip_wrapper_prefixes(state: dict) -> dict:

@@ -99,7 +99,7 @@ def init_from_checkpoint(model, path: str, classes: list[str]) -> list[str]:
     if source_ckpt.get("classes", classes) != classes:
         raise UserError(f"--init-from {path}: its {len(source_ckpt.get('classes', []))} classes differ "
                         f"from this dataset's {len(classes)}")
-    source = build_model_from_checkpoint(source_ckpt)
+    source = build_model_from_checkpoint(source_ckpt, path)
     if source_arch["name"] == model.arch_name:
         if source_arch != model.arch_kwargs():
             raise UserError(f"--init-from {path}: net {source_arch} does not match this run's "
