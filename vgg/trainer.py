@@ -92,9 +92,8 @@ def load_stats(config: Config, train_dir: Path) -> vdata.DatasetStats:
     return broadcast_object(stats)
 
 
-def init_from_checkpoint(model, path: str, classes: list[str]) -> list[str]:
+def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]) -> list[str]:
     """§3.1: a deeper net warm-starts from net A; a re-scaled net (S=384, jitter) from its own kind."""
-    source_ckpt = load_checkpoint(path)
     source_arch = source_ckpt["arch"]
     if source_ckpt.get("classes", classes) != classes:
         raise UserError(f"--init-from {path}: its {len(source_ckpt.get('classes', []))} classes differ "
@@ -258,7 +257,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
             raise UserError(f"nothing to resume: {resume_path} does not exist")
     elif (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --run-name")
-    # Read and checked before any data scan: a refused file or setting costs seconds, not a dataset scan.
+    # Checkpoints are read and checked before any data scan: a refused file or setting costs seconds.
     ckpt = load_checkpoint(resume_path, require=RESUME_KEYS) if resume_path else None
     changes = resume_changes(config, ckpt, resume_path, dist.world_size) if ckpt else []
 
@@ -266,6 +265,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         raise UserError(f"--init-from {config.init_from} not found: net {config.arch} starts from a trained "
                         "net (§3.1: deeper nets from net A, S=384 from S=256, jittered from S=384); train "
                         "that first, or pass --init-from PATH, or --init-from '' to start from scratch")
+    source_ckpt = load_checkpoint(config.init_from) if config.init_from and not resume_path else None
 
     # Data (§3.1): uint8 crops from workers, float work on whole batches in BatchAugment.
     root = prepare_dataset(config)
@@ -310,8 +310,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         start_epoch, start_step, best_top1, lr_drops = ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["lr_drops"]
         log.info(f"resumed {resume_path} at epoch {start_epoch}, step {start_step} (lr "
                  f"{optimizer.param_groups[0]['lr']:g}, {lr_drops} lr drops so far)")
-    elif config.init_from:
-        copied = init_from_checkpoint(model, config.init_from, classes)
+    elif source_ckpt:
+        copied = init_from_checkpoint(model, source_ckpt, config.init_from, classes)
         log.info(f"initialised from {config.init_from}: copied {len(copied)} tensors: {', '.join(copied)}")
 
     raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
