@@ -15,7 +15,10 @@ import yaml
 from conftest import ROOT, subprocess_env
 from test_train import common_cli_args, train_cli
 from vgg.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes
+from vgg.config import Config
+from vgg.errors import UserError
 from vgg.models import build_vgg
+from vgg.trainer import resume_changes
 
 FAST = ["--steps-per-epoch", "2", "--batch-size", "16", "--stats-images", "50", "--workers", "0"]
 
@@ -194,6 +197,16 @@ def test_mid_epoch_resume_refuses_another_batch_size(base, sample_root, tmp_path
     result = train_cli(*common_cli_args(sample_root, tmp_path), *FAST, "--resume", "--run-name", "base",
                        "--batch-size", "8")
     assert_one_line_error(result, "batch_size 16 -> 8", "only at an epoch boundary", "epoch 0, step 1")
+
+
+def test_resume_policy_for_the_number_of_processes():
+    """torchrun may change the world size with --gpus unchanged: a mid-epoch shard would differ."""
+    config = Config(batch_size=16)
+    ckpt = {"config": config.to_dict(), "world_size": 2, "epoch": 3, "step": 5}
+    with pytest.raises(UserError, match=r"world_size 2 -> 1.*only at an epoch boundary \(it is at epoch 3, step 5\)"):
+        resume_changes(config, ckpt, Path("x.pt"), world_size=1)
+    ckpt["step"] = 0
+    assert resume_changes(config, ckpt, Path("x.pt"), world_size=1) == [("world_size", 2, 1)]
 
 
 def test_resume_applies_changed_lr_and_schedule_visibly_without_phantom_drops(base, sample_root, tmp_path):
