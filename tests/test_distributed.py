@@ -17,7 +17,7 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     subprocess.run([sys.executable, WORKER, str(one)], check=True, env=subprocess_env(), timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     WORKER, str(two)], check=True, env=subprocess_env(), timeout=300)
-    single, ranks = torch.load(one), torch.load(two)
+    single, ranks = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
     assert ranks.shape[0] == 2
     assert torch.equal(ranks[0], ranks[1]), "DDP ranks diverged"
     torch.testing.assert_close(ranks[0], single[0], rtol=1e-4, atol=1e-5)

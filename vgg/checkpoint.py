@@ -7,16 +7,25 @@ same folder, fsync, rename), so a crash or `kill -9` mid-write leaves the previo
     arch       model.arch_kwargs(): rebuilds the net with build_vgg(**arch)
     optimizer, scheduler   their state dicts
     epoch      epochs completed before this one; step: optimizer steps done within `epoch`
+    lr_drops   how many times the plateau schedule has divided the lr
+    world_size processes that trained it (a mid-epoch resume must use as many)
     rng        every RNG state (python, numpy, torch CPU, CUDA) for an exact resume
     config     the resolved run config (dict)
     stats      DatasetStats.to_dict(): mean RGB and colour PCA used in training and evaluation
     classes    the sorted wnids; class index i is classes[i]
     best_top1  best validation top-1 accuracy so far
+
+Everything in it is a tensor or a plain Python value (dict, list, str, number, None), so it is read
+with `torch.load(weights_only=True)`: a file that would need any other type (a pickle that imports
+`os.system`, say) is refused before any of it runs.
 """
 
+import errno
 import os
 import random
+import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,16 @@ import torch
 
 from vgg.errors import UserError
 from vgg.models import VGG, build_vgg
+
+# What each use of a checkpoint needs in it.
+MODEL_KEYS = ("model", "arch")
+EVAL_KEYS = MODEL_KEYS + ("classes", "stats")
+RESUME_KEYS = EVAL_KEYS + ("optimizer", "scheduler", "epoch", "step", "lr_drops", "rng", "config", "best_top1")
+KEY_TYPES = {"model": dict, "arch": dict, "classes": list, "stats": dict, "optimizer": dict, "scheduler": dict,
+             "epoch": int, "step": int, "lr_drops": int, "world_size": int, "rng": dict, "config": dict,
+             "best_top1": (int, float)}
+# Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def save_checkpoint(path, **state) -> None:
@@ -37,42 +56,113 @@ def save_checkpoint(path, **state) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if _disk_full(e):
+            raise UserError(f"no space left on device while writing {path} (the previous checkpoint "
+                            "is intact; free space, then --resume)") from None
         raise
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """Read a checkpoint written by `save_checkpoint`; UserError if it is missing or unreadable."""
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch.save reports a failed write as a RuntimeError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def load_checkpoint(path, map_location="cpu", require=MODEL_KEYS) -> dict:
+    """Read a checkpoint written by `save_checkpoint`, tensors and plain values only.
+
+    UserError (one line naming the file) if it is missing, unreadable, refused as unsafe, or lacks
+    one of the `require`d keys. Model keys lose any DDP `module.` / torch.compile `_orig_mod.` prefix.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated file, not a torch file, ...
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "arch" not in ckpt:
-        raise UserError(f"{path} is not a vgg-imagenet checkpoint (no 'model'/'arch' entries)")
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4": the one line below says enough
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, a type weights_only refuses ...
+        if "Weights only load failed" in str(e):
+            raise UserError(f"refused to load {path} (not a plain-tensor checkpoint: {_refusal(str(e))})") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "empty or truncated file"
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a vgg-imagenet checkpoint (it holds a {type(ckpt).__name__})")
+    missing = [key for key in require if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} has no {', '.join(missing)} entry: not a checkpoint train.py wrote, "
+                        f"or not one that can be used here (needs {', '.join(require)})")
+    for key, kind in KEY_TYPES.items():
+        if key in ckpt and (not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool)):
+            raise UserError(f"{path}: its '{key}' entry is a {type(ckpt[key]).__name__}, not a "
+                            f"{getattr(kind, '__name__', 'number')}")
+    if "model" in ckpt:
+        ckpt["model"] = strip_wrapper_prefixes(ckpt["model"])
     return ckpt
 
 
-def build_model_from_checkpoint(ckpt: dict) -> VGG:
-    """Rebuild the net the checkpoint was trained as and load its weights."""
-    model = build_vgg(**ckpt["arch"])
-    model.load_state_dict(ckpt["model"])
+def _refusal(message: str) -> str:
+    """The one fact in torch's long weights_only message: what the file asked for."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    if found:
+        return f"it imports {found.group(1)}"
+    found = re.search(r"Unsupported operand (\w+)", message)
+    return f"pickle opcode {found.group(1)} is not allowed" if found else "it holds other objects than tensors"
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """Parameter names as the bare VGG has them: 'module._orig_mod.features.0.weight' -> 'features.0.weight'."""
+    def strip(name: str) -> str:
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        return name
+
+    return {strip(name): value for name, value in state.items()}
+
+
+def build_model_from_checkpoint(ckpt: dict, path="checkpoint") -> VGG:
+    """Rebuild the net the checkpoint was trained as and load its weights; UserError if they do not fit."""
+    try:
+        model = build_vgg(**ckpt["arch"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise UserError(f"{path}: cannot build the net it names ({ckpt['arch']}): {e}") from None
+    load_model_state(model, ckpt["model"], path)
     return model
 
 
+def load_model_state(model: VGG, state: dict, path) -> None:
+    """model.load_state_dict (of a checkpoint's prefix-free "model"), a misfit as one line naming the file."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        reason = " ".join(str(e).split())
+        if len(reason) > 300:
+            reason = reason[:300] + " ..."
+        raise UserError(f"{path}: its weights do not fit net {model.arch_name} ({model.arch_kwargs()}): "
+                        f"{reason}") from None
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain values (numpy's key array as a list), for weights_only loading."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

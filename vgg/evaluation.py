@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from vgg import data as vdata
-from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint
+from vgg.checkpoint import EVAL_KEYS, build_model_from_checkpoint, load_checkpoint
 from vgg.distributed import all_reduce_sum, shard_indices
 from vgg.engine import autocast_context, topk_hits
 from vgg.errors import UserError
@@ -182,16 +182,9 @@ def load_eval_net(path, *, scales=None, single_scale: bool = False) -> EvalNet:
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
-    ckpt = load_checkpoint(path)
-    try:
-        model = build_model_from_checkpoint(ckpt)
-    except (RuntimeError, TypeError, KeyError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: its weights do not fit the net it names ({ckpt['arch']}): {reason}") from None
+    ckpt = load_checkpoint(path, require=EVAL_KEYS)
+    model = build_model_from_checkpoint(ckpt, path)
     model.eval()
-    for key in ("classes", "stats"):
-        if key not in ckpt:
-            raise UserError(f"{path} has no '{key}' entry: not a checkpoint written by train.py")
     config = ckpt.get("config", {})
     crop = model.image_size
     scale_min, scale_max = config.get("scale_min"), config.get("scale_max", config.get("scale_min"))

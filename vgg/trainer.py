@@ -16,7 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vgg import data as vdata
 from vgg import sample_data
-from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_checkpoint, load_model_state, rng_state,
+                            save_checkpoint, set_rng_state)
 from vgg.config import Config
 from vgg.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, get_logger,
                              init_distributed, is_main_process, shard_indices)
@@ -91,19 +92,18 @@ def load_stats(config: Config, train_dir: Path) -> vdata.DatasetStats:
     return broadcast_object(stats)
 
 
-def init_from_checkpoint(model, path: str, classes: list[str]) -> list[str]:
+def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]) -> list[str]:
     """§3.1: a deeper net warm-starts from net A; a re-scaled net (S=384, jitter) from its own kind."""
-    source_ckpt = load_checkpoint(path)
     source_arch = source_ckpt["arch"]
     if source_ckpt.get("classes", classes) != classes:
         raise UserError(f"--init-from {path}: its {len(source_ckpt.get('classes', []))} classes differ "
                         f"from this dataset's {len(classes)}")
-    source = build_model_from_checkpoint(source_ckpt)
+    source = build_model_from_checkpoint(source_ckpt, path)
     if source_arch["name"] == model.arch_name:
         if source_arch != model.arch_kwargs():
             raise UserError(f"--init-from {path}: net {source_arch} does not match this run's "
                             f"{model.arch_kwargs()}")
-        model.load_state_dict(source.state_dict())
+        load_model_state(model, source.state_dict(), path)
         return list(model.state_dict())
     if source_arch["name"] != "A":
         raise UserError(f"--init-from {path} holds net {source_arch['name']}; net {model.arch_name} "
@@ -133,10 +133,79 @@ def build_optimizer(model, config: Config) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
 
 
-def lr_drops(optimizer, config: Config) -> int:
-    """How many times the plateau schedule has divided the lr (derived, not stored)."""
-    ratio = config.lr / optimizer.param_groups[0]["lr"]
-    return round(math.log(ratio) / math.log(1 / config.lr_factor))
+# How `--resume` treats a setting that differs from the checkpoint's config (see resume_changes).
+RESUME_APPLIED = ("lr", "momentum", "weight_decay", "patience", "max_lr_drops", "epochs",
+                  "workers", "data_path", "data", "device", "bf16", "compile", "channels_last", "cudnn_benchmark",
+                  "log_every", "checkpoint_every", "log_dir", "out_dir", "run_name")
+RESUME_AT_EPOCH_BOUNDARY = ("batch_size", "gpus", "world_size", "steps_per_epoch")
+
+
+def resume_changes(config: Config, ckpt: dict, path: Path, world_size: int) -> list[tuple[str, object, object]]:
+    """The settings that differ from the checkpoint's, as (field, old, new); UserError for any that may not.
+
+    Per field, never silently:
+    - applied from now on, each logged as "lr 0.01 -> 0.005 on resume": the optimisation settings lr
+      (the optimizer's current lr is set to it; the count of plateau drops is kept), momentum,
+      weight_decay, patience, max_lr_drops, epochs; and how/where the run executes and writes:
+      workers, data_path, data (a moved dataset), device, bf16, compile, channels_last,
+      cudnn_benchmark, log_every, checkpoint_every, log_dir, out_dir, run_name (continue in a new
+      folder);
+    - batch_size, gpus, the number of processes and steps_per_epoch: applied at an epoch boundary,
+      refused for a mid-epoch checkpoint (the resumed epoch would re-train or skip images);
+    - everything else (arch, width, fc_width, dropout, init, init_from, crop and scales, val_scale,
+      stats, stats_images, color_shift_std, lr_factor, bias_decay, seed): refused, since it defines
+      the run; one error lists every such field with old and new values.
+    """
+    saved = dict(ckpt["config"], world_size=ckpt.get("world_size", world_size))
+    current = dict(config.to_dict(), world_size=world_size)
+    changes = [(name, saved.get(name), value) for name, value in current.items() if saved.get(name) != value]
+    mid_epoch = ckpt["step"] > 0
+    refused = [c for c in changes if c[0] not in RESUME_APPLIED
+               and (mid_epoch or c[0] not in RESUME_AT_EPOCH_BOUNDARY)]
+    if refused:
+        listed = ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in refused)
+        boundary = (f"; batch size, processes and steps per epoch change only at an epoch boundary (it is at "
+                    f"epoch {ckpt['epoch']}, step {ckpt['step']})" if mid_epoch else "")
+        raise UserError(f"cannot resume {path} with changed {listed}: may change on resume: "
+                        f"{', '.join(RESUME_APPLIED)}{boundary}; train under a new --run-name to change the rest")
+    return changes
+
+
+def apply_resume_changes(changes, optimizer, scheduler, config: Config) -> None:
+    """Put the changed optimisation settings into the restored optimizer and scheduler, and log each change."""
+    restored_lr = optimizer.param_groups[0]["lr"]
+    for name, old, new in changes:
+        note = f" (the optimizer's lr was {restored_lr:g})" if name == "lr" and restored_lr != old else ""
+        log.info(f"{name} {old} -> {new} on resume{note}")
+        if name == "lr":  # unchanged, the restored (maybe already dropped) lr stays
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr
+    for group in optimizer.param_groups:
+        group["momentum"] = config.momentum
+    optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # group 1, if any: biases, no decay
+    scheduler.patience = config.patience
+
+
+def restore_training_state(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
+    """Weights, optimizer and scheduler state and RNGs from a resume checkpoint; one line if they do not fit."""
+    load_model_state(model, ckpt["model"], path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"{path}: its optimizer, scheduler or RNG state does not fit this run: "
+                        f"{type(e).__name__}: {reason}") from None
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Temp files of saves killed mid-write (`kill -9`): as big as a checkpoint and of no use."""
+    stale = list(run_dir.glob("*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info(f"removed {len(stale)} stale temp file(s) of an interrupted save from {run_dir}")
 
 
 class StopFlag:
@@ -188,15 +257,18 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
             raise UserError(f"nothing to resume: {resume_path} does not exist")
     elif (run_dir / "last.pt").exists():
         raise UserError(f"{run_dir} already holds a run: pass --resume to continue it, or a new --run-name")
+    # Checkpoints are read and checked before any data scan: a refused file or setting costs seconds.
+    ckpt = load_checkpoint(resume_path, require=RESUME_KEYS) if resume_path else None
+    changes = resume_changes(config, ckpt, resume_path, dist.world_size) if ckpt else []
 
     if config.init_from and not resume_path and not Path(config.init_from).is_file():
         raise UserError(f"--init-from {config.init_from} not found: net {config.arch} starts from a trained "
                         "net (§3.1: deeper nets from net A, S=384 from S=256, jittered from S=384); train "
                         "that first, or pass --init-from PATH, or --init-from '' to start from scratch")
+    source_ckpt = load_checkpoint(config.init_from) if config.init_from and not resume_path else None
 
     # Data (§3.1): uint8 crops from workers, float work on whole batches in BatchAugment.
     root = prepare_dataset(config)
-    ckpt = load_checkpoint(resume_path) if resume_path else None
     stats = vdata.DatasetStats.from_dict(ckpt["stats"]) if ckpt else load_stats(config, root / "train")
     train_set = vdata.ImageFolder(root / "train", TrainTransform(
         crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max))
@@ -228,19 +300,18 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=config.lr_factor, patience=config.patience)
-    start_epoch, start_step, best_top1 = 0, 0, -1.0
+    start_epoch, start_step, best_top1, lr_drops = 0, 0, -1.0, 0
     if ckpt:
-        if ckpt["arch"] != model.arch_kwargs() or ckpt.get("classes") != classes:
-            raise UserError(f"{resume_path} was trained as {ckpt['arch']} on {len(ckpt.get('classes', []))} "
+        if ckpt["arch"] != model.arch_kwargs() or ckpt["classes"] != classes:
+            raise UserError(f"{resume_path} was trained as {ckpt['arch']} on {len(ckpt['classes'])} "
                             f"classes, not as this run's {model.arch_kwargs()}")
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, start_step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        set_rng_state(ckpt["rng"])
-        log.info(f"resumed {resume_path} at epoch {start_epoch}, step {start_step}")
-    elif config.init_from:
-        copied = init_from_checkpoint(model, config.init_from, classes)
+        restore_training_state(ckpt, resume_path, model, optimizer, scheduler)
+        apply_resume_changes(changes, optimizer, scheduler, config)
+        start_epoch, start_step, best_top1, lr_drops = ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["lr_drops"]
+        log.info(f"resumed {resume_path} at epoch {start_epoch}, step {start_step} (lr "
+                 f"{optimizer.param_groups[0]['lr']:g}, {lr_drops} lr drops so far)")
+    elif source_ckpt:
+        copied = init_from_checkpoint(model, source_ckpt, config.init_from, classes)
         log.info(f"initialised from {config.init_from}: copied {len(copied)} tensors: {', '.join(copied)}")
 
     raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
@@ -252,6 +323,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     writer = None
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         writer = SummaryWriter(str(Path(config.log_dir) / config.run_name))
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```", 0)
@@ -263,7 +335,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     def checkpoint_state(epoch: int, step: int) -> dict:
         return {"model": raw_model.state_dict(), "arch": raw_model.arch_kwargs(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "step": step, "rng": rng_state(), "config": config.to_dict(),
+                "epoch": epoch, "step": step, "lr_drops": lr_drops, "world_size": dist.world_size,
+                "rng": rng_state(), "config": config.to_dict(),
                 "stats": stats.to_dict(), "classes": classes, "best_top1": best_top1}
 
     def save(name: str, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
@@ -294,9 +367,11 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
             raise SystemExit(128 + (stop.signal or signal.SIGINT))
 
         val_metrics = validate(model, val_loader, augment, bf16=config.bf16)
-        drops_before = lr_drops(optimizer, config)
+        drops_before, lr_before = lr_drops, optimizer.param_groups[0]["lr"]
         scheduler.step(val_metrics["top1"])  # ÷10 when val accuracy stops improving (§3.1)
-        plateau_end = lr_drops(optimizer, config) > config.max_lr_drops
+        if optimizer.param_groups[0]["lr"] < lr_before:  # counted when made: a resumed --lr is no drop
+            lr_drops += 1
+        plateau_end = lr_drops > config.max_lr_drops
         improved = val_metrics["top1"] > best_top1
         best_top1 = max(best_top1, val_metrics["top1"])
         if improved:
