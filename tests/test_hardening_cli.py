@@ -1,6 +1,8 @@
 """Issue 10, bad input: impossible values, run names and unwritable outputs are refused in one line before
 any data scan or model build; running out of memory names the flag to lower. All through the real CLIs."""
 
+import os
+import stat
 import subprocess
 import sys
 
@@ -121,3 +123,10 @@ def test_train_out_of_memory_names_the_flags_to_lower(sample_root, tmp_path):
                  "--workers", "0", "--stats-images", "50", "--device", "cpu", "--out-dir", str(tmp_path / "c"),
                  "--log-dir", str(tmp_path / "r"))
     assert_one_line_error(result, "out of memory (tried to allocate", "--batch-size", "--fc-width")
+
+
+def test_checkpoints_are_written_with_the_users_umask(checkpoint):
+    # mkstemp makes its temp file 0600; a checkpoint others in the group may read is the usual file mode.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(checkpoint.stat().st_mode) == 0o666 & ~umask

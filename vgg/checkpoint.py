@@ -14,6 +14,8 @@ same folder, fsync, rename), so a crash or `kill -9` mid-write leaves the previo
     stats      DatasetStats.to_dict(): mean RGB and colour PCA used in training and evaluation
     classes    the sorted wnids; class index i is classes[i]
     best_top1  best validation top-1 accuracy so far
+    epoch_sums a mid-epoch save's metric sums of the epoch so far, [loss * images, top-1 hits,
+               top-5 hits, images, skipped] over all ranks (None at an epoch boundary)
 
 Everything in it is a tensor or a plain Python value (dict, list, str, number, None), so it is read
 with `torch.load(weights_only=True)`: a file that would need any other type (a pickle that imports
@@ -55,6 +57,7 @@ def save_checkpoint(path, **state) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint is a file like any other
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
@@ -62,6 +65,12 @@ def save_checkpoint(path, **state) -> None:
             raise UserError(f"no space left on device while writing {path} (the previous checkpoint "
                             "is intact; free space, then --resume)") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def _disk_full(error: BaseException) -> bool:

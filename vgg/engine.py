@@ -131,62 +131,64 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
 
     step = synced_step = start_step
     fetch_start = time.perf_counter()
-    for images, labels, n_skipped in loader:
-        if step >= num_steps:
-            break
-        data_time += time.perf_counter() - fetch_start
-        n = labels.shape[0]
-        weight = 1.0
-        if n == 0:
-            # Every file of this rank's batch was unreadable. The step still happens, with weight 0:
-            # under DDP every rank must join the same gradient all-reduce in every step (skipping it
-            # would pair this rank's next all-reduce with another rank's current one: gloo aborts,
-            # NCCL hangs), and agreeing on a skip would cost a host-device sync per step. A black
-            # image whose loss is multiplied by 0 adds nothing to the averaged gradient, so every
-            # rank still applies the same update and counts the same steps (were every rank's batch
-            # unreadable, that update would be momentum and weight decay alone).
-            images, labels = _placeholder_batch(model)
-            weight = 0.0
-        images = augment(images, train=True)
-        labels = labels.to(device, non_blocking=True)
-        logits, loss = train_step(model, images, labels, optimizer, bf16=bf16, weight=weight)
-        if n:  # (a placeholder counts for nothing)
-            top1, top5 = topk_hits(logits, labels).sum(dim=1)
-            device_sums[:3] += torch.stack([loss.double() * n, top1.double(), top5.double()])
-        # Checked for a placeholder too: 0 * NaN is NaN, which would reach every rank's weights.
-        device_sums[3] += (~torch.isfinite(loss)).double()
-        images_seen += n
-        skipped += n_skipped
-        step += 1
-        bar.update(1)
-
-        global_step = epoch * num_steps + step
-        checkpoint_due = checkpoint_every > 0 and global_step % checkpoint_every == 0
-        if step % log_every == 0 or step == num_steps or checkpoint_due:
-            last_images = part_images
-            stop = sync(step)
-            synced_step = step
-            metrics = _train_metrics(sums)
-            now = time.perf_counter()
-            images_per_s = (part_images - last_images) / max(now - last_log_time, 1e-9)
-            last_log_time = now
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{100 - metrics['top1_err']:.1f}%",
-                            img_s=f"{images_per_s:.0f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", metrics["loss"], global_step)
-                writer.add_scalar("train/top1_err", metrics["top1_err"], global_step)
-                writer.add_scalar("train/top5_err", metrics["top5_err"], global_step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                writer.add_scalar("speed/images_per_s", images_per_s, global_step)
-                writer.add_scalar("speed/data_wait_fraction", data_time / max(now - start, 1e-9),
-                                  global_step)
-            if checkpoint_due and on_checkpoint is not None:
-                on_checkpoint(step, sums)
-            if stop:
-                interrupted = True
+    try:  # the bar is closed on an error too, so the error line starts on a line of its own
+        for images, labels, n_skipped in loader:
+            if step >= num_steps:
                 break
-        fetch_start = time.perf_counter()
-    bar.close()
+            data_time += time.perf_counter() - fetch_start
+            n = labels.shape[0]
+            weight = 1.0
+            if n == 0:
+                # Every file of this rank's batch was unreadable. The step still happens, with weight 0:
+                # under DDP every rank must join the same gradient all-reduce in every step (skipping it
+                # would pair this rank's next all-reduce with another rank's current one: gloo aborts,
+                # NCCL hangs), and agreeing on a skip would cost a host-device sync per step. A black
+                # image whose loss is multiplied by 0 adds nothing to the averaged gradient, so every
+                # rank still applies the same update and counts the same steps (were every rank's batch
+                # unreadable, that update would be momentum and weight decay alone).
+                images, labels = _placeholder_batch(model)
+                weight = 0.0
+            images = augment(images, train=True)
+            labels = labels.to(device, non_blocking=True)
+            logits, loss = train_step(model, images, labels, optimizer, bf16=bf16, weight=weight)
+            if n:  # (a placeholder counts for nothing)
+                top1, top5 = topk_hits(logits, labels).sum(dim=1)
+                device_sums[:3] += torch.stack([loss.double() * n, top1.double(), top5.double()])
+            # Checked for a placeholder too: 0 * NaN is NaN, which would reach every rank's weights.
+            device_sums[3] += (~torch.isfinite(loss)).double()
+            images_seen += n
+            skipped += n_skipped
+            step += 1
+            bar.update(1)
+
+            global_step = epoch * num_steps + step
+            checkpoint_due = checkpoint_every > 0 and global_step % checkpoint_every == 0
+            if step % log_every == 0 or step == num_steps or checkpoint_due:
+                last_images = part_images
+                stop = sync(step)
+                synced_step = step
+                metrics = _train_metrics(sums)
+                now = time.perf_counter()
+                images_per_s = (part_images - last_images) / max(now - last_log_time, 1e-9)
+                last_log_time = now
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{100 - metrics['top1_err']:.1f}%",
+                                img_s=f"{images_per_s:.0f}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", metrics["loss"], global_step)
+                    writer.add_scalar("train/top1_err", metrics["top1_err"], global_step)
+                    writer.add_scalar("train/top5_err", metrics["top5_err"], global_step)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+                    writer.add_scalar("speed/images_per_s", images_per_s, global_step)
+                    writer.add_scalar("speed/data_wait_fraction", data_time / max(now - start, 1e-9),
+                                      global_step)
+                if checkpoint_due and on_checkpoint is not None:
+                    on_checkpoint(step, sums)
+                if stop:
+                    interrupted = True
+                    break
+            fetch_start = time.perf_counter()
+    finally:
+        bar.close()
     if step != synced_step:
         # The loader ran out before num_steps: reduce the steps since the last sync too, or the
         # epoch's metrics would miss them. Every rank has the same batch count, so all get here.
