@@ -163,7 +163,7 @@ PAPER_CROP, DEMO_CROP = 224, 32
 # The demo's net and schedule (cf. configs/demo.yaml), a few minutes for all twelve runs on 2 CPU cores.
 # Sizes in pixels are not listed: they follow demo_px. The configs' lr (0.01, 0.001 for fine-tunes) stays.
 DEMO_OVERRIDES = dict(width=0.125, fc_width=64, init="xavier", crop_size=DEMO_CROP, stats_images=50, batch_size=32,
-                      steps_per_epoch=22, epochs=4, checkpoint_every=0, log_every=5)
+                      steps_per_epoch=22, epochs=8, checkpoint_every=0, log_every=5)
 # Runtime defaults of the demo (flags on the command line win): one loader worker, and no torch.compile on
 # a GPU (compiling would take longer than a demo run trains).
 DEMO_RUNTIME = dict(workers=1, compile=False)
