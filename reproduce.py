@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     except (UserError, NonFiniteLossError) as e:
         print(f"{rank_prefix()}error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to continue where it stopped", file=sys.stderr)
+        return 130
     except StageFailed as e:  # the stage's own process has printed why
         print(f"error: {e}; run the same command again to resume", file=sys.stderr)
         return e.code

@@ -9,7 +9,8 @@ process through the same functions, with --gpus N > 1 as that command in a subpr
 Completion: a training stage is complete when `<out_dir>/<run>/complete.json` exists, written here after
 the run returned normally (the trainer keeps no such flag: a last.pt alone may be an interrupted
 run); a run folder with last.pt and no marker is resumed (`--resume`). An evaluation stage is complete
-when its `<out_dir>/eval/<stage>.json` is newer than every checkpoint it tests.
+when its `<out_dir>/eval/<stage>.json` is newer than every checkpoint it tests. To redo a stage, delete
+its run folder or its results file. The report is rewritten after every stage that ran.
 
 `--scale demo` runs the same plan with scaled-down nets on the sample dataset: every size in pixels
 (S, the jitter range, the test scales Q, the crop) is the paper's times 32/224, so each keeps its
@@ -27,7 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vgg import sample_data
 from vgg.config import FIELDS, RUNTIME_FIELDS, Config, config_path, ensure_writable_dir, get_args_parser, load_yaml
 from vgg.errors import UserError
 
@@ -219,7 +219,7 @@ def _flag(name: str, value) -> list[str]:
     return ["--" + name.replace("_", "-"), text]
 
 
-def train_argv(stage: TrainStage, settings: Settings) -> list[str]:
+def train_argv(stage: TrainStage, settings: Settings, resume: bool = False) -> list[str]:
     """train.py's arguments for a stage: its config, where things go, the scale's sizes, the runtime flags."""
     argv = ["--config", stage.config, "--data", settings.data, "--out-dir", str(settings.out_dir),
             "--log-dir", str(settings.log_dir)]
@@ -234,7 +234,7 @@ def train_argv(stage: TrainStage, settings: Settings) -> list[str]:
             argv += _flag(name, value)
     for name, value in settings.runtime.items():
         argv += _flag(name, value)
-    return argv
+    return argv + (["--resume"] if resume else [])
 
 
 def eval_scales(stage: EvalStage, settings: Settings) -> list[int]:
@@ -327,8 +327,7 @@ def plan(selected: list, settings: Settings) -> list[tuple[object, str, str]]:
                                 f"not complete: add {need} to --stages (or leave --stages out)")
         if isinstance(stage, TrainStage):
             status = train_status(stage, settings)
-            argv = train_argv(stage, settings) + (["--resume"] if status == "resume" else [])
-            steps.append((stage, status, command_text("train.py", argv)))
+            steps.append((stage, status, command_text("train.py", train_argv(stage, settings, status == "resume"))))
         else:
             steps.append((stage, eval_status(stage, settings), command_text("evaluate.py", eval_argv(stage, settings))))
     return steps
@@ -354,7 +353,7 @@ def run_subprocess(stage_name: str, script: str, argv: list[str]) -> None:
 def run_train_stage(stage: TrainStage, status: str, settings: Settings) -> None:
     argv = train_argv(stage, settings)
     if settings.gpus > 1:  # train.py runs itself under torchrun
-        run_subprocess(stage.name, "train.py", argv + (["--resume"] if status == "resume" else []))
+        run_subprocess(stage.name, "train.py", train_argv(stage, settings, status == "resume"))
     else:
         from vgg.config import check_output_dirs, resolve_config
         from vgg.trainer import run
@@ -385,17 +384,6 @@ def run_eval_stage(stage: EvalStage, settings: Settings) -> None:
     write_results(result, settings.eval_out(stage.name))
 
 
-def prepare_data(settings: Settings) -> None:
-    """The sample dataset is generated on first use (as train.py does); any other root must hold train/ and val/."""
-    root = Path(settings.data)
-    if root.resolve() == sample_data.DEFAULT_ROOT.resolve():
-        sample_data.make_sample_dataset(root)
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise UserError(f"data folder {root / split} not found: --data must hold train/<wnid>/*.JPEG "
-                            "and val/<wnid>/*.JPEG (see data/README.md)")
-
-
 def reproduce(settings: Settings, patterns: list[str] | None, dry_run: bool) -> int:
     """Run (or with dry_run print) the selected stages in order, then write the report."""
     steps = plan(select_stages(patterns), settings)
@@ -406,7 +394,9 @@ def reproduce(settings: Settings, patterns: list[str] | None, dry_run: bool) -> 
         return 0
     ensure_writable_dir(settings.out_dir, "--out-dir")
     ensure_writable_dir(settings.log_dir, "--log-dir")
-    prepare_data(settings)
+    from vgg.trainer import prepare_dataset
+
+    prepare_dataset(Config(data=settings.data))  # generates the sample dataset on first use; checks train/, val/
     for i, (stage, status, command) in enumerate(steps, 1):
         if isinstance(stage, EvalStage):
             status = eval_status(stage, settings)  # a checkpoint may have changed since the plan was made
@@ -415,13 +405,18 @@ def reproduce(settings: Settings, patterns: list[str] | None, dry_run: bool) -> 
             continue
         print(f"    {command}", flush=True)
         start = time.perf_counter()
-        if isinstance(stage, TrainStage):
-            run_train_stage(stage, status, settings)
-        else:
-            run_eval_stage(stage, settings)
+        try:
+            if isinstance(stage, TrainStage):
+                run_train_stage(stage, status, settings)
+            else:
+                run_eval_stage(stage, settings)
+        except UserError as e:
+            raise UserError(f"stage {stage.name}: {e}") from None
         print(f"[{i}/{len(steps)}] {stage.name}: done in {time.perf_counter() - start:.0f} s", flush=True)
+        write_report(settings)  # kept current while a long plan runs
     md_path, json_path = write_report(settings)
-    print(f"report: {md_path} ({json_path})")
+    print(f"report: {md_path} ({json_path}); training curves also in TensorBoard: "
+          f"tensorboard --logdir {settings.log_dir}")
     return 0
 
 
@@ -499,7 +494,7 @@ def plot_curves(stage: str, metrics: list[dict], path: Path) -> None:
 
 def _number(value: float | None, sign: bool = False) -> str:
     if value is None:
-        return "not run"
+        return "-" if sign else "not run"
     return f"{value:+.2f}" if sign else f"{value:.2f}"
 
 
@@ -512,9 +507,16 @@ def format_report(report: dict) -> str:
     lines = ["# The paper's Tables 3-6, reproduced", "",
              f"Written by `python reproduce.py` on {report['generated']}. Scale: **{report['scale']}** - "
              f"{report['scale_rule']}", "",
-             f"Our numbers: top-1 / top-5 error (%) on `{report['data']}/val`; the paper's: ILSVRC-2012 val "
+             f"Our numbers: top-1 / top-5 error (%) on `{report['data']}/val` ({report['val_images']} images "
+             "read); the paper's: ILSVRC-2012 val "
              "(50,000 images). Δ = ours - paper (positive: worse than the paper). Where two sizes are given "
              "(paper → ours) our run used the second.", ""]
+    if report["scale"] == "demo":
+        n = report["classes"]
+        chance = f" (chance: {100 * (1 - 1 / n):.1f}% top-1, {100 * max(0, 1 - 5 / n):.1f}% top-5 error for {n} " \
+                 "classes)" if n else ""
+        lines += ["The demo's nets are tiny and its data small: its numbers show that every stage and evaluation "
+                  f"runs, not the paper's accuracy{chance}.", ""]
     for table, title in TABLE_TITLES.items():
         lines += [f"## {title}", "",
                   "| net (run) | train S | test Q | method | top-1 ours | top-1 paper | Δ top-1 | top-5 ours "
@@ -533,7 +535,8 @@ def format_report(report: dict) -> str:
         curve = report["curves"].get(stage.name)
         lines += [f"### {stage.name}", "", f"![{stage.name}]({curve})" if curve else "not trained yet", ""]
     lines += ["## Stages", "", "| stage | status |", "|---|---|"]
-    lines += [f"| {s['name']} | {s['status']} |" for s in report["stages"]]
+    words = {"done": "complete", "resume": "interrupted (resumed by the next run)", "run": "not run yet"}
+    lines += [f"| {s['name']} | {words[s['status']]} |" for s in report["stages"]]
     lines += ["", f"Numbers depend on the machine: {report['device_note']}", ""]
     return "\n".join(lines)
 
@@ -547,14 +550,20 @@ def write_report(settings: Settings) -> tuple[Path, Path]:
         metrics_path = settings.run_dir(stage.name) / "metrics.jsonl"
         metrics = read_metrics(metrics_path) if metrics_path.is_file() else []
         if metrics:
-            plot_curves(stage.name, metrics, settings.out_dir / "curves" / f"{stage.name}.png")
+            png = settings.out_dir / "curves" / f"{stage.name}.png"
+            if not png.is_file() or png.stat().st_mtime < metrics_path.stat().st_mtime:
+                plot_curves(stage.name, metrics, png)
             curves[stage.name] = f"curves/{stage.name}.png"
+    rows = collect_rows(settings)
+    any_result = next(filter(None, (load_result(settings, s.name) for s in EVAL_STAGES)), None)
     statuses = [{"name": s.name, "status": train_status(s, settings)} for s in TRAIN_STAGES]
     statuses += [{"name": s.name, "status": eval_status(s, settings)} for s in EVAL_STAGES]
     report = {
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "scale": settings.scale,
         "scale_rule": scale_rule_text(settings.scale), "data": settings.data, "out_dir": str(settings.out_dir),
-        "rows": collect_rows(settings), "curves": curves, "stages": statuses,
+        "rows": rows, "val_images": any_result["images"] if any_result else None,
+        "classes": len(any_result["classes"]) if any_result else None,
+        "curves": curves, "stages": statuses,
         "device_note": (f"device {settings.runtime_value('device')}, {settings.gpus} process(es), "
                         f"{torch.get_num_threads()} CPU threads in this process; another thread count or "
                         "GPU changes the order of float sums and so the last digits, and over a training "
