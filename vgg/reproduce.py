@@ -162,7 +162,7 @@ SCALES = ("paper", "demo")
 PAPER_CROP, DEMO_CROP = 224, 32
 # The demo's net and schedule (cf. configs/demo.yaml), a few minutes for all twelve runs on 2 CPU cores.
 # Sizes in pixels are not listed: they follow demo_px. The configs' lr (0.01, 0.001 for fine-tunes) stays.
-DEMO_OVERRIDES = dict(width=0.125, fc_width=64, init="xavier", crop_size=DEMO_CROP, stats_images=50, batch_size=32,
+DEMO_OVERRIDES = dict(width=0.125, fc_width=256, init="xavier", crop_size=DEMO_CROP, stats_images=50, batch_size=32,
                       steps_per_epoch=22, epochs=8, checkpoint_every=0, log_every=5)
 # Runtime defaults of the demo (flags on the command line win): one loader worker, and no torch.compile on
 # a GPU (compiling would take longer than a demo run trains).
@@ -554,6 +554,9 @@ def write_report(settings: Settings) -> tuple[Path, Path]:
             if not png.is_file() or png.stat().st_mtime < metrics_path.stat().st_mtime:
                 plot_curves(stage.name, metrics, png)
             curves[stage.name] = f"curves/{stage.name}.png"
+    device = settings.runtime_value("device")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = collect_rows(settings)
     any_result = next(filter(None, (load_result(settings, s.name) for s in EVAL_STAGES)), None)
     statuses = [{"name": s.name, "status": train_status(s, settings)} for s in TRAIN_STAGES]
@@ -564,7 +567,7 @@ def write_report(settings: Settings) -> tuple[Path, Path]:
         "rows": rows, "val_images": any_result["images"] if any_result else None,
         "classes": len(any_result["classes"]) if any_result else None,
         "curves": curves, "stages": statuses,
-        "device_note": (f"device {settings.runtime_value('device')}, {settings.gpus} process(es), "
+        "device_note": (f"device {device}, {settings.gpus} process(es), "
                         f"{torch.get_num_threads()} CPU threads in this process; another thread count or "
                         "GPU changes the order of float sums and so the last digits, and over a training "
                         "run possibly more."),
