@@ -44,6 +44,7 @@ def test_dense_and_multi_crop_end_to_end_with_the_default_checkpoint(trained, sa
     assert "[36;48]" in table[0] and "36,42,48" in table[0]  # demo config: S in [36, 48] -> Q = 36, 42, 48
     assert "per-class top-1 accuracy" in proc.stdout and "unreadable images skipped" in proc.stdout
     assert "evaluate" in proc.stderr  # the progress bar
+    assert "\r" not in proc.stderr  # stderr is no terminal: plain lines, no redraws
 
     eval_dir = trained / "checkpoints" / "short" / "eval"
     json_files = sorted(eval_dir.glob("*.json"))

@@ -333,6 +333,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         model = torch.compile(model)
 
     writer = None
+    last_step = start_epoch * steps_per_epoch + start_step  # the global step of the last optimizer step done
     skipped_files = {}  # path -> reason: every unreadable file of the run so far, for skipped.txt
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -340,11 +341,12 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         if ckpt and (run_dir / SKIPPED_LIST).is_file():
             skipped_files = read_skipped_list(run_dir / SKIPPED_LIST)
-        # Every scalar's x axis is the global optimizer step. Events at or after the step this run
-        # starts from are dropped when read (a resumed run re-logs them; a fresh one replaces any
-        # curves left in the folder), so no curve shows a doubled segment.
+        # Every scalar's x axis is the global optimizer step. Events after the step this run starts
+        # from (those logged before an interruption, or by a run resumed from a later checkpoint)
+        # are dropped when TensorBoard reads the folder, as this run logs those steps again: no curve
+        # shows a doubled segment. A fresh run drops everything a former run left in the folder.
         writer = SummaryWriter(str(Path(config.log_dir) / config.run_name),
-                               purge_step=start_epoch * steps_per_epoch + start_step)
+                               purge_step=last_step + 1 if ckpt else 0)
         writer.add_custom_scalars(DASHBOARD_LAYOUT)
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```", 0)
         log.info(f"net {config.arch}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
@@ -403,6 +405,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
         # lr: the one this epoch trained with; lr_drops: the drops made so far, this epoch's plateau
         # check included (so an epoch that triggers a drop shows its own lr and the new count).
+        last_step = (epoch + 1) * steps_per_epoch
         row = {"epoch": epoch, "lr": epoch_lr, "lr_drops": lr_drops,
                **{f"train_{k}": v for k, v in train_metrics.items() if k not in NOT_IN_ROW},
                **{f"val_{k}": v for k, v in val_metrics.items() if k not in NOT_IN_ROW}}
@@ -411,7 +414,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         if is_main_process():
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log_epoch(writer, (epoch + 1) * steps_per_epoch, row, device)
+            log_epoch(writer, last_step, row, device)
             dropped = f", dropped to {next_lr:g} (lr drop {lr_drops} of {config.max_lr_drops})" if next_lr < epoch_lr else ""
             log.info(f"epoch {epoch}: train loss {train_metrics['loss']:.3f}, top-1 err "
                      f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
@@ -433,7 +436,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         else:  # resumed from a checkpoint that kept only the best accuracy
             final = {"hparam/val_top1_err": 100 - best_top1}
         hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, final, run_name=".")
+        writer.add_hparams(hparams, final, run_name=".", global_step=last_step)  # purged on resume, like the rest
         writer.close()
         where = f" (epoch {best['epoch']})" if best is not None else ""
         log.info(f"done: best val top-1 err {100 - best_top1:.1f}%{where}; checkpoints in {run_dir}")
