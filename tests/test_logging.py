@@ -114,7 +114,8 @@ def test_redirected_stderr_gets_plain_lines_and_one_warning_per_file(sample_root
     run_dir = tmp_path / "checkpoints" / "plain"
     listed = {line.split("\t")[0] for line in (run_dir / SKIPPED_LIST).read_text().splitlines()}
     rows = metrics_rows(run_dir)
-    summaries = [line for line in lines if line.endswith(f"unreadable files skipped; list in {run_dir / SKIPPED_LIST}")]
+    summary = f"unreadable files skipped; list in {run_dir / SKIPPED_LIST}"
+    summaries = [line for line in lines if line.endswith(summary)]
     assert [int(line.split()[0]) for line in summaries] == [r["train_skipped"] + r["val_skipped"] for r in rows]
     assert set(warned) == bad_train | bad_val  # the statistics read every train file, validation every val file
     assert bad_val <= listed < set(warned)  # the 3 steps of training met only some of the train files

@@ -200,8 +200,8 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
 
     elapsed = time.perf_counter() - start
     return {**_train_metrics(sums), "step": step, "interrupted": interrupted, "sums": sums,
-            "unreadable": unreadable_files, "epoch_time_s": elapsed, "data_wait_fraction": data_time / max(elapsed, 1e-9),
-            "images_per_s": part_images / max(elapsed, 1e-9)}
+            "unreadable": unreadable_files, "epoch_time_s": elapsed,
+            "data_wait_fraction": data_time / max(elapsed, 1e-9), "images_per_s": part_images / max(elapsed, 1e-9)}
 
 
 def _train_metrics(sums: list[float]) -> dict:

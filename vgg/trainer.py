@@ -415,7 +415,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             log_epoch(writer, last_step, row, device)
-            dropped = f", dropped to {next_lr:g} (lr drop {lr_drops} of {config.max_lr_drops})" if next_lr < epoch_lr else ""
+            dropped = (f", dropped to {next_lr:g} (lr drop {lr_drops} of {config.max_lr_drops})"
+                       if next_lr < epoch_lr else "")
             log.info(f"epoch {epoch}: train loss {train_metrics['loss']:.3f}, top-1 err "
                      f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
                      f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s | "
