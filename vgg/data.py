@@ -455,7 +455,7 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     stats, used, skipped = compute_stats(train_dir, num_images=num_images, seed=seed, workers=workers,
                                          progress_every_s=progress_every_s)
     where = _write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
-                                "train_dir": str(train_dir), "used": used, "skipped": skipped})
+                                "train_dir": str(train_dir), "skipped": skipped})
     # The images actually used: fewer than asked for when the folder holds fewer, minus unreadable ones.
     log.info(f"dataset statistics from {used} images of {train_dir}"
              + (f" ({skipped} unreadable skipped)" if skipped else "") + ": mean RGB "
