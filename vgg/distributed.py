@@ -198,7 +198,7 @@ def progress_bar(*, total: int, desc: str, unit: str, every_s: float = 30.0, ini
 
 
 def usable_cpus() -> int:
-    """The cores this process may run on (its affinity mask, which taskset, cgroups and SLURM set)."""
+    """The cores this process may run on: its affinity mask, as taskset, cpusets and SLURM set it."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
@@ -207,7 +207,7 @@ def set_cpu_threads(device: str, workers: int) -> None:
 
     torch starts one intra-op thread per core, and each DataLoader worker decodes on a core too: with
     2 workers on 2 cores the net's threads and the workers fight for the same cores (the CPU demo ran
-    3x slower). A user's OMP_NUM_THREADS / MKL_NUM_THREADS wins (torchrun sets 1 for its processes).
+    several times slower). A user's OMP_NUM_THREADS / MKL_NUM_THREADS wins (torchrun sets 1 for its processes).
     CUDA runs are left alone: there the net runs on the GPU.
     """
     if resolve_device(device) != "cpu":
