@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value
-from vgg.distributed import cleanup_distributed, init_distributed, is_main_process, launch_if_needed, rank_prefix
+from vgg.distributed import (cleanup_distributed, get_logger, init_distributed, is_main_process, launch_if_needed,
+                             rank_prefix, set_cpu_threads)
 from vgg.errors import UserError, out_of_memory_message
 
 
@@ -47,8 +48,8 @@ def prepare(args):
     """Everything that can fail on bad input, checked before any worker process starts."""
     from vgg.evaluation import default_checkpoint, load_eval_net, open_val_set
 
-    if args.batch_size < 1 or args.workers < 0 or args.gpus < 1:
-        raise UserError("--batch-size and --gpus must be at least 1, --workers at least 0")
+    if args.batch_size < 1 or args.workers < 0 or args.gpus < 1 or not args.progress_every_s >= 0:
+        raise UserError("--batch-size and --gpus must be at least 1, --workers and --progress-every-s at least 0")
     paths = args.checkpoint or [default_checkpoint()]
     nets = [load_eval_net(p, scales=args.scales, single_scale=args.single_scale) for p in paths]
     # The results' folder must be writable before an hour of evaluation, not after it.
@@ -78,6 +79,7 @@ def main(argv=None) -> int:
     try:
         nets, val_dir = prepare(args)
         launch_if_needed(args.gpus)  # --gpus N: re-run this script as N processes, then exit
+        set_cpu_threads(args.device, args.workers)  # the first log line: how many threads on a CPU run
         dist = init_distributed(args.device)
         try:
             run(args, nets, val_dir, dist)
@@ -97,16 +99,22 @@ def main(argv=None) -> int:
 
 
 def run(args, nets, val_dir, dist) -> None:
-    from vgg.evaluation import evaluate_dataset, format_report, write_results
+    from vgg.evaluation import evaluate_dataset, format_report, write_results, write_tensorboard
 
     result = evaluate_dataset(nets, val_dir, methods=methods_of(args), device=dist.device, batch_size=args.batch_size,
                               workers=args.workers, bf16=args.bf16, channels_last=args.channels_last,
-                              rank=dist.rank, world_size=dist.world_size, progress=is_main_process())
+                              rank=dist.rank, world_size=dist.world_size, progress=is_main_process(),
+                              progress_every_s=args.progress_every_s)
     if not is_main_process():
         return
     json_path, md_path = write_results(result, args.out)
     print(format_report(result))
     print(f"results: {json_path}, {md_path}")
+    try:
+        folder = write_tensorboard(result, nets[0], Path(args.out).name)
+        get_logger().info(f"TensorBoard: an evaluation section in {folder} (tensorboard --logdir {folder.parent})")
+    except OSError as e:  # the results are written already; the dashboard copy is a convenience
+        get_logger().warning(f"warning: no TensorBoard evaluation section: {e}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from vgg.config import available_configs, check_output_dirs, config_defaults, get_args_parser, resolve_config
-from vgg.distributed import launch_if_needed, rank_prefix
+from vgg.distributed import launch_if_needed, rank_prefix, set_cpu_threads
 from vgg.engine import NonFiniteLossError
 from vgg.errors import UserError, out_of_memory_message
 
@@ -34,6 +34,7 @@ def main(argv=None) -> int:
         config = resolve_config(args)  # every field's range, before any data scan or model build
         check_output_dirs(config)
         launch_if_needed(config.gpus)
+        set_cpu_threads(config.device, config.workers)  # the first log line: how many threads on a CPU run
         from vgg.trainer import run  # imported late: the launcher process needs none of it
 
         run(config, resume=args.resume)

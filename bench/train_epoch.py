@@ -98,11 +98,11 @@ def run_fed(step, loader, augment: BatchAugment, *, warmup: int, steps: int, dev
             synchronize(device)
             wait, images_seen, skipped, start = 0.0, 0, 0, time.perf_counter()
         fetch = time.perf_counter()
-        images, labels, n_skipped = next_batch()
+        images, labels, unreadable = next_batch()
         wait += time.perf_counter() - fetch
         step(augment(images, train=True), labels.to(device, non_blocking=True))
         images_seen += labels.shape[0]
-        skipped += n_skipped
+        skipped += len(unreadable)
     synchronize(device)
     elapsed = time.perf_counter() - start
     del iterator

@@ -165,15 +165,19 @@ def test_awkward_files_decode_to_rgb_or_are_skipped_with_one_line(awkward_split,
     names = [p.split("/")[-1].removesuffix(".JPEG") for p, _ in ds.samples]
     with LogLines() as lines:
         items = [ds[i] for i in range(len(ds))]
-    for name, (image, label) in zip(names, items):
+    assert lines == []  # the dataset runs in DataLoader workers: it reports, the main process warns
+    for name, (image, label, *unreadable) in zip(names, items):
         assert label == 0
         if name in SKIPPED:
-            assert image is None, name
+            assert image is None and unreadable[0].path.endswith(f"/{name}.JPEG"), name
         elif transform is None:
-            assert image.mode == "RGB", name
+            assert image.mode == "RGB" and not unreadable, name
         else:
-            assert image.dtype == torch.uint8 and image.shape[0] == 3, name
-    assert {n for n, (image, _) in zip(names, items) if image is None} == SKIPPED
+            assert image.dtype == torch.uint8 and image.shape[0] == 3 and not unreadable, name
+    assert {n for n, (image, *_) in zip(names, items) if image is None} == SKIPPED
+    with LogLines() as lines:
+        for _ in range(2):  # once per file, however often it is met
+            vdata.warn_unreadable([item[2] for item in items if item[0] is None])
     assert len(lines) == len(SKIPPED)
     for name, line in zip(sorted(SKIPPED), sorted(lines, key=lambda l: l.split("/")[-1])):
         assert "\n" not in line and f"{name}.JPEG" in line and "skipping" in line
@@ -189,25 +193,28 @@ def test_truncated_jpeg_is_skipped_even_when_decoded_at_reduced_scale(tmp_path):
         assert ImageFolder(tmp_path, EvalTransform(scale=1024))[0][0] is None
 
 
-def test_collate_drops_and_counts_skipped_images():
+def test_collate_drops_skipped_images_and_passes_on_which():
     a, b = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.ones(3, 4, 4, dtype=torch.uint8)
-    images, labels, skipped = collate_batch([(a, 3), (None, 1), (b, 2)])
+    x, y = vdata.Unreadable("x.JPEG", "empty"), vdata.Unreadable("y.JPEG", "truncated")
+    images, labels, skipped = collate_batch([(a, 3), (None, 1, x), (b, 2)])
     assert images.shape == (2, 3, 4, 4) and images.dtype == torch.uint8
-    assert labels.tolist() == [3, 2] and labels.dtype == torch.int64 and skipped == 1
-    images, labels, skipped = collate_batch([(None, 0), (None, 1)])
-    assert images.shape[0] == 0 and labels.shape == (0,) and skipped == 2
-    images, labels, skipped = collate_list([(a, 0), (None, 1), (torch.zeros(3, 5, 7, dtype=torch.uint8), 2)])
-    assert [tuple(i.shape) for i in images] == [(3, 4, 4), (3, 5, 7)] and labels.tolist() == [0, 2] and skipped == 1
+    assert labels.tolist() == [3, 2] and labels.dtype == torch.int64 and skipped == [x]
+    images, labels, skipped = collate_batch([(None, 0, x), (None, 1, y)])
+    assert images.shape[0] == 0 and labels.shape == (0,) and skipped == [x, y]
+    images, labels, skipped = collate_list([(a, 0), (None, 1, y), (torch.zeros(3, 5, 7, dtype=torch.uint8), 2)])
+    assert [tuple(i.shape) for i in images] == [(3, 4, 4), (3, 5, 7)] and labels.tolist() == [0, 2] and skipped == [y]
 
 
 def test_loader_counts_skips_over_an_epoch_with_workers(awkward_split):
     ds = ImageFolder(awkward_split, TrainTransform(crop_size=32, scale_min=40, scale_max=48))
     loader = build_loader(ds, batch_size=3, shuffle=True, workers=2, collate_fn=collate_batch, seed=0)
     seen = skipped = 0
-    for images, labels, n_skipped in loader:
+    names = []
+    for images, labels, unreadable in loader:  # the records cross from the worker processes
         assert images.shape[1:] == (3, 32, 32) and images.shape[0] == labels.shape[0]
-        seen, skipped = seen + labels.shape[0], skipped + n_skipped
-    assert (seen, skipped) == (len(DECODED), len(SKIPPED))
+        seen, skipped = seen + labels.shape[0], skipped + len(unreadable)
+        names += [f.path.split("/")[-1].removesuffix(".JPEG") for f in unreadable]
+    assert (seen, skipped) == (len(DECODED), len(SKIPPED)) and set(names) == SKIPPED
 
 
 # --- Per-worker seeding -----------------------------------------------------------------------------
@@ -283,8 +290,8 @@ def colour_line_split(tmp_path):
 
 def test_stats_find_the_mean_and_the_colour_direction(colour_line_split):
     train, direction = colour_line_split
-    stats, skipped = vdata.compute_stats(train, num_images=40, workers=0)
-    assert skipped == 0
+    stats, used, skipped = vdata.compute_stats(train, num_images=40, workers=0)
+    assert skipped == 0 and used == min(40, len(ImageFolder(train, None)))
     np.testing.assert_allclose(stats.mean_rgb, [120, 110, 100], atol=8)
     vec = np.array(stats.eigvec)
     np.testing.assert_allclose(vec.T @ vec, np.eye(3), atol=1e-6)  # orthonormal columns
@@ -417,12 +424,10 @@ def test_sample_dataset_layout_and_awkward_files(sample_root):
             assert path.endswith("_awkward_empty.JPEG")
     assert {"JPEG/RGB", "JPEG/CMYK", "JPEG/L", "PNG/RGB"} <= modes
     assert len(sizes) > 100 and min(min(s) for s in sizes) < 64 and max(max(s) for s in sizes) > 250
-    with LogLines() as lines:
-        for ds in (train, val):
-            skipped += [path for i, (path, _) in enumerate(ds.samples) if ds[i][0] is None]
+    for ds in (train, val):
+        skipped += [path for i, (path, _) in enumerate(ds.samples) if ds[i][0] is None]
     assert sorted(p.split("_awkward_")[1] for p in skipped) == ["empty.JPEG", "empty.JPEG",
                                                                 "truncated.JPEG", "truncated.JPEG"]
-    assert len(lines) == 4
 
 
 def test_sample_dataset_is_deterministic_and_regenerated_when_stale(sample_root, tmp_path):
@@ -454,7 +459,7 @@ def test_sample_dataset_is_learnable(sample_root):
         xs, ys = [], []
         with LogLines():
             for i in range(len(ds)):
-                image, label = ds[i]
+                image, label, *_ = ds[i]
                 if image is not None:
                     x = image.float().reshape(3, -1) / 255
                     xs.append(torch.cat([x.mean(1), x.std(1), (x[:, 1:] - x[:, :-1]).abs().mean(1)]))

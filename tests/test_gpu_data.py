@@ -73,11 +73,12 @@ def test_jpeg_components_reads_the_frame_header():
 
 
 def test_collate_packs_bytes_and_split_recovers_them():
-    items = [(b"abc", 0, "a"), (None, 1, "b"), (b"", 2, "c"), (b"defg", 3, "d")]
-    flat, sizes, labels, names = collate_encoded(items)
+    b = vdata.Unreadable("b", "PermissionError")
+    items = [(b"abc", 0, "a"), (None, 1, b), (b"", 2, "c"), (b"defg", 3, "d")]
+    flat, sizes, labels, names, unreadable = collate_encoded(items)
     parts = split_encoded(flat, sizes)
     assert [None if p is None else bytes(p.tolist()) for p in parts] == [b"abc", None, b"", b"defg"]
-    assert labels.tolist() == [0, 1, 2, 3] and names == ["a", "b", "c", "d"]
+    assert labels.tolist() == [0, 1, 2, 3] and names == ["a", "b", "c", "d"] and unreadable == [b]
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -106,12 +107,15 @@ def test_loader_skips_the_same_files_as_the_cpu_path(awkward_dir):
     loader = build_gpu_train_loader(cpu_set, batch_size=4, device="cpu", crop_size=CROP, scale_min=S_MIN,
                                     scale_max=S_MAX, workers=1, drop_last=False)
     seen, skipped = 0, 0
-    for images, labels, n_skipped in loader:
+    named = set()
+    for images, labels, unreadable in loader:
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, CROP, CROP)
         assert images.shape[0] == labels.shape[0]
-        seen, skipped = seen + labels.shape[0], skipped + n_skipped
+        seen, skipped = seen + labels.shape[0], skipped + len(unreadable)
+        named |= {f.path for f in unreadable}
     assert seen + skipped == len(cpu_set)
     assert skipped == cpu_skipped >= 1  # the empty file at least
+    assert named == {path for i, (path, _) in enumerate(cpu_set.samples) if cpu_set[i][0] is None}
 
 
 def crop_statistics(crops: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from conftest import ROOT, subprocess_env
 from test_train import common_cli_args, train_cli
 from vgg import data as vdata
 from vgg.checkpoint import load_checkpoint
-from vgg.data import IMAGENET_STATS, ImageFolder
+from vgg.data import IMAGENET_STATS, ImageFolder, Unreadable
 from vgg.engine import BatchAugment, train_one_epoch
 from vgg.models import build_vgg
 from vgg.trainer import EpochSampler, log_augmented_images
@@ -119,10 +119,11 @@ def tiny_net():
 def batch(n: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     return (torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
-            torch.randint(0, 4, (n,), generator=g), 0)
+            torch.randint(0, 4, (n,), generator=g), [])
 
 
-UNREADABLE = (torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64), 3)
+UNREADABLE = (torch.empty((0, 3, 0, 0), dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+              [Unreadable(f"{k}.JPEG", "empty file") for k in range(3)])
 
 
 def test_an_unreadable_batch_is_a_counted_zero_weight_step():

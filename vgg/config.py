@@ -80,6 +80,9 @@ class Config:
     log_dir: str = field(default="runs", metadata={"help": "TensorBoard root (events in <log_dir>/<run>)"})
     checkpoint_every: int = field(default=1000, metadata={"help": "also save last.pt every N steps (0: off)"})
     log_every: int = field(default=20, metadata={"help": "steps between progress/TensorBoard updates"})
+    progress_every_s: float = field(default=30.0, metadata={
+        "help": "when stderr is not a terminal (a log file, SLURM): seconds between plain progress lines, "
+                "which replace the progress bar's redraws (0: every step)"})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -154,7 +157,7 @@ def _parse_bool(text: str) -> bool:
 
 
 # The flags evaluate.py shares with train.py: how to run, not what to train.
-RUNTIME_FIELDS = ("device", "gpus", "workers", "bf16", "channels_last")
+RUNTIME_FIELDS = ("device", "gpus", "workers", "bf16", "channels_last", "progress_every_s")
 
 
 def get_args_parser(add_help: bool = False, default_config: str = "demo",
@@ -240,7 +243,7 @@ RANGES = {
     "max_lr_drops": (0, None, False, False), "epochs": (1, None, False, False),
     "steps_per_epoch": (0, None, False, False), "seed": (0, None, False, False),
     "gpus": (1, None, False, False), "checkpoint_every": (0, None, False, False),
-    "log_every": (1, None, False, False),
+    "log_every": (1, None, False, False), "progress_every_s": (0, None, False, False),
 }
 
 

@@ -26,13 +26,14 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from tqdm import tqdm
 
+from vgg.distributed import progress_bar
 from vgg.errors import UserError
 from vgg.transforms import EvalTransform, load_rgb
 
@@ -140,11 +141,31 @@ def _scan_class(folder: Path) -> tuple[list[str], list[str]]:
 _warned: set[str] = set()
 
 
-def _warn_once(message: str) -> None:
-    """Log a warning once per process (a run builds the same ImageFolder more than once)."""
-    if message not in _warned:
-        _warned.add(message)
+def _warn_once(message: str, key: str | None = None) -> None:
+    """Log a warning once per process for each `key` (default: the message itself); a run builds the
+    same ImageFolder more than once and meets the same unreadable files every epoch."""
+    key = message if key is None else key
+    if key not in _warned:
+        _warned.add(key)
         log.warning(message)
+
+
+class Unreadable(NamedTuple):
+    """A file that could not be read or decoded, and why (one line)."""
+
+    path: str
+    reason: str
+
+
+def warn_unreadable(files) -> None:
+    """One warning line per unreadable file per process, from the main process.
+
+    Datasets do not log: they run in DataLoader workers, whose lines would reach stderr unordered,
+    every epoch, splitting a live progress bar. They return an `Unreadable` instead, which the
+    collate functions pass on to the loop in the main process, which calls this.
+    """
+    for file in files:
+        _warn_once(f"warning: skipping unreadable image {file.path} ({file.reason})", key=f"unreadable:{file.path}")
 
 
 def list_files(split_dir) -> dict[str, list[str]]:
@@ -193,7 +214,8 @@ class ImageFolder(Dataset):
     `__getitem__` hands the transform a PIL image straight from `Image.open` (not yet decoded, so the
     transform can decode at a reduced scale, see vgg.transforms.load_rgb); with transform=None it
     returns the decoded RGB PIL image. A file that cannot be decoded (empty, truncated, not an image)
-    gives (None, label) and one warning line naming the file; collate_batch drops and counts it.
+    gives (None, label, Unreadable(path, reason)), silently (this runs in DataLoader workers):
+    collate_batch drops it and hands the Unreadable on to the main process (see warn_unreadable).
     """
 
     def __init__(self, split_dir, transform=None, classes=None):
@@ -230,9 +252,7 @@ class ImageFolder(Dataset):
             with Image.open(path) as image:
                 return (load_rgb(image) if self.transform is None else self.transform(image)), label
         except DECODE_ERRORS as e:
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            log.warning(f"warning: skipping unreadable image {path} ({reason})")
-            return None, label
+            return None, label, Unreadable(path, " ".join(f"{type(e).__name__}: {e}".split()))
 
     def __repr__(self) -> str:
         return (f"ImageFolder({str(self.root)!r}: {len(self.samples)} images, {len(self.classes)} classes, "
@@ -243,26 +263,33 @@ class ImageFolder(Dataset):
 # Batching and loading
 # --------------------------------------------------------------------------------------------------
 
-def collate_batch(items):
-    """[(uint8 [3,H,W] or None, label)] -> (uint8 [B,3,H,W], int64 labels [B], n_skipped).
+def split_unreadable(items) -> tuple[list, list[Unreadable]]:
+    """ImageFolder items -> (the readable (image, label, ...) items, the Unreadable of the others)."""
+    return [item for item in items if item[0] is not None], [item[2] for item in items if item[0] is None]
 
-    Unreadable images (None) are dropped and counted, so the trainer can report the skips of an epoch
-    (the workers are separate processes). All images must have the same size.
+
+def collate_batch(items):
+    """[(uint8 [3,H,W], label) or (None, label, Unreadable)] -> (uint8 [B,3,H,W], int64 labels [B],
+    list of Unreadable).
+
+    Unreadable images are dropped; their Unreadable records travel with the batch, so the main
+    process can warn once per file and report an epoch's skips (the workers are separate processes).
+    All images must have the same size.
     """
-    kept = [(image, label) for image, label in items if image is not None]
-    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    kept, unreadable = split_unreadable(items)
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
     if not kept:
-        return torch.empty((0, 3, 0, 0), dtype=torch.uint8), labels, len(items)
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8), labels, unreadable
     # default_collate stacks straight into shared memory when running in a worker (no extra copy).
-    images = torch.utils.data.default_collate([image for image, _ in kept])
-    return images, labels, len(items) - len(kept)
+    images = torch.utils.data.default_collate([item[0] for item in kept])
+    return images, labels, unreadable
 
 
 def collate_list(items):
-    """Like collate_batch for images of different sizes: (list of uint8 [3,H,W], labels [B], n_skipped)."""
-    kept = [(image, label) for image, label in items if image is not None]
-    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
-    return [image for image, _ in kept], labels, len(items) - len(kept)
+    """Like collate_batch for images of different sizes: (list of uint8 [3,H,W], labels [B], list of Unreadable)."""
+    kept, unreadable = split_unreadable(items)
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
+    return [item[0] for item in kept], labels, unreadable
 
 
 def worker_init_fn(worker_id: int) -> None:
@@ -361,12 +388,13 @@ IMAGENET_STATS = DatasetStats(
 )
 
 
-def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None) -> tuple[DatasetStats, int]:
+def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
+                  progress_every_s: float = 30.0) -> tuple[DatasetStats, int, int]:
     """Mean RGB and RGB-covariance PCA from `num_images` random training images (all if fewer).
 
     Each image is rescaled to a smallest side of STATS_SIDE pixels first (decoded at a reduced
-    scale, so this is fast), so every image weighs about the same. Unreadable images are skipped.
-    Returns (stats, number of images skipped).
+    scale, so this is fast), so every image weighs about the same. Unreadable images are skipped
+    (one warning each). Returns (stats, number of images used, number of images skipped).
     """
     dataset = ImageFolder(train_dir, EvalTransform(scale=STATS_SIDE))
     count = min(_check_positive("num_images", num_images), len(dataset))
@@ -377,15 +405,17 @@ def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | N
     total = np.zeros(3)
     outer = np.zeros((3, 3))
     pixels, skipped = 0, 0
-    with tqdm(total=count, desc=f"dataset statistics ({train_dir})", unit="img") as bar:
-        for images, _, n_skipped in loader:
+    with progress_bar(total=count, desc=f"dataset statistics ({train_dir})", unit="img",
+                      every_s=progress_every_s) as bar:
+        for images, _, unreadable in loader:
+            warn_unreadable(unreadable)
             for image in images:
                 x = image.reshape(3, -1).double().numpy() / 255.0
                 total += x.sum(axis=1)
                 outer += x @ x.T
                 pixels += x.shape[1]
-            skipped += n_skipped
-            bar.update(len(images) + n_skipped)
+            skipped += len(unreadable)
+            bar.update(len(images) + len(unreadable))
     if pixels == 0:
         raise UserError(f"none of the {count} sampled images in {train_dir} could be decoded")
     mean = total / pixels
@@ -395,7 +425,7 @@ def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | N
     eigvec = eigvec * np.where(eigvec[0] < 0, -1.0, 1.0)  # a fixed sign: first component >= 0
     stats = DatasetStats(mean_rgb=tuple((255.0 * mean).tolist()), eigval=tuple(eigval.tolist()),
                          eigvec=tuple(tuple(row) for row in eigvec.tolist()))
-    return stats, skipped
+    return stats, count - skipped, skipped
 
 
 def _check_positive(name: str, value) -> int:
@@ -404,7 +434,8 @@ def _check_positive(name: str, value) -> int:
     return value
 
 
-def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None) -> DatasetStats:
+def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
+                          progress_every_s: float = 30.0) -> DatasetStats:
     """The training set's statistics from `<root>/vgg_stats.json` (root = train_dir's parent), or
     computed by `compute_stats` (with a progress bar) and cached there (or under ~/.cache/vgg-imagenet/
     when the data folder is read-only). The cache is reused when it was made with the same
@@ -421,10 +452,13 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     cached = _read_json(paths, is_valid)
     if cached is not None:
         return DatasetStats.from_dict(cached)
-    stats, skipped = compute_stats(train_dir, num_images=num_images, seed=seed, workers=workers)
+    stats, used, skipped = compute_stats(train_dir, num_images=num_images, seed=seed, workers=workers,
+                                         progress_every_s=progress_every_s)
     where = _write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
                                 "train_dir": str(train_dir), "skipped": skipped})
-    log.info(f"dataset statistics from {num_images} images of {train_dir}: mean RGB "
+    # The images actually used: fewer than asked for when the folder holds fewer, minus unreadable ones.
+    log.info(f"dataset statistics from {used} images of {train_dir}"
+             + (f" ({skipped} unreadable skipped)" if skipped else "") + ": mean RGB "
              f"{', '.join(f'{v:.2f}' for v in stats.mean_rgb)}; eigenvalues "
              f"{', '.join(f'{v:.4f}' for v in stats.eigval)}" + (f"; cached in {where}" if where else ""))
     return stats

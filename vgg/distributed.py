@@ -9,10 +9,12 @@ NCCL on CUDA, gloo on CPU (so tests can run two processes on a machine without a
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from vgg.errors import UserError
 
@@ -26,13 +28,19 @@ class DistInfo:
     distributed: bool
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" if PyTorch sees a GPU, else "cpu"; other names unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group if torchrun started us; pick this process's device.
 
     device: "auto" (CUDA if available, else CPU), "cuda" or "cpu".
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU (use --device cpu)")
     if device not in ("cuda", "cpu"):
@@ -86,6 +94,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank ([obj] in a single process)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj, src: int = 0):
     """Send a picklable object from rank `src` to every rank (no-op in a single process)."""
     if get_world_size() == 1:
@@ -105,18 +122,107 @@ def get_logger() -> logging.Logger:
     return logging.getLogger("vgg")
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes each record with tqdm.write: a live progress bar is cleared, the line printed, the bar
+    redrawn below it, so a log line never splits a bar mid-line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(rank: int) -> None:
     """Rank 0 logs INFO and up; other ranks only WARNING and up, tagged with their rank."""
     logger = get_logger()
     if logger.handlers:
         logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _TqdmHandler(sys.stderr)
     prefix = "" if rank == 0 else f"[rank {rank}] "
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     logger.propagate = False
+
+
+class PlainProgress:
+    """A progress bar for logs that are files (`> log.txt`, SLURM): no carriage-return redraws, but one
+    plain line every `every_s` seconds (0: at every update), and a last one at close if any was printed.
+
+    Has the part of tqdm's interface the loops use: update, set_postfix, close, and `with`.
+    """
+
+    def __init__(self, *, total: int, desc: str, unit: str, every_s: float, initial: int = 0):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n, self.postfix = initial, ""
+        self.start = self.last_print = time.perf_counter()
+        self.printed_n = None  # the count at the last printed line; None: nothing printed yet
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.perf_counter() - self.last_print >= self.every_s:
+            self._print()
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def _print(self) -> None:
+        self.last_print = time.perf_counter()
+        self.printed_n = self.n
+        elapsed = self.last_print - self.start
+        done = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+        get_logger().info(f"{self.desc}: {done}, {elapsed:.0f} s" + (f", {self.postfix}" if self.postfix else ""))
+
+    def close(self) -> None:
+        if self.printed_n is not None and self.printed_n != self.n:
+            self._print()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(*, total: int, desc: str, unit: str, every_s: float = 30.0, initial: int = 0,
+                 enabled: bool = True):
+    """A tqdm bar when stderr is a terminal; plain lines every `every_s` seconds when it is a file
+    (PlainProgress); nothing shown when not `enabled` (ranks other than 0)."""
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(total=total, desc=desc, unit=unit, every_s=every_s, initial=initial)
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True,
+                leave=False)
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on: its affinity mask, as taskset, cpusets and SLURM set it."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_cpu_threads(device: str, workers: int) -> None:
+    """On CPU runs, give torch's threads the cores the DataLoader workers leave free; log it as one line.
+
+    torch starts one intra-op thread per core, and each DataLoader worker decodes on a core too: with
+    2 workers on 2 cores the net's threads and the workers fight for the same cores (the CPU demo ran
+    several times slower). A user's OMP_NUM_THREADS / MKL_NUM_THREADS wins (torchrun sets 1 for its processes).
+    CUDA runs are left alone: there the net runs on the GPU.
+    """
+    if resolve_device(device) != "cpu":
+        return
+    setup_logging(int(os.environ.get("RANK", "0")))
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if os.environ.get(var):
+            get_logger().info(f"CPU run: {torch.get_num_threads()} torch thread(s), as {var}={os.environ[var]} "
+                              "in the environment says")
+            return
+    cpus = usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this process's share of them
+    threads = max(1, cpus - workers)
+    torch.set_num_threads(threads)
+    get_logger().info(f"CPU run: {threads} torch thread(s) = {cpus} usable core(s) - {workers} data-loading "
+                      "worker(s) (set OMP_NUM_THREADS to choose)")
 
 
 def launch_if_needed(gpus: int) -> None:

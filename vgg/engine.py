@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from vgg.data import DatasetStats
-from vgg.distributed import all_reduce_sum, is_main_process
+from vgg.data import DatasetStats, warn_unreadable
+from vgg.distributed import all_reduce_sum, is_main_process, progress_bar
 from vgg.transforms import color_shift, normalize
 
 
@@ -89,7 +88,7 @@ def _placeholder_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
                     start_step: int = 0, bf16: bool = True, log_every: int = 20,
                     checkpoint_every: int = 0, on_checkpoint=None, stop_requested=lambda: False,
-                    writer=None, carried_sums: list[float] | None = None) -> dict:
+                    writer=None, carried_sums: list[float] | None = None, progress_every_s: float = 30.0) -> dict:
     """Run optimizer steps `start_step .. num_steps-1` of `epoch` (the loader starts at start_step).
 
     Every `log_every` steps (and at the end) the running sums are reduced over ranks, the loss is
@@ -98,6 +97,8 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
     finite. `sums` are the epoch's sums over all ranks so far, [loss * images, top-1 hits, top-5
     hits, images, skipped images]; `carried_sums` are those of steps 0 .. start_step-1 (saved by a
     mid-epoch checkpoint), so that a resumed epoch's metrics still cover the whole epoch.
+    Unreadable files are warned about once each (per process) and returned as this rank's
+    `unreadable` list. progress_every_s: see vgg.distributed.progress_bar.
     Returns the epoch's metrics and `sums`, with `interrupted=True` if any rank asked to stop.
     """
     device = augment.device
@@ -105,13 +106,14 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
     carried = list(carried_sums) if carried_sums else [0.0] * 5
     device_sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1, top5, nonfinite
     images_seen, skipped = 0, 0  # this rank's, since start_step
+    unreadable_files = []  # this rank's, since start_step
     sums, part_images = carried, 0.0  # as of the last sync: the epoch's global sums; this part's images
     data_time = 0.0
     start = time.perf_counter()
     last_log_time = start
     interrupted = False
-    bar = tqdm(total=num_steps, initial=start_step, desc=f"epoch {epoch}", unit="step",
-               disable=not is_main_process(), dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=num_steps, initial=start_step, desc=f"epoch {epoch}", unit="steps",
+                       every_s=progress_every_s, enabled=is_main_process())
 
     def sync(step: int) -> bool:
         """The one host-device sync: sums and the stop flag over all ranks, then the NaN check.
@@ -132,10 +134,12 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
     step = synced_step = start_step
     fetch_start = time.perf_counter()
     try:  # the bar is closed on an error too, so the error line starts on a line of its own
-        for images, labels, n_skipped in loader:
+        for images, labels, unreadable in loader:
             if step >= num_steps:
                 break
             data_time += time.perf_counter() - fetch_start
+            warn_unreadable(unreadable)
+            unreadable_files += unreadable
             n = labels.shape[0]
             weight = 1.0
             if n == 0:
@@ -157,7 +161,7 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
             # Checked for a placeholder too: 0 * NaN is NaN, which would reach every rank's weights.
             device_sums[3] += (~torch.isfinite(loss)).double()
             images_seen += n
-            skipped += n_skipped
+            skipped += len(unreadable)
             step += 1
             bar.update(1)
 
@@ -171,7 +175,7 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
                 now = time.perf_counter()
                 images_per_s = (part_images - last_images) / max(now - last_log_time, 1e-9)
                 last_log_time = now
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1=f"{100 - metrics['top1_err']:.1f}%",
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", top1_err=f"{metrics['top1_err']:.1f}%",
                                 img_s=f"{images_per_s:.0f}")
                 if writer is not None:
                     writer.add_scalar("train/loss", metrics["loss"], global_step)
@@ -196,8 +200,8 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
 
     elapsed = time.perf_counter() - start
     return {**_train_metrics(sums), "step": step, "interrupted": interrupted, "sums": sums,
-            "epoch_time_s": elapsed, "data_wait_fraction": data_time / max(elapsed, 1e-9),
-            "images_per_s": part_images / max(elapsed, 1e-9)}
+            "unreadable": unreadable_files, "epoch_time_s": elapsed,
+            "data_wait_fraction": data_time / max(elapsed, 1e-9), "images_per_s": part_images / max(elapsed, 1e-9)}
 
 
 def _train_metrics(sums: list[float]) -> dict:
@@ -211,35 +215,42 @@ def _train_metrics(sums: list[float]) -> dict:
 
 
 @torch.inference_mode()
-def validate(model, loader, augment: BatchAugment, *, bf16: bool = True, desc: str = "val") -> dict:
+def validate(model, loader, augment: BatchAugment, *, bf16: bool = True, desc: str = "val",
+             progress_every_s: float = 30.0) -> dict:
     """Single-scale, centre-crop validation (the plateau signal of §3.1), summed over all ranks.
 
-    Each rank sees a disjoint shard (no padded repeats), so every image is counted once.
+    Each rank sees a disjoint shard (no padded repeats), so every image is counted once. Unreadable
+    files are warned about once each and returned as this rank's `unreadable` list.
     """
     device = augment.device
     model.eval()
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss*n, top1, top5, n, skipped
-    for images, labels, n_skipped in tqdm(loader, desc=desc, unit="batch", leave=False,
-                                          disable=not is_main_process(), dynamic_ncols=True):
-        sums[4] += n_skipped
-        if labels.numel() == 0:
-            # Safe to skip here, unlike in training: forward in eval mode without grad makes no DDP
-            # collective (our nets have no buffers to broadcast), and the shards' batch counts may
-            # differ anyway; the one all-reduce comes after the loop.
-            continue
-        images = augment(images, train=False)
-        labels = labels.to(device, non_blocking=True)
-        with autocast_context(device, bf16):
-            logits = model(images).float()
-        top1, top5 = topk_hits(logits, labels).sum(dim=1)
-        n = labels.shape[0]
-        sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
-        sums[1] += top1
-        sums[2] += top5
-        sums[3] += n
+    unreadable_files = []
+    with progress_bar(total=len(loader), desc=desc, unit="batches", every_s=progress_every_s,
+                      enabled=is_main_process()) as bar:
+        for images, labels, unreadable in loader:
+            bar.update(1)
+            warn_unreadable(unreadable)
+            unreadable_files += unreadable
+            sums[4] += len(unreadable)
+            if labels.numel() == 0:
+                # Safe to skip here, unlike in training: forward in eval mode without grad makes no DDP
+                # collective (our nets have no buffers to broadcast), and the shards' batch counts may
+                # differ anyway; the one all-reduce comes after the loop.
+                continue
+            images = augment(images, train=False)
+            labels = labels.to(device, non_blocking=True)
+            with autocast_context(device, bf16):
+                logits = model(images).float()
+            top1, top5 = topk_hits(logits, labels).sum(dim=1)
+            n = labels.shape[0]
+            sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
+            sums[1] += top1
+            sums[2] += top5
+            sums[3] += n
     reduced = all_reduce_sum(sums)
     count = max(reduced[3].item(), 1.0)
     return {"loss": reduced[0].item() / count, "top1": 100 * reduced[1].item() / count,
             "top1_err": 100 * (1 - reduced[1].item() / count),
             "top5_err": 100 * (1 - reduced[2].item() / count),
-            "images": int(reduced[3].item()), "skipped": int(reduced[4].item())}
+            "images": int(reduced[3].item()), "skipped": int(reduced[4].item()), "unreadable": unreadable_files}

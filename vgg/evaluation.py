@@ -20,6 +20,7 @@ are summed across ranks, so every image is counted exactly once.
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
 from vgg import data as vdata
 from vgg.checkpoint import EVAL_KEYS, build_model_from_checkpoint, load_checkpoint
-from vgg.distributed import all_reduce_sum, shard_indices
+from vgg.distributed import all_reduce_sum, progress_bar, shard_indices
 from vgg.engine import autocast_context, topk_hits
 from vgg.errors import UserError
 from vgg.models import to_dense
@@ -245,23 +245,24 @@ class ShardDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        image, label = self.dataset[self.indices[i]]
-        return i, image, label
+        return i, *self.dataset[self.indices[i]]  # (i, images, label) or (i, None, label, Unreadable)
 
 
 def collate_shard(items):
-    """-> (positions [B], per-image lists of uint8 images, labels [B], n_skipped); unreadable images dropped."""
-    kept = [item for item in items if item[1] is not None]
-    positions = torch.tensor([i for i, _, _ in kept], dtype=torch.int64)
-    labels = torch.tensor([label for _, _, label in kept], dtype=torch.int64)
-    return positions, [images for _, images, _ in kept], labels, len(items) - len(kept)
+    """-> (positions [B], per-image lists of uint8 images, labels [B], list of Unreadable); unreadable
+    images dropped (see vgg.data.collate_batch)."""
+    kept, unreadable = vdata.split_unreadable([item[1:] for item in items])
+    positions = torch.tensor([item[0] for item in items if item[1] is not None], dtype=torch.int64)
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
+    return positions, [images for images, _ in kept], labels, unreadable
 
 
 # --- The evaluation loop -------------------------------------------------------------------------
 
 def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=torch.device("cpu"),
                      batch_size: int = 32, workers: int = 4, bf16: bool = True, channels_last: bool = True,
-                     rank: int = 0, world_size: int = 1, progress: bool = True) -> dict:
+                     rank: int = 0, world_size: int = 1, progress: bool = True,
+                     progress_every_s: float = 30.0) -> dict:
     """Test `nets` on the images under `val_dir` with the given methods; returns the results, summed over ranks.
 
     One row per net and method (plus "multi-crop & dense" when both are asked for), and with
@@ -308,11 +309,12 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
                 file(net_i, DENSE, positions, runner.dense(images))
 
     # A with-block closes the bar on an error too, so an error line starts on a line of its own.
-    with tqdm(total=len(indices), unit="img", desc="evaluate", disable=not progress, dynamic_ncols=True) as bar, \
-            torch.inference_mode(), autocast_context(device, bf16):
-        for positions, per_image, batch_labels, n_skipped in loader:
-            skipped += n_skipped
-            bar.update(len(positions) + n_skipped)
+    with progress_bar(total=len(indices), unit="img", desc="evaluate", every_s=progress_every_s,
+                      enabled=progress) as bar, torch.inference_mode(), autocast_context(device, bf16):
+        for positions, per_image, batch_labels, unreadable in loader:
+            vdata.warn_unreadable(unreadable)  # once per file, from this process (not the workers)
+            skipped += len(unreadable)
+            bar.update(len(positions) + len(unreadable))
             if len(positions) == 0:
                 continue
             labels[positions] = batch_labels
@@ -522,3 +524,24 @@ def write_results(result: dict, out) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     md_path.write_text(format_markdown(result))
     return json_path, md_path
+
+
+def write_tensorboard(result: dict, net: EvalNet, name: str) -> Path:
+    """An "evaluation" section in the TensorBoard folder of the run that trained `net`
+    (<log_dir>/<run_name> from its checkpoint's config), beside the training curves: the table as
+    text (TEXT tab) and each row's per-class top-1 accuracy as a histogram (HISTOGRAMS tab), under
+    tags `evaluation/<name>/...` so that several evaluations of a run stay apart. Returns the folder."""
+    from torch.utils.tensorboard import SummaryWriter  # only evaluate.py needs it
+
+    folder = Path(net.config.get("log_dir") or "runs") / net.config.get("run_name", net.path.parent.name)
+    with SummaryWriter(str(folder)) as writer:
+        nets = ", ".join(f"{n['name']} (`{n['checkpoint']}`)" for n in result["nets"])
+        writer.add_text(f"evaluation/{name}/table",
+                        f"{format_table(result['rows'], markdown=True)}\n\n{result['images']} images of "
+                        f"`{result['val_dir']}` evaluated, {result['skipped']} unreadable skipped; nets: {nets}", 0)
+        for row in result["rows"]:
+            accuracy = [a for a in row["per_class_top1_acc"] if a is not None]
+            if accuracy:
+                label = re.sub(r"[^\w.&+-]+", "_", f"{row['net']} {row['method']}").strip("_")
+                writer.add_histogram(f"evaluation/{name}/per_class_top1_acc/{label}", torch.tensor(accuracy), 0)
+    return folder

@@ -4,8 +4,9 @@ on the GPU, for when CPU decoding cannot feed the net.
 DataLoader workers only read file bytes (cheap). The main process then, per batch:
   1. `decode_batch`: one batched `torchcodec.decoders.decode_jpeg(..., device="cuda")` call. Files
      nvJPEG cannot take (CMYK/YCCK JPEGs, PNGs named .JPEG, anything it rejects) are decoded on the
-     CPU instead (TorchCodec, then PIL) and moved over; files nobody can decode are skipped, counted,
-     and named in one warning line each (as vgg.data.ImageFolder does).
+     CPU instead (TorchCodec, then PIL) and moved over; files nobody can read or decode are skipped,
+     and handed to the training loop as `vgg.data.Unreadable` records (as on the CPU path), which
+     warns once per file.
   2. `gpu_train_augment`: the paper's training augmentation (§3.1), drawn exactly as the CPU path's
      `vgg.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
      rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop,
@@ -31,7 +32,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import decode_jpeg
 
-from vgg.data import DECODE_ERRORS
+from vgg.data import DECODE_ERRORS, Unreadable, split_unreadable
 from vgg.errors import UserError
 from vgg.transforms import draw_train_crop, load_rgb, to_uint8_tensor
 
@@ -47,7 +48,8 @@ _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # --------------------------------------------------------------------------------------------------
 
 class EncodedImages(Dataset):
-    """(path, label) samples -> (encoded file bytes, label, path); bytes is None for an unreadable file.
+    """(path, label) samples -> (encoded file bytes, label, path), or (None, label, Unreadable(path,
+    reason)) for a file that cannot be read (silently: this runs in DataLoader workers).
 
     Only reads the file; decoding happens batched on the device.
     """
@@ -61,25 +63,25 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            data = Path(path).read_bytes()
+            return Path(path).read_bytes(), label, str(path)
         except OSError as e:
-            log.warning(f"warning: skipping unreadable image {path} ({type(e).__name__}: {e})")
-            data = None
-        return data, label, str(path)
+            return None, label, Unreadable(str(path), f"{type(e).__name__}: {e}")
 
 
 def collate_encoded(items):
-    """Runs in the workers: -> (all files' bytes in one flat uint8 tensor, sizes int64 [B] (-1 for
-    an unreadable file), labels int64 [B], list of paths).
+    """Runs in the workers: -> (all readable files' bytes in one flat uint8 tensor, sizes int64 [B]
+    (-1 for an unreadable file), labels int64 [B], list of paths, list of Unreadable).
 
     One flat tensor per batch crosses from the worker in one shared-memory block, instead of one
     block (and file descriptor) per image.
     """
+    _, unreadable = split_unreadable(items)
     sizes = torch.tensor([-1 if data is None else len(data) for data, _, _ in items], dtype=torch.int64)
     flat = torch.frombuffer(bytearray(b"".join(data for data, _, _ in items if data)) or bytearray(1),
                             dtype=torch.uint8)
     labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
-    return flat, sizes, labels, [path for _, _, path in items]
+    paths = [path if data is not None else path.path for data, _, path in items]
+    return flat, sizes, labels, paths, unreadable
 
 
 def split_encoded(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor | None]:
@@ -124,14 +126,22 @@ def jpeg_components(data: torch.Tensor) -> int:
     return 0
 
 
-def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>") -> torch.Tensor | None:
+def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>",
+                  unreadable: list | None = None) -> torch.Tensor | None:
     """Decode one image on the CPU: TorchCodec for JPEGs, else the CPU path's PIL decoder
     (`vgg.transforms.load_rgb`: PNGs named .JPEG, CMYK, ...; truncated files are refused, as there).
-    Returns uint8 [3, H, W], or None (with one warning line naming the file)."""
+    Returns uint8 [3, H, W], or None: with an Unreadable(name, reason) appended to `unreadable` if
+    given (the training loop warns once per file), else with one warning line naming the file."""
+    def skip(reason: str) -> None:
+        if unreadable is None:
+            log.warning(f"warning: skipping unreadable image {name} ({reason})")
+        else:
+            unreadable.append(Unreadable(name, reason))
+
     if data is None:
         return None
     if data.numel() == 0:
-        log.warning(f"warning: skipping unreadable image {name} (empty file)")
+        skip("empty file")
         return None
     if data[:3].numpy().tobytes() == JPEG_MAGIC:
         try:
@@ -142,19 +152,19 @@ def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>") -> torch.Ten
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return to_uint8_tensor(load_rgb(image)).contiguous()
     except DECODE_ERRORS as e:
-        reason = " ".join(f"{type(e).__name__}: {e}".split())
-        log.warning(f"warning: skipping unreadable image {name} ({reason})")
+        skip(" ".join(f"{type(e).__name__}: {e}".split()))
         return None
 
 
 def decode_batch(encoded: list, device: torch.device | str, names: list[str] | None = None, *,
-                 batched: bool | None = None) -> list[torch.Tensor | None]:
+                 batched: bool | None = None, unreadable: list | None = None) -> list[torch.Tensor | None]:
     """Decode a batch of encoded images to uint8 [3, H, W] tensors on `device` (None where undecodable).
 
     batched (default: device is CUDA): plain JPEGs (1 or 3 components) go through one batched
     decode_jpeg call on `device` (nvJPEG on CUDA). If that call fails, each file is retried on its
     own; whatever still fails, and every file that is not a plain JPEG, is decoded on the CPU
     (`decode_on_cpu`) and copied to `device`. Without batching every file is decoded on the CPU.
+    unreadable: as for decode_on_cpu.
     """
     device = torch.device(device)
     names = names or [f"<image {i}>" for i in range(len(encoded))]
@@ -175,7 +185,7 @@ def decode_batch(encoded: list, device: torch.device | str, names: list[str] | N
                     pass
     for i, data in enumerate(encoded):
         if out[i] is None:
-            image = decode_on_cpu(data, names[i])
+            image = decode_on_cpu(data, names[i], unreadable)
             out[i] = None if image is None else image.to(device, non_blocking=True)
         elif out[i].shape[0] == 1:  # a decoder that ignored mode="RGB" for a grey JPEG
             out[i] = out[i].expand(3, -1, -1)
@@ -224,7 +234,7 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
 
 class GpuTrainLoader:
     """Wraps a DataLoader of encoded bytes (`EncodedImages` + `collate_encoded`); iterating yields
-    (images uint8 [B, 3, crop, crop], labels, n_skipped) with images and labels on `device`, ready
+    (images uint8 [B, 3, crop, crop], labels, list of Unreadable) with images and labels on `device`, ready
     for the trainer's BatchAugment (mean subtraction and colour shift, as on the CPU path).
 
     prefetch: a background thread prepares the next batch (on its own CUDA stream on a GPU).
@@ -245,10 +255,10 @@ class GpuTrainLoader:
         return len(self.loader)
 
     def prepare(self, batch):
-        """One collated batch of bytes -> (images, labels, n_skipped) on the device."""
-        flat, sizes, labels, names = batch
+        """One collated batch of bytes -> (images, labels, list of Unreadable) on the device."""
+        flat, sizes, labels, names, unreadable = batch
         encoded = split_encoded(flat, sizes)
-        decoded = decode_batch(encoded, self.device, names)
+        decoded = decode_batch(encoded, self.device, names, unreadable=unreadable)
         keep = [i for i, image in enumerate(decoded) if image is not None]
         images = gpu_train_augment([decoded[i] for i in keep], crop_size=self.crop_size,
                                    scale_min=self.scale_min, scale_max=self.scale_max,
@@ -258,7 +268,7 @@ class GpuTrainLoader:
         labels = labels[keep].to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels, len(encoded) - len(keep)
+        return images, labels, unreadable
 
     def __iter__(self):
         if not self.prefetch:

@@ -6,6 +6,7 @@ schedule, warm start, resume, TensorBoard and checkpoints together.
 
 import json
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from vgg import sample_data
 from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_checkpoint, load_model_state, rng_state,
                             save_checkpoint, set_rng_state)
 from vgg.config import Config
-from vgg.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, get_logger,
+from vgg.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, gather_objects, get_logger,
                              init_distributed, is_main_process, shard_indices)
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
@@ -88,7 +89,8 @@ def load_stats(config: Config, train_dir: Path) -> vdata.DatasetStats:
         return vdata.DatasetStats.from_dict(json.loads(path.read_text()))
     stats = None
     if is_main_process():
-        stats = vdata.load_or_compute_stats(train_dir, num_images=config.stats_images, seed=config.seed)
+        stats = vdata.load_or_compute_stats(train_dir, num_images=config.stats_images, seed=config.seed,
+                                            progress_every_s=config.progress_every_s)
     return broadcast_object(stats)
 
 
@@ -136,7 +138,7 @@ def build_optimizer(model, config: Config) -> torch.optim.SGD:
 # How `--resume` treats a setting that differs from the checkpoint's config (see resume_changes).
 RESUME_APPLIED = ("lr", "momentum", "weight_decay", "patience", "max_lr_drops", "epochs",
                   "workers", "data_path", "data", "device", "bf16", "compile", "channels_last", "cudnn_benchmark",
-                  "log_every", "checkpoint_every", "log_dir", "out_dir", "run_name")
+                  "log_every", "checkpoint_every", "log_dir", "out_dir", "run_name", "progress_every_s")
 RESUME_AT_EPOCH_BOUNDARY = ("batch_size", "gpus", "world_size", "steps_per_epoch")
 
 
@@ -149,7 +151,7 @@ def resume_changes(config: Config, ckpt: dict, path: Path, world_size: int) -> l
       weight_decay, patience, max_lr_drops, epochs; and how/where the run executes and writes:
       workers, data_path, data (a moved dataset), device, bf16, compile, channels_last,
       cudnn_benchmark, log_every, checkpoint_every, log_dir, out_dir, run_name (continue in a new
-      folder);
+      folder), progress_every_s;
     - batch_size, gpus, the number of processes and steps_per_epoch: applied at an epoch boundary,
       refused for a mid-epoch checkpoint (the resumed epoch would re-train or skip images);
     - everything else (arch, width, fc_width, dropout, init, init_from, crop and scales, val_scale,
@@ -209,10 +211,16 @@ def remove_stale_temp_files(run_dir: Path) -> None:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop at its next sync point, save, and exit cleanly."""
+    """SIGINT/SIGTERM ask the loop to stop at its next sync point, save, and exit cleanly.
+
+    DataLoader workers are forked with this handler installed, and Ctrl-C signals the terminal's whole
+    process group: the handler acts in the process that installed it only (workers ignore the signal;
+    the main process shuts them down), so the message is printed once.
+    """
 
     def __init__(self):
         self.signal = None
+        self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def restore(self) -> None:
@@ -220,10 +228,12 @@ class StopFlag:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
+        if os.getpid() != self.pid:  # a DataLoader worker
+            return
         if self.signal is not None:  # a second Ctrl-C: stop right away
             raise KeyboardInterrupt
         self.signal = signum
-        log.warning(f"\n{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping")
+        log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping")
 
     def __call__(self) -> bool:
         return self.signal is not None
@@ -301,6 +311,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="max", factor=config.lr_factor, patience=config.patience)
     start_epoch, start_step, best_top1, lr_drops = 0, 0, -1.0, 0
+    best = None  # the best epoch's number and val errors (those of best.pt), for the final line and hparams
     if ckpt:
         if ckpt["arch"] != model.arch_kwargs() or ckpt["classes"] != classes:
             raise UserError(f"{resume_path} was trained as {ckpt['arch']} on {len(ckpt['classes'])} "
@@ -308,6 +319,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         restore_training_state(ckpt, resume_path, model, optimizer, scheduler)
         apply_resume_changes(changes, optimizer, scheduler, config)
         start_epoch, start_step, best_top1, lr_drops = ckpt["epoch"], ckpt["step"], ckpt["best_top1"], ckpt["lr_drops"]
+        best = ckpt.get("best") if isinstance(ckpt.get("best"), dict) else None  # absent in older checkpoints
         log.info(f"resumed {resume_path} at epoch {start_epoch}, step {start_step} (lr "
                  f"{optimizer.param_groups[0]['lr']:g}, {lr_drops} lr drops so far)")
     elif source_ckpt:
@@ -321,11 +333,21 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         model = torch.compile(model)
 
     writer = None
+    last_step = start_epoch * steps_per_epoch + start_step  # the global step of the last optimizer step done
+    skipped_files = {}  # path -> reason: every unreadable file of the run so far, for skipped.txt
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        writer = SummaryWriter(str(Path(config.log_dir) / config.run_name))
+        if ckpt and (run_dir / SKIPPED_LIST).is_file():
+            skipped_files = read_skipped_list(run_dir / SKIPPED_LIST)
+        # Every scalar's x axis is the global optimizer step. Events after the step this run starts
+        # from (those logged before an interruption, or by a run resumed from a later checkpoint)
+        # are dropped when TensorBoard reads the folder, as this run logs those steps again: no curve
+        # shows a doubled segment. A fresh run drops everything a former run left in the folder.
+        writer = SummaryWriter(str(Path(config.log_dir) / config.run_name),
+                               purge_step=last_step + 1 if ckpt else 0)
+        writer.add_custom_scalars(DASHBOARD_LAYOUT)
         writer.add_text("config", "```\n" + yaml.safe_dump(config.to_dict(), sort_keys=False) + "```", 0)
         log.info(f"net {config.arch}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
                  f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
@@ -337,7 +359,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "epoch": epoch, "step": step, "lr_drops": lr_drops, "world_size": dist.world_size,
                 "rng": rng_state(), "config": config.to_dict(),
-                "stats": stats.to_dict(), "classes": classes, "best_top1": best_top1}
+                "stats": stats.to_dict(), "classes": classes, "best_top1": best_top1, "best": best}
 
     def save(name: str, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
         # epoch_sums: the metric sums of a part-done epoch's steps 0..step-1, so its row covers it all
@@ -358,7 +380,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
             model, train_loader, optimizer, augment, epoch=epoch, num_steps=steps_per_epoch,
             start_step=start_step, bf16=config.bf16, log_every=config.log_every,
             checkpoint_every=config.checkpoint_every, stop_requested=stop, writer=writer,
-            on_checkpoint=lambda step, sums: save("last.pt", epoch, step, sums), carried_sums=epoch_sums)
+            on_checkpoint=lambda step, sums: save("last.pt", epoch, step, sums), carried_sums=epoch_sums,
+            progress_every_s=config.progress_every_s)
         start_step, epoch_sums = 0, None
         if train_metrics["interrupted"]:
             save("last.pt", epoch, train_metrics["step"], train_metrics["sums"])
@@ -366,41 +389,95 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                         f"continue with --resume")
             raise SystemExit(128 + (stop.signal or signal.SIGINT))
 
-        val_metrics = validate(model, val_loader, augment, bf16=config.bf16)
-        drops_before, lr_before = lr_drops, optimizer.param_groups[0]["lr"]
+        val_metrics = validate(model, val_loader, augment, bf16=config.bf16, progress_every_s=config.progress_every_s)
+        epoch_lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
         scheduler.step(val_metrics["top1"])  # ÷10 when val accuracy stops improving (§3.1)
-        if optimizer.param_groups[0]["lr"] < lr_before:  # counted when made: a resumed --lr is no drop
+        next_lr = optimizer.param_groups[0]["lr"]
+        if next_lr < epoch_lr:  # counted when made: a resumed --lr is no drop
             lr_drops += 1
         plateau_end = lr_drops > config.max_lr_drops
         improved = val_metrics["top1"] > best_top1
         best_top1 = max(best_top1, val_metrics["top1"])
         if improved:
+            best = {"epoch": epoch, "val_top1_err": val_metrics["top1_err"], "val_top5_err": val_metrics["top5_err"]}
             save("best.pt", epoch + 1, 0)
         save("last.pt", epoch + 1, 0)
 
-        row = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"],
-               **{f"train_{k}": v for k, v in train_metrics.items() if k not in ("interrupted", "step", "sums")},
-               **{f"val_{k}": v for k, v in val_metrics.items()}}
+        # lr: the one this epoch trained with; lr_drops: the drops made so far, this epoch's plateau
+        # check included (so an epoch that triggers a drop shows its own lr and the new count).
+        last_step = (epoch + 1) * steps_per_epoch
+        row = {"epoch": epoch, "lr": epoch_lr, "lr_drops": lr_drops,
+               **{f"train_{k}": v for k, v in train_metrics.items() if k not in NOT_IN_ROW},
+               **{f"val_{k}": v for k, v in val_metrics.items() if k not in NOT_IN_ROW}}
+        # Every rank's unreadable files, to list them all in skipped.txt (one gather an epoch).
+        unreadable = gather_objects(train_metrics["unreadable"] + val_metrics["unreadable"])
         if is_main_process():
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-            log_epoch(writer, epoch, row, device)
-            skipped = train_metrics["skipped"] + val_metrics["skipped"]
+            log_epoch(writer, last_step, row, device)
+            dropped = (f", dropped to {next_lr:g} (lr drop {lr_drops} of {config.max_lr_drops})"
+                       if next_lr < epoch_lr else "")
             log.info(f"epoch {epoch}: train loss {train_metrics['loss']:.3f}, top-1 err "
                      f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
-                     f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s, "
-                     f"lr drops {drops_before}" + (f" | {skipped} unreadable images skipped" if skipped else ""))
+                     f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s | "
+                     f"lr {epoch_lr:g}{dropped}")
+            skipped = train_metrics["skipped"] + val_metrics["skipped"]
+            if skipped:
+                skipped_files.update({f.path: f.reason for rank_files in unreadable for f in rank_files})
+                write_skipped_list(run_dir / SKIPPED_LIST, skipped_files)
+                log.info(f"{skipped} unreadable files skipped; list in {run_dir / SKIPPED_LIST}")
         if plateau_end:
             log.info(f"val top-1 plateaued after {config.max_lr_drops} lr drops: training ends (§3.1)")
             break
 
     if writer is not None:
-        final = {f"hparam/val_{k}": v for k, v in val_metrics.items() if k in ("top1_err", "top5_err")}
+        if best is not None:  # the best epoch's errors: those of best.pt, which evaluation starts from
+            final = {"hparam/val_top1_err": best["val_top1_err"], "hparam/val_top5_err": best["val_top5_err"],
+                     "hparam/best_epoch": best["epoch"]}
+        else:  # resumed from a checkpoint that kept only the best accuracy
+            final = {"hparam/val_top1_err": 100 - best_top1}
         hparams = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool))}
-        writer.add_hparams(hparams, final, run_name=".")
+        writer.add_hparams(hparams, final, run_name=".", global_step=last_step)  # purged on resume, like the rest
         writer.close()
-        log.info(f"done: best val top-1 {best_top1:.1f}%; checkpoints in {run_dir}")
+        where = f" (epoch {best['epoch']})" if best is not None else ""
+        log.info(f"done: best val top-1 err {100 - best_top1:.1f}%{where}; checkpoints in {run_dir}")
     return val_metrics
+
+
+# Per-epoch metrics that are no numbers for metrics.jsonl: loop state and the unreadable files' list.
+NOT_IN_ROW = ("interrupted", "step", "sums", "unreadable")
+SKIPPED_LIST = "skipped.txt"
+
+
+def read_skipped_list(path: Path) -> dict[str, str]:
+    """skipped.txt -> {path: reason}."""
+    lines = [line.split("\t", 1) for line in path.read_text().splitlines() if line.strip()]
+    return {parts[0]: parts[1] if len(parts) > 1 else "" for parts in lines}
+
+
+def write_skipped_list(path: Path, files: dict[str, str]) -> None:
+    """The run's unreadable files, one `path<TAB>reason` line each, sorted."""
+    path.write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(files.items())))
+
+
+# The TensorBoard custom-scalars page ("CUSTOM SCALARS"): the charts to look at first, then the rest.
+# Every scalar is logged against the global optimizer step, so a chart can overlay per-step tags
+# and per-epoch ones. (The layout cannot set a log scale: each chart has a log-scale toggle.)
+DASHBOARD_LAYOUT = {
+    "1. training": {
+        "top-1 error (%): train vs val": ["Multiline", ["^epoch/train_top1_err$", "^val/top1_err$"]],
+        "loss: train (running) vs val": ["Multiline", ["^train/loss$", "^val/loss$"]],
+        "learning rate": ["Multiline", ["^train/lr$"]],
+        "images/s": ["Multiline", ["^speed/images_per_s$"]],
+        "fraction of time waiting for data": ["Multiline", ["^speed/data_wait_fraction$"]],
+    },
+    "2. more": {
+        "top-5 error (%): train vs val": ["Multiline", ["^epoch/train_top5_err$", "^val/top5_err$"]],
+        "running train error (%)": ["Multiline", [r"^train/top\d_err$"]],
+        "epoch time (s)": ["Multiline", ["^epoch/time_s$"]],
+        "GPU memory (GB)": ["Multiline", ["^epoch/gpu_memory_gb$"]],
+    },
+}
 
 
 def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, count: int = 32) -> None:
@@ -416,16 +493,18 @@ def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, c
     writer.add_images("train/augmented_images", ((batch + mean) / 255).clamp(0, 1), 0)
 
 
-def log_epoch(writer: SummaryWriter, epoch: int, row: dict, device: torch.device) -> None:
-    writer.add_scalar("val/top1_err", row["val_top1_err"], epoch)
-    writer.add_scalar("val/top5_err", row["val_top5_err"], epoch)
-    writer.add_scalar("val/loss", row["val_loss"], epoch)
-    writer.add_scalar("epoch/train_top1_err", row["train_top1_err"], epoch)
-    writer.add_scalar("epoch/train_top5_err", row["train_top5_err"], epoch)
-    writer.add_scalar("epoch/lr", row["lr"], epoch)
-    writer.add_scalar("epoch/time_s", row["train_epoch_time_s"], epoch)
-    writer.add_scalar("epoch/images_per_s", row["train_images_per_s"], epoch)
-    writer.add_scalar("epoch/data_wait_fraction", row["train_data_wait_fraction"], epoch)
+def log_epoch(writer: SummaryWriter, step: int, row: dict, device: torch.device) -> None:
+    """An epoch's row, at `step`: the global optimizer step at the end of the epoch (the per-step
+    tags' axis, so both kinds can share a chart)."""
+    writer.add_scalar("val/top1_err", row["val_top1_err"], step)
+    writer.add_scalar("val/top5_err", row["val_top5_err"], step)
+    writer.add_scalar("val/loss", row["val_loss"], step)
+    writer.add_scalar("epoch/train_top1_err", row["train_top1_err"], step)
+    writer.add_scalar("epoch/train_top5_err", row["train_top5_err"], step)
+    writer.add_scalar("epoch/lr", row["lr"], step)
+    writer.add_scalar("epoch/time_s", row["train_epoch_time_s"], step)
+    writer.add_scalar("epoch/images_per_s", row["train_images_per_s"], step)
+    writer.add_scalar("epoch/data_wait_fraction", row["train_data_wait_fraction"], step)
     if device.type == "cuda":
-        writer.add_scalar("epoch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, epoch)
+        writer.add_scalar("epoch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
     writer.flush()
