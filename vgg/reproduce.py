@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vgg.config import FIELDS, RUNTIME_FIELDS, Config, config_path, ensure_writable_dir, get_args_parser, load_yaml
+from vgg.distributed import set_cpu_threads
 from vgg.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,6 +395,9 @@ def reproduce(settings: Settings, patterns: list[str] | None, dry_run: bool) -> 
         return 0
     ensure_writable_dir(settings.out_dir, "--out-dir")
     ensure_writable_dir(settings.log_dir, "--log-dir")
+    if settings.runtime.get("gpus", 1) <= 1:  # stages run in this process: its threads, as train.py's
+        set_cpu_threads(settings.runtime.get("device", FIELDS["device"].default),
+                        settings.runtime.get("workers", FIELDS["workers"].default))
     from vgg.trainer import prepare_dataset
 
     prepare_dataset(Config(data=settings.data))  # generates the sample dataset on first use; checks train/, val/
