@@ -14,6 +14,7 @@ same folder, fsync, rename), so a crash or `kill -9` mid-write leaves the previo
     stats      DatasetStats.to_dict(): mean RGB and colour PCA used in training and evaluation
     classes    the sorted wnids; class index i is classes[i]
     best_top1  best validation top-1 accuracy so far
+    best       the best epoch's number and val top-1/top-5 errors (None before the first epoch ends)
     epoch_sums a mid-epoch save's metric sums of the epoch so far, [loss * images, top-1 hits,
                top-5 hits, images, skipped] over all ranks (None at an epoch boundary)
 
