@@ -21,7 +21,7 @@ GLOBAL_BATCH, NUM_IMAGES, STEPS = 8, 32, 3
 
 
 def collate(items):
-    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]), 0
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items]), []  # no unreadable files
 
 
 def main(out_path: str) -> None:
