@@ -113,3 +113,64 @@ def _finish_wait(procs) -> list[tuple[int, str]]:
     """Each process's exit code and stderr, once both have ended."""
     out = [p.communicate(timeout=300)[1] for p in procs]
     return [(p.returncode, err) for p, err in zip(procs, out)]
+
+
+FAKE_SRUN = """#!/bin/bash
+# Stands in for srun and the training step: records its arguments, saves and exits 138 at USR1.
+echo "$@" > "$FAKE/srun_args"
+trap 'echo "$@" > "$FAKE/stopped"; exit 138' USR1
+echo $$ > "$FAKE/srun_pid"
+while :; do sleep 0.05; done
+"""
+FAKE_SCANCEL = """#!/bin/bash
+# scancel --signal=SIG JOB: the signal to the job step's processes (here: the fake srun).
+echo "$@" >> "$FAKE/scancel"
+kill -s "${1#--signal=}" "$(cat "$FAKE/srun_pid")"
+"""
+FAKE_SCONTROL = """#!/bin/bash
+case "$1" in
+  show) echo localhost ;;
+  requeue) echo "$@" >> "$FAKE/requeue"; exit "$REQUEUE_RC" ;;
+esac
+"""
+
+
+def test_templates_parse():
+    assert {t.name for t in TEMPLATES} == {"train_1node.sbatch", "train_multinode.sbatch"}
+    for path in [*TEMPLATES, SLURM_DIR / "requeue.sh"]:
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, f"{path.name}: {result.stderr}"
+        assert "--signal=B:USR1@300" in path.read_text() or path.name == "requeue.sh"
+
+
+@pytest.mark.parametrize("template", ["train_1node.sbatch", "train_multinode.sbatch"])
+@pytest.mark.parametrize("requeue_works", [True, False])
+def test_template_forwards_usr1_and_requeues(template, requeue_works, tmp_path):
+    """The batch script under fake srun/scancel/scontrol: SLURM's USR1 to the script reaches the job step,
+    the job asks to be requeued, and the script exits with 138."""
+    fake = tmp_path / "fake"
+    bin_dir = fake / "bin"
+    bin_dir.mkdir(parents=True)
+    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE=str(fake), SLURM_JOB_ID="42",
+               SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NODELIST="localhost", SLURM_NNODES="2",
+               SLURM_GPUS_PER_NODE="a100:2", SLURM_CPUS_PER_TASK="8", REQUEUE_RC="0" if requeue_works else "1")
+    proc = subprocess.Popen(["bash", str(SLURM_DIR / template)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (fake / "srun_pid").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 138, out
+    assert (fake / "scancel").read_text().split() == ["--signal=USR1", "42"]
+    assert (fake / "stopped").exists()  # the step got the signal and ended before the script did
+    srun_args = (fake / "srun_args").read_text()
+    assert "train.py" in srun_args and "--resume if-exists" in srun_args
+    assert (fake / "requeue").read_text().split() == ["requeue", "42"]
+    assert ("requeued job 42" if requeue_works else "submit the same script again") in out
+    if template == "train_multinode.sbatch":
+        assert "--nnodes 2 --nproc-per-node 2" in srun_args and "localhost:29500" in srun_args
+        assert "--workers 4" in srun_args
