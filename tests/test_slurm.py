@@ -174,3 +174,20 @@ def test_template_forwards_usr1_and_requeues(template, requeue_works, tmp_path):
     if template == "train_multinode.sbatch":
         assert "--nnodes 2 --nproc-per-node 2" in srun_args and "localhost:29500" in srun_args
         assert "--workers 4" in srun_args
+
+
+def test_two_node_torchrun_on_localhost_trains_an_epoch(sample_root, tmp_path):
+    """What one srun task per node runs in train_multinode.sbatch: torchrun --nnodes 2 with a c10d
+    rendezvous, here as two torchrun agents of one process each on this machine."""
+    endpoint = f"localhost:{_free_port()}"
+    args = [*common_cli_args(sample_root, tmp_path), "--run-name", "nodes", "--resume", "if-exists", "--epochs", "1",
+            "--steps-per-epoch", "3", "--batch-size", "16", "--workers", "0"]
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                                "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "test",
+                                str(ROOT / "train.py"), *args],
+                               env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True) for _ in range(2)]
+    results = _finish_wait(agents)
+    assert [code for code, _ in results] == [0, 0], results[0][1][-3000:] + results[1][1][-3000:]
+    assert "2 x cpu" in results[0][1] + results[1][1]  # one job of two processes, not two jobs of one
+    assert load_checkpoint(tmp_path / "checkpoints" / "nodes" / "last.pt")["epoch"] == 1
