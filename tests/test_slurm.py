@@ -99,7 +99,8 @@ def test_usr1_on_one_rank_saves_exits_138_and_requeued_job_finishes(sample_root,
     second = _finish_wait(_start_srun_job(args("requeued"), "200", restarts=1))  # the same command again
     assert [code for code, _ in second] == [0, 0], second[0][1][-3000:] + second[1][1][-3000:]
     assert "resuming" in second[0][1] and "(requeued job 200, restart 1)" in second[0][1]
-    done, reference = (load_checkpoint(tmp_path / "checkpoints" / name / "last.pt") for name in ("requeued", "straight"))
+    done, reference = (load_checkpoint(tmp_path / "checkpoints" / name / "last.pt")
+                       for name in ("requeued", "straight"))
     assert (done["epoch"], done["step"]) == (reference["epoch"], reference["step"]) == (2, 0)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in rows] == [0, 1]

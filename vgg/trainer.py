@@ -275,8 +275,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
     if resume == "if-exists":  # the SLURM templates' choice: a requeued job goes on, a new run name starts
         resume = "auto" if broadcast_object((run_dir / "last.pt").is_file()) else ""  # rank 0's view, for all
-        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
-        requeued = f" (requeued job {os.environ.get('SLURM_JOB_ID', '?')}, restart {restarts})" if restarts != "0" else ""
+        restarts, job = os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURM_JOB_ID", "?")
+        requeued = f" (requeued job {job}, restart {restarts})" if restarts != "0" else ""
         log.info(f"resuming {run_dir / 'last.pt'}{requeued}" if resume else
                  f"starting fresh: no {run_dir / 'last.pt'} yet")
     resume_path = None
