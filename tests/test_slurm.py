@@ -38,9 +38,10 @@ def test_expand_nodelist_refuses_what_it_cannot_read(nodelist):
 
 def test_slurm_env_becomes_torchrun_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol: the parser reads the node list
-    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-04]"}
+    srun = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[03-04]",
+            "SLURM_JOB_ID": "123456"}
     assert slurm_process_env(srun) == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu03",
-                                       "MASTER_PORT": str(DEFAULT_MASTER_PORT)}
+                                       "MASTER_PORT": str(DEFAULT_MASTER_PORT + 3456)}  # a port per job
     assert slurm_process_env({**srun, "MASTER_PORT": "1234"})["MASTER_PORT"] == "1234"
     assert slurm_process_env({**srun, "RANK": "0"}) == {}  # torchrun's environment wins
     assert slurm_process_env({"SLURM_JOB_ID": "7"}) == {}  # a batch script's own python: no srun task
@@ -173,7 +174,7 @@ def test_template_forwards_usr1_and_requeues(template, requeue_works, tmp_path):
     assert (fake / "requeue").read_text().split() == ["requeue", "42"]
     assert ("requeued job 42" if requeue_works else "submit the same script again") in out
     if template == "train_multinode.sbatch":
-        assert "--nnodes 2 --nproc-per-node 2" in srun_args and "localhost:29500" in srun_args
+        assert "--nnodes 2 --nproc-per-node 2" in srun_args and "localhost:29542" in srun_args
         assert "--workers 4" in srun_args
 
 

@@ -70,7 +70,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, torch_device, distributed)
 
 
-# The rendezvous port of a plain-`srun` job when MASTER_PORT is not set (torchrun's default too).
+# The rendezvous port of a plain-`srun` job when MASTER_PORT is not set: torchrun's default plus the job
+# ID modulo 10000, so that two jobs sharing a node do not meet on one port.
 DEFAULT_MASTER_PORT = 29500
 
 
@@ -79,15 +80,17 @@ def slurm_process_env(environ) -> dict[str, str]:
 
     Empty when torchrun (RANK set) or no `srun` step (no SLURM_PROCID) started this process.
     RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the
-    first host of SLURM_JOB_NODELIST, MASTER_PORT = DEFAULT_MASTER_PORT unless set.
+    first host of SLURM_JOB_NODELIST, MASTER_PORT = DEFAULT_MASTER_PORT + SLURM_JOB_ID % 10000 unless set.
     """
     if "RANK" in environ or "SLURM_PROCID" not in environ:
         return {}
+    job = environ.get("SLURM_JOB_ID", "0")
+    port = DEFAULT_MASTER_PORT + (int(job) % 10000 if job.isdigit() else 0)
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
     return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
             "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
             "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist),
-            "MASTER_PORT": environ.get("MASTER_PORT") or str(DEFAULT_MASTER_PORT)}
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(port)}
 
 
 def first_host(nodelist: str) -> str:
