@@ -6,7 +6,12 @@
     python train.py --config D-S384 --data /data/imagenet --gpus 4
     python train.py --config D --resume               # continue checkpoints/D/last.pt exactly
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py --config D --data ...
+    sbatch scripts/slurm/train_multinode.sbatch      # SLURM: stops at the time-limit warning, requeues, goes on
     tensorboard --logdir runs
+
+Exit codes: 0 done; 2 bad input (one `error:` line); 128 + signal after SIGINT (130), SIGUSR1 (138:
+SLURM's time-limit warning, "requeue me") or SIGTERM (143) on any process: every process stops at the
+same step and last.pt holds it (continue with --resume, or --resume if-exists as scripts/slurm/ do).
 
 Any config field can be overridden: `python train.py --config D --lr 0.005 --batch-size 128`.
 `python train.py --help` lists them all with the paper's defaults.
@@ -27,7 +32,9 @@ def main(argv=None) -> int:
         parents=[get_args_parser(shown_defaults=config_defaults(argv if argv is not None else sys.argv[1:]))],
         epilog="configs: " + ", ".join(available_configs()))
     parser.add_argument("--resume", nargs="?", const="auto", default="",
-                        help="continue a run: a run folder or .pt file (default: <out-dir>/<run-name>/last.pt)")
+                        help="continue a run: a run folder or .pt file (default: <out-dir>/<run-name>/last.pt); "
+                             "'if-exists': continue <out-dir>/<run-name>/last.pt if there is one, else start "
+                             "fresh (what the SLURM templates use, so a requeued job goes on)")
     args = parser.parse_args(argv)
     config = None
     try:

@@ -1,13 +1,18 @@
 """Everything distributed lives here: process-group setup, rank-aware logging, reductions, launching.
 
 One GPU or many use the same code. `--gpus N` (N > 1) re-executes the script under torchrun on this
-machine; several machines run it under torchrun directly. Either way the script finds torchrun's
-RANK / WORLD_SIZE / LOCAL_RANK in its environment and `init_distributed` joins the process group:
-NCCL on CUDA, gloo on CPU (so tests can run two processes on a machine without a GPU).
+machine; several machines run it under torchrun directly (or under SLURM's `srun`, one task per GPU:
+see scripts/slurm/). Either way the script finds torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or
+SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) in its environment and `init_distributed` joins
+the process group: NCCL on CUDA, gloo on CPU (so tests can run two processes on a machine without a GPU).
 """
 
+import contextlib
 import logging
 import os
+import re
+import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -46,6 +51,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if device not in ("cuda", "cpu"):
         raise UserError(f"unknown device {device!r}: choose auto, cuda or cpu")
 
+    os.environ.update(slurm_process_env(os.environ))  # plain `srun`: SLURM's names, as torchrun's
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -62,6 +68,64 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend=backend, **kwargs)
     setup_logging(rank)
     return DistInfo(rank, world_size, local_rank, torch_device, distributed)
+
+
+# The rendezvous port of a plain-`srun` job when MASTER_PORT is not set: torchrun's default plus the job
+# ID modulo 10000, so that two jobs sharing a node do not meet on one port.
+DEFAULT_MASTER_PORT = 29500
+
+
+def slurm_process_env(environ) -> dict[str, str]:
+    """torchrun's variables from SLURM's, for a process started by plain `srun` (one task per GPU).
+
+    Empty when torchrun (RANK set) or no `srun` step (no SLURM_PROCID) started this process.
+    RANK = SLURM_PROCID, WORLD_SIZE = SLURM_NTASKS, LOCAL_RANK = SLURM_LOCALID, MASTER_ADDR = the
+    first host of SLURM_JOB_NODELIST, MASTER_PORT = DEFAULT_MASTER_PORT + SLURM_JOB_ID % 10000 unless set.
+    """
+    if "RANK" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    job = environ.get("SLURM_JOB_ID", "0")
+    port = DEFAULT_MASTER_PORT + (int(job) % 10000 if job.isdigit() else 0)
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or "localhost"
+    return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ.get("SLURM_NTASKS", "1"),
+            "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist),
+            "MASTER_PORT": environ.get("MASTER_PORT") or str(port)}
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: `scontrol show hostnames` where SLURM is installed, else
+    `expand_nodelist` (which reads the common forms)."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 check=True, timeout=60).stdout.split()
+            if out:
+                return out[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return expand_nodelist(nodelist)[0]
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """`gpu[01-03,7],login1` -> [gpu01, gpu02, gpu03, gpu7, login1]: SLURM's host list with at most one
+    bracket per name, at its end (zero padding kept). UserError for a form it does not read."""
+    entries = re.findall(r"[^,\[]+(?:\[[^\]]*\])?", nodelist)
+    if not entries or ",".join(entries) != nodelist:
+        raise UserError(f"cannot read the SLURM node list {nodelist!r}: set MASTER_ADDR to the first node's name")
+    hosts = []
+    for entry in entries:
+        name, _, ranges = entry.partition("[")
+        for part in ranges.rstrip("]").split(",") if ranges else [""]:
+            low, _, high = part.partition("-")
+            if not part:
+                hosts.append(name)
+                continue
+            if not low.isdigit() or (high and not high.isdigit()):
+                raise UserError(f"cannot read the SLURM node list {nodelist!r}: set MASTER_ADDR to the first "
+                                "node's name")
+            hosts += [f"{name}{number:0{len(low)}d}" for number in range(int(low), int(high or low) + 1)]
+    return hosts
 
 
 def cleanup_distributed() -> None:
@@ -92,6 +156,31 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if get_world_size() > 1:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first, the other ranks after it: a cache the block writes (the file lists on
+    a shared file system) is written once, then read. Rank 0 lets the others go even if it fails; they
+    then meet the same error themselves instead of waiting for it."""
+    main = is_main_process()
+    if not main:
+        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of every rank's `value` (the value itself in a single process)."""
+    if get_world_size() == 1:
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def gather_objects(obj) -> list:

@@ -20,8 +20,8 @@ from vgg import sample_data
 from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_checkpoint, load_model_state, rng_state,
                             save_checkpoint, set_rng_state)
 from vgg.config import Config
-from vgg.distributed import (DistInfo, barrier, broadcast_object, cleanup_distributed, gather_objects, get_logger,
-                             init_distributed, is_main_process, shard_indices)
+from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object, cleanup_distributed, gather_objects,
+                             get_logger, init_distributed, is_main_process, main_process_first, shard_indices)
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
 from vgg.models import build_vgg, warm_start
@@ -210,18 +210,26 @@ def remove_stale_temp_files(run_dir: Path) -> None:
         log.info(f"removed {len(stale)} stale temp file(s) of an interrupted save from {run_dir}")
 
 
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to stop at its next sync point, save, and exit cleanly.
+# The signals that ask a run to stop at its next sync point, save last.pt and exit with 128 + signal:
+# Ctrl-C; SIGTERM (kill, and SLURM's preemption or scancel); SIGUSR1 (the warning SLURM sends before
+# the time limit, as scripts/slurm/ ask for it: that exit, 138, means "requeue me").
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    DataLoader workers are forked with this handler installed, and Ctrl-C signals the terminal's whole
-    process group: the handler acts in the process that installed it only (workers ignore the signal;
-    the main process shuts them down), so the message is printed once.
+
+class StopFlag:
+    """A STOP_SIGNALS signal asks the loop to stop at its next sync point, save, and exit cleanly.
+
+    One rank's signal is enough: the loop agrees on the stop at every sync point, and `exit_code`
+    agrees on the signal. DataLoader workers are forked with this handler installed, and Ctrl-C signals
+    the terminal's whole process group (as SLURM's signals reach every process of a job step): the
+    handler acts in the process that installed it only (workers ignore the signal; the main process
+    shuts them down), so the message is printed once.
     """
 
     def __init__(self):
         self.signal = None
         self.pid = os.getpid()
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -230,13 +238,20 @@ class StopFlag:
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:  # a DataLoader worker
             return
-        if self.signal is not None:  # a second Ctrl-C: stop right away
-            raise KeyboardInterrupt
+        if self.signal is not None:
+            if signum == signal.SIGINT:  # a second Ctrl-C: stop right away
+                raise KeyboardInterrupt
+            return  # (a batch script's forwarded USR1 and SLURM's own, say: one stop is enough)
         self.signal = signum
         log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping")
 
     def __call__(self) -> bool:
         return self.signal is not None
+
+    def exit_code(self) -> int:
+        """128 + the signal, the same on every rank (the highest any rank got; SIGINT on none): called by
+        every rank once the loop has agreed to stop, so a rank that got no signal exits like the one that did."""
+        return 128 + all_reduce_max(int(self.signal or signal.SIGINT))
 
 
 def run(config: Config, resume: str = "") -> dict:
@@ -258,6 +273,12 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     torch.backends.cudnn.benchmark = on_cuda and config.cudnn_benchmark
     run_dir = Path(config.out_dir) / config.run_name
 
+    if resume == "if-exists":  # the SLURM templates' choice: a requeued job goes on, a new run name starts
+        resume = "auto" if broadcast_object((run_dir / "last.pt").is_file()) else ""  # rank 0's view, for all
+        restarts, job = os.environ.get("SLURM_RESTART_COUNT", "0"), os.environ.get("SLURM_JOB_ID", "?")
+        requeued = f" (requeued job {job}, restart {restarts})" if restarts != "0" else ""
+        log.info(f"resuming {run_dir / 'last.pt'}{requeued}" if resume else
+                 f"starting fresh: no {run_dir / 'last.pt'} yet")
     resume_path = None
     if resume:
         resume_path = run_dir / "last.pt" if resume == "auto" else Path(resume)
@@ -280,11 +301,12 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     # Data (§3.1): uint8 crops from workers, float work on whole batches in BatchAugment.
     root = prepare_dataset(config)
     stats = vdata.DatasetStats.from_dict(ckpt["stats"]) if ckpt else load_stats(config, root / "train")
-    train_set = vdata.ImageFolder(root / "train", TrainTransform(
-        crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max))
+    with main_process_first():  # rank 0 scans and caches the file lists; the other ranks read its cache
+        train_set = vdata.ImageFolder(root / "train", TrainTransform(
+            crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max))
+        val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
+                                                                      crop_size=config.crop_size))
     classes = train_set.classes
-    val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
-                                                                  crop_size=config.crop_size))
     if val_set.classes != classes:
         raise UserError(f"{root / 'val'} has {len(val_set.classes)} classes, {root / 'train'} has "
                         f"{len(classes)}: the class folders must be the same")
@@ -385,9 +407,10 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         start_step, epoch_sums = 0, None
         if train_metrics["interrupted"]:
             save("last.pt", epoch, train_metrics["step"], train_metrics["sums"])
+            code = stop.exit_code()
             log.warning(f"stopped at epoch {epoch} step {train_metrics['step']}; saved {run_dir / 'last.pt'}; "
-                        f"continue with --resume")
-            raise SystemExit(128 + (stop.signal or signal.SIGINT))
+                        f"continue with --resume (exit code {code})")
+            raise SystemExit(code)
 
         val_metrics = validate(model, val_loader, augment, bf16=config.bf16, progress_every_s=config.progress_every_s)
         epoch_lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
