@@ -170,13 +170,13 @@ def test_two_processes_form_the_same_global_batches(sample_root, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 x cpu" in two.stderr
     a, b = finished(tmp_path, "one"), finished(tmp_path, "two")
-    start = load_checkpoint(tmp_path / "checkpoints" / "one" / "last.pt")["model"]
-    worst = max(((a["model"][k] - b["model"][k]).abs().max() / a["model"][k].abs().max()).item() for k in start)
+    # Per tensor: the largest difference relative to the tensor's largest weight. Measured 1.4e-6
+    # after these 8 steps; 1.6 before issue 17 (per-process crop and colour-shift draws).
+    worst = max(((a["model"][k] - b["model"][k]).abs().max() / a["model"][k].abs().max()).item() for k in a["model"])
     print(f"largest relative weight difference, 1 vs 2 processes: {worst:.2e}")
-    assert worst < TWO_PROCESS_TOLERANCE
+    assert worst < 1e-5
+    assert len(a["rows"]) == len(b["rows"]) == EPOCHS
     for row_a, row_b in zip(a["rows"], b["rows"]):
+        print(f"train loss 1 vs 2 processes: {row_a['train_loss']!r} vs {row_b['train_loss']!r}")
         assert row_a["train_images"] == row_b["train_images"] and row_a["val_images"] == row_b["val_images"]
-        assert abs(row_a["train_loss"] - row_b["train_loss"]) < 1e-4
-
-
-TWO_PROCESS_TOLERANCE = 1e-4
+        assert abs(row_a["train_loss"] - row_b["train_loss"]) < 1e-5
