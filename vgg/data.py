@@ -316,7 +316,8 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool = False, workers: in
                  seed: int = 0, distributed: bool = False, drop_last: bool = False, sampler=None) -> DataLoader:
     """DataLoader with `workers` processes, pinned memory (on CUDA) and per-worker seeding.
 
-    seed: the loader's generator, which drives the shuffle order and the workers' augmentation seeds;
+    seed: the loader's generator, which drives the shuffle order and the workers' seeds (for transforms
+    that draw from torch's RNG; TrainTransform draws from each sample's own generator instead);
     build a loader per epoch with a seed that depends on the epoch, or reuse one loader (each pass
     draws new seeds from the generator). distributed: a DistributedSampler over this rank's share
     (call `loader.sampler.set_epoch(e)` each epoch); the rank is mixed into the generator's seed so
