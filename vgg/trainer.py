@@ -495,7 +495,8 @@ def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, c
     else:
         log.warning("warning: no readable training image for the TensorBoard image grid; none logged")
         return
-    batch = augment(TrainCrop(images.image[:count], images.alphas[:count]), train=True).float().cpu()
+    images = TrainCrop(*(part[:count] for part in images)) if isinstance(images, TrainCrop) else images[:count]
+    batch = augment(images, train=True).float().cpu()
     mean = torch.tensor(augment.stats.mean_rgb).view(1, 3, 1, 1)
     writer.add_images("train/augmented_images", ((batch + mean) / 255).clamp(0, 1), 0)
 
