@@ -4,9 +4,10 @@ Both pipelines run in this one process (torch limited to 1 thread, so figures ar
 same real JPEG files (ImageNet-like: ~500x375, ~105 kB, made once from skimage photos with
 camera-like grain, as bench/train_epoch.py makes its set), in alternating rounds, best round kept:
 
-  ours         vgg.transforms.TrainTransform on the opened file (decode at a reduced scale when S
-               allows, resample only the crop, flip, uint8 [3,224,224]), then per batch of 64:
-               stack, `normalize` (mean RGB, paper §2.1) and `color_shift` (AlexNet PCA).
+  ours         vgg.transforms.TrainTransform on the opened file and its index (the sample's own
+               generator; decode at a reduced scale when S allows, resample only the crop, flip,
+               uint8 [3,224,224] and the colour-shift alphas), then per batch of 64: stack,
+               `normalize` (mean RGB, paper §2.1) and `color_shift` (AlexNet PCA) with those alphas.
   torchvision  PIL decode + convert("RGB"), v2.Resize(S) or v2.RandomResize(S_min, S_max + 1),
                v2.RandomCrop(224), v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(float32),
                v2.Normalize(mean RGB, std 1) per image, then per batch of 64: stack (no colour shift:
@@ -52,10 +53,12 @@ def ours(paths: list[Path], scale_min: int, scale_max: int) -> float:
     start = time.perf_counter()
     for first in range(0, len(paths), BATCH):
         crops = []
-        for path in paths[first:first + BATCH]:
+        for index, path in enumerate(paths[first:first + BATCH], start=first):
             with Image.open(path) as image:
-                crops.append(transform(image))
-        batch = color_shift(normalize(torch.stack(crops), IMAGENET_STATS.mean_rgb), IMAGENET_STATS)
+                crops.append(transform(image, index))  # per-sample draws, as vgg.data.ImageFolder asks
+        alphas = torch.stack([crop.alphas for crop in crops])
+        batch = color_shift(normalize(torch.stack([crop.image for crop in crops]), IMAGENET_STATS.mean_rgb),
+                            IMAGENET_STATS, alphas=alphas)
     del batch
     return time.perf_counter() - start
 

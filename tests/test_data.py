@@ -173,6 +173,7 @@ def test_awkward_files_decode_to_rgb_or_are_skipped_with_one_line(awkward_split,
         elif transform is None:
             assert image.mode == "RGB" and not unreadable, name
         else:
+            image = image.image if isinstance(transform, TrainTransform) else image  # TrainCrop: + alphas
             assert image.dtype == torch.uint8 and image.shape[0] == 3 and not unreadable, name
     assert {n for n, (image, *_) in zip(names, items) if image is None} == SKIPPED
     with LogLines() as lines:
@@ -210,17 +211,17 @@ def test_loader_counts_skips_over_an_epoch_with_workers(awkward_split):
     loader = build_loader(ds, batch_size=3, shuffle=True, workers=2, collate_fn=collate_batch, seed=0)
     seen = skipped = 0
     names = []
-    for images, labels, unreadable in loader:  # the records cross from the worker processes
-        assert images.shape[1:] == (3, 32, 32) and images.shape[0] == labels.shape[0]
+    for (images, alphas), labels, unreadable in loader:  # the records cross from the worker processes
+        assert images.shape[1:] == (3, 32, 32) and images.shape[0] == labels.shape[0] == alphas.shape[0]
         seen, skipped = seen + labels.shape[0], skipped + len(unreadable)
         names += [f.path.split("/")[-1].removesuffix(".JPEG") for f in unreadable]
     assert (seen, skipped) == (len(DECODED), len(SKIPPED)) and set(names) == SKIPPED
 
 
-# --- Per-worker seeding -----------------------------------------------------------------------------
+# --- Per-sample draws ------------------------------------------------------------------------------
 
 class SameImage(Dataset):
-    """One file, many times: every item differs only by its random augmentation."""
+    """One file, many times: item i differs from the others only by its augmentation (sample i's draws)."""
 
     def __init__(self, folder, n):
         self.folder, self.n = folder, n
@@ -229,29 +230,31 @@ class SameImage(Dataset):
         return self.n
 
     def __getitem__(self, i):
-        image, label = self.folder[0]
-        return image, label
+        path, label = self.folder.samples[0]
+        with Image.open(path) as image:
+            return self.folder.transform(image, i), label
 
 
-def crops_by_worker(loader) -> list[torch.Tensor]:
-    return [images for images, _, _ in loader]
+def crops(loader) -> torch.Tensor:
+    return torch.cat([batch.image for batch, _, _ in loader])
 
 
-def test_workers_and_epochs_draw_different_augmentations(split):
-    folder = ImageFolder(split, TrainTransform(crop_size=24, scale_min=30, scale_max=60))
+def test_draws_follow_the_index_and_epoch_not_the_worker(split):
+    """Issue 17: the crop of item i depends on (seed, epoch, i) only: not on the worker that made it,
+    the loader's seed, or which pass of the loader this is."""
+    folder = ImageFolder(split, TrainTransform(crop_size=24, scale_min=30, scale_max=60, seed=3))
     ds = SameImage(folder, 8)
 
-    def loader(seed):
-        return build_loader(ds, batch_size=2, shuffle=False, workers=2, collate_fn=collate_batch, seed=seed)
+    def loader(workers, seed=0):
+        return build_loader(ds, batch_size=2, shuffle=False, workers=workers, collate_fn=collate_batch, seed=seed)
 
-    first = loader(0)
-    epoch0, epoch1 = crops_by_worker(first), crops_by_worker(first)
-    flat0 = torch.cat(epoch0)
-    # Batches 0, 2 come from worker 0, batches 1, 3 from worker 1: no two of the 8 crops repeat.
-    assert len({hashlib.sha1(c.numpy().tobytes()).hexdigest() for c in flat0}) == 8
-    assert not torch.equal(flat0, torch.cat(epoch1))  # a second pass draws new seeds
-    assert torch.equal(flat0, torch.cat(crops_by_worker(loader(0))))  # same seed: same stream
-    assert not torch.equal(flat0, torch.cat(crops_by_worker(loader(1))))
+    two_workers = loader(2)
+    flat = crops(two_workers)
+    assert len({hashlib.sha1(c.numpy().tobytes()).hexdigest() for c in flat}) == 8  # no two items alike
+    assert torch.equal(flat, crops(two_workers))  # a second pass of the same epoch: the same draws
+    assert torch.equal(flat, crops(loader(0))) and torch.equal(flat, crops(loader(2, seed=1)))
+    folder.transform.set_epoch(1)
+    assert not torch.equal(flat, crops(loader(2)))  # the next epoch draws anew
 
 
 def test_build_loader_takes_a_sampler_and_drops_the_last_batch(split):

@@ -74,11 +74,12 @@ def test_jpeg_components_reads_the_frame_header():
 
 def test_collate_packs_bytes_and_split_recovers_them():
     b = vdata.Unreadable("b", "PermissionError")
-    items = [(b"abc", 0, "a"), (None, 1, b), (b"", 2, "c"), (b"defg", 3, "d")]
-    flat, sizes, labels, names, unreadable = collate_encoded(items)
+    items = [(b"abc", 0, "a", 7), (None, 1, b, 5), (b"", 2, "c", 0), (b"defg", 3, "d", 9)]
+    flat, sizes, labels, names, unreadable, indices = collate_encoded(items)
     parts = split_encoded(flat, sizes)
     assert [None if p is None else bytes(p.tolist()) for p in parts] == [b"abc", None, b"", b"defg"]
     assert labels.tolist() == [0, 1, 2, 3] and names == ["a", "b", "c", "d"] and unreadable == [b]
+    assert indices.tolist() == [7, 5, 0, 9]
 
 
 @pytest.mark.parametrize("batched", [True, False])
@@ -108,9 +109,9 @@ def test_loader_skips_the_same_files_as_the_cpu_path(awkward_dir):
                                     scale_max=S_MAX, workers=1, drop_last=False)
     seen, skipped = 0, 0
     named = set()
-    for images, labels, unreadable in loader:
+    for (images, alphas), labels, unreadable in loader:
         assert images.dtype == torch.uint8 and images.shape[1:] == (3, CROP, CROP)
-        assert images.shape[0] == labels.shape[0]
+        assert images.shape[0] == labels.shape[0] and alphas.shape == (labels.shape[0], 3)
         seen, skipped = seen + labels.shape[0], skipped + len(unreadable)
         named |= {f.path for f in unreadable}
     assert seen + skipped == len(cpu_set)
@@ -135,7 +136,7 @@ def test_crops_have_the_cpu_path_distribution(tmp_path):
     torch.manual_seed(0)
     with Image.open(path) as pil:
         pil = pil.convert("RGB")
-        cpu = torch.stack([transform(pil) for _ in range(DRAWS)])
+        cpu = torch.stack([transform(pil).image for _ in range(DRAWS)])
     decoded = decode_batch([as_tensor(path.read_bytes())], "cpu")[0]
     gpu = gpu_train_augment([decoded] * DRAWS, crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX,
                             generator=torch.Generator().manual_seed(1))
@@ -162,7 +163,7 @@ def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_pa
     for p in paths:
         with Image.open(p) as im:
             pils.append(im.convert("RGB"))
-    cpu = normalize(torch.stack([transform(pils[i % 4]) for i in range(DRAWS)]), stats.mean_rgb)
+    cpu = normalize(torch.stack([transform(pils[i % 4]).image for i in range(DRAWS)]), stats.mean_rgb)
     decoded = decode_batch([as_tensor(p.read_bytes()) for p in paths], "cpu")
     gpu = normalize(gpu_train_augment([decoded[i % 4] for i in range(DRAWS)], crop_size=CROP, scale_min=S_MIN,
                                       scale_max=S_MAX, generator=torch.Generator().manual_seed(1)),
@@ -173,21 +174,24 @@ def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_pa
 
     # Colour shift: on a flat grey image every crop is the same, so the spread of the per-image
     # channel means is the shift alone. CPU path: TrainTransform -> normalize -> color_shift in
-    # BatchAugment; GPU path: the loader's uint8 crops -> the same BatchAugment.
+    # BatchAugment; GPU path: the loader's uint8 crops and per-sample alphas -> the same BatchAugment.
     grey = tmp_path / "grey" / "n00000001"
     grey.mkdir(parents=True)
     for i in range(8):
         (grey / f"{i}.JPEG").write_bytes(jpeg_bytes(np.full((90, 120, 3), 128, np.uint8)))
-    flat = torch.stack([transform(Image.open(grey / "0.JPEG").convert("RGB")) for _ in range(DRAWS)])
+    flat = torch.stack([transform(Image.open(grey / "0.JPEG").convert("RGB")).image for _ in range(DRAWS)])
     cpu_shift = color_shift(normalize(flat, stats.mean_rgb), stats, std=0.1,
                             generator=torch.Generator().manual_seed(2)).mean(dim=(2, 3))
     loader = build_gpu_train_loader(vdata.ImageFolder(grey.parent, None), batch_size=4, device="cpu",
                                     crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX, workers=0,
                                     shuffle=True, seed=3)
-    augment = BatchAugment(stats, torch.device("cpu"), color_shift_std=0.1, generator=torch.Generator().manual_seed(4))
+    augment = BatchAugment(stats, torch.device("cpu"), color_shift_std=0.1)
     passes = -(-DRAWS // len(loader.loader.dataset))  # enough epochs of the 8 files for DRAWS images
-    gpu_shift = torch.cat([augment(images, train=True).mean(dim=(2, 3))
-                           for _ in range(passes) for images, _, _ in loader])[:DRAWS]
+    gpu_shift = []
+    for epoch in range(passes):  # each epoch draws new alphas for the same files
+        loader.set_epoch(epoch)
+        gpu_shift += [augment(images, train=True).mean(dim=(2, 3)) for images, _, _ in loader]
+    gpu_shift = torch.cat(gpu_shift)[:DRAWS]
     assert gpu_shift.dtype == torch.float32 and gpu_shift.shape == (DRAWS, 3)
     cpu_std, gpu_std = cpu_shift.std(dim=0), gpu_shift.std(dim=0)
     assert (cpu_std > 0.5).all()  # the shift is really there
@@ -211,7 +215,8 @@ def test_prefetch_thread_gives_the_same_batches_and_stops_early(awkward_dir):
     plain, prefetched = batches(False), batches(True)
     assert len(plain) == len(prefetched) == len(folder) // 3
     for (a, la, sa), (b, lb, sb) in zip(plain, prefetched):
-        assert torch.equal(a, b) and torch.equal(la, lb) and sa == sb
+        assert torch.equal(a.image, b.image) and torch.equal(a.alphas, b.alphas)
+        assert torch.equal(la, lb) and sa == sb
     assert len(batches(True, limit=1)) == 1
 
 

@@ -14,8 +14,8 @@ from skimage import data as skdata
 from conftest import ROOT, subprocess_env
 from vgg.data import IMAGENET_STATS, DatasetStats
 from vgg.errors import UserError
-from vgg.transforms import (CenterCropTransform, EvalTransform, TrainTransform, color_shift, draw_train_crop,
-                            load_rgb, normalize, scaled_size)
+from vgg.transforms import (CenterCropTransform, EvalTransform, TrainTransform, color_shift, draw_alphas,
+                            draw_train_crop, load_rgb, normalize, sample_generator, scaled_size)
 
 
 def save_jpeg(path, array: np.ndarray, mode: str = "RGB", quality: int = 95):
@@ -50,7 +50,7 @@ def test_train_transform_gives_uint8_crops_for_any_shape(tmp_path, size):
     transform = TrainTransform(crop_size=32, scale_min=36, scale_max=48)
     for _ in range(5):
         with Image.open(path) as image:
-            crop = transform(image)
+            crop = transform(image).image
         assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8 and crop.is_contiguous()
 
 
@@ -67,7 +67,7 @@ def test_train_crop_matches_rescale_then_crop(photo_jpeg):
             expected = expected[:, ::-1]
         torch.manual_seed(seed)
         with Image.open(photo_jpeg) as image:
-            crop = transform(image).permute(1, 2, 0).numpy()
+            crop = transform(image).image.permute(1, 2, 0).numpy()
         diff = np.abs(crop.astype(int) - expected.astype(int))
         assert diff.mean() < 4, (seed, diff.mean())  # same place and scale (a misplaced crop gives ~30)
 
@@ -100,7 +100,7 @@ def test_flip_mirrors_the_same_crop(tmp_path):
         if left == 5:
             torch.manual_seed(seed)
             with Image.open(path) as image:
-                crops[flip] = transform(image)
+                crops[flip] = transform(image).image
         if len(crops) == 2:
             break
     assert torch.equal(crops[True], crops[False].flip(-1))
@@ -180,7 +180,7 @@ def test_every_mode_becomes_rgb(tmp_path, mode):
     path = tmp_path / f"x.{fmt.lower()}"
     image.save(path, fmt)
     with Image.open(path) as opened:
-        out = TrainTransform(crop_size=32, scale_min=40, scale_max=40)(opened)
+        out = TrainTransform(crop_size=32, scale_min=40, scale_max=40)(opened).image
     assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
     with Image.open(path) as opened:
         assert load_rgb(opened).mode == "RGB"
@@ -242,6 +242,25 @@ def test_color_shift_is_in_place_reproducible_and_keeps_the_layout():
     same = images.clone()
     assert color_shift(same, stats, std=0.0) is same
     torch.testing.assert_close(same, images)
+
+
+def test_color_shift_applies_given_alphas():
+    stats = IMAGENET_STATS
+    alphas = torch.tensor([[1.0, 0.0, 0.0], [0.0, -2.0, 0.5]])
+    out = color_shift(torch.zeros(2, 3, 2, 2), stats, std=0.1, alphas=alphas)
+    expected = 255 * (0.1 * alphas * torch.tensor(stats.eigval)) @ torch.tensor(stats.eigvec).T
+    torch.testing.assert_close(out[:, :, 1, 1], expected)
+
+
+def test_per_sample_draws_are_independent_standard_normals():
+    """Alphas of 3000 samples (consecutive indices, two epochs): N(0, 1), no correlation between
+    neighbouring indices or the epochs; and the same (seed, epoch, index) draws the same."""
+    alphas = torch.stack([draw_alphas(sample_generator(0, epoch, i)) for epoch in (0, 1) for i in range(3000)])
+    a0, a1 = alphas[:3000].flatten(), alphas[3000:].flatten()
+    assert alphas.mean().abs() < 0.05 and (alphas.std() - 1).abs() < 0.05
+    assert torch.corrcoef(torch.stack([a0[:-3], a0[3:]]))[0, 1].abs() < 0.06  # index i vs i + 1
+    assert torch.corrcoef(torch.stack([a0, a1]))[0, 1].abs() < 0.06  # epoch 0 vs 1
+    assert torch.equal(draw_alphas(sample_generator(0, 1, 7)), alphas[3007])
 
 
 def test_png_bytes_decode_like_the_jpeg_path():

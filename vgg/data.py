@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from vgg.distributed import progress_bar
 from vgg.errors import UserError
-from vgg.transforms import EvalTransform, load_rgb
+from vgg.transforms import EvalTransform, TrainTransform, load_rgb
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.distributed sets up
 
@@ -206,7 +206,8 @@ def list_files(split_dir) -> dict[str, list[str]]:
 
 
 class ImageFolder(Dataset):
-    """`split_dir/<wnid>/<image>` -> (transform(image), class index), ImageNet's layout.
+    """`split_dir/<wnid>/<image>` -> (transform(image), class index), ImageNet's layout; a
+    `TrainTransform` is called as transform(image, index), as its random draws depend on the index.
 
     classes: the class order (index = position); default the sorted folder names. Pass the training
     classes for a validation split so the labels agree (every folder must be one of them).
@@ -250,7 +251,11 @@ class ImageFolder(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                return (load_rgb(image) if self.transform is None else self.transform(image)), label
+                if self.transform is None:
+                    return load_rgb(image), label
+                if isinstance(self.transform, TrainTransform):  # its draws are a function of the index
+                    return self.transform(image, index), label
+                return self.transform(image), label
         except DECODE_ERRORS as e:
             return None, label, Unreadable(path, " ".join(f"{type(e).__name__}: {e}".split()))
 
@@ -270,7 +275,8 @@ def split_unreadable(items) -> tuple[list, list[Unreadable]]:
 
 def collate_batch(items):
     """[(uint8 [3,H,W], label) or (None, label, Unreadable)] -> (uint8 [B,3,H,W], int64 labels [B],
-    list of Unreadable).
+    list of Unreadable). Training items hold a `vgg.transforms.TrainCrop` instead of the image: the
+    batch then holds TrainCrop(uint8 [B,3,H,W], alphas [B,3]).
 
     Unreadable images are dropped; their Unreadable records travel with the batch, so the main
     process can warn once per file and report an epoch's skips (the workers are separate processes).
@@ -310,7 +316,8 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool = False, workers: in
                  seed: int = 0, distributed: bool = False, drop_last: bool = False, sampler=None) -> DataLoader:
     """DataLoader with `workers` processes, pinned memory (on CUDA) and per-worker seeding.
 
-    seed: the loader's generator, which drives the shuffle order and the workers' augmentation seeds;
+    seed: the loader's generator, which drives the shuffle order and the workers' seeds (for transforms
+    that draw from torch's RNG; TrainTransform draws from each sample's own generator instead);
     build a loader per epoch with a seed that depends on the epoch, or reuse one loader (each pass
     draws new seeds from the generator). distributed: a DistributedSampler over this rank's share
     (call `loader.sampler.set_epoch(e)` each epoch); the rank is mixed into the generator's seed so

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from vgg.data import DatasetStats, warn_unreadable
 from vgg.distributed import all_reduce_sum, is_main_process, progress_bar
-from vgg.transforms import color_shift, normalize
+from vgg.transforms import TrainCrop, color_shift, normalize
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,21 +26,30 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class BatchAugment:
-    """uint8 batch -> float batch on `device`: mean subtraction and (training only) colour shift."""
+    """uint8 batch -> float batch on `device`: mean subtraction and (training only) colour shift.
+
+    A training batch is a `vgg.transforms.TrainCrop`: the images and each one's colour-shift alphas,
+    drawn per sample (see `sample_generator`), which go to the device in one small copy. A plain
+    uint8 batch draws its alphas from `generator` (None: torch's global RNG).
+    """
 
     stats: DatasetStats
     device: torch.device
     color_shift_std: float = 0.1
     channels_last: bool = False
-    generator: torch.Generator | None = None  # colour-shift alphas; seeded per (seed, epoch, rank)
+    generator: torch.Generator | None = None  # colour-shift alphas of plain (not TrainCrop) batches
 
-    def __call__(self, images: torch.Tensor, train: bool) -> torch.Tensor:
+    def __call__(self, images, train: bool) -> torch.Tensor:
+        alphas = None
+        if isinstance(images, TrainCrop):
+            images, alphas = images[0], images[1].to(self.device, non_blocking=True)
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         images = normalize(images, self.stats.mean_rgb)
         if train and self.color_shift_std > 0:
-            images = color_shift(images, self.stats, std=self.color_shift_std, generator=self.generator)
+            images = color_shift(images, self.stats, std=self.color_shift_std, generator=self.generator,
+                                 alphas=alphas)
         return images
 
 

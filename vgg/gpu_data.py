@@ -10,7 +10,10 @@ DataLoader workers only read file bytes (cheap). The main process then, per batc
   2. `gpu_train_augment`: the paper's training augmentation (§3.1), drawn exactly as the CPU path's
      `vgg.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
      rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop,
-     a horizontal flip with probability 1/2. Output uint8 [B, 3, crop, crop].
+     a horizontal flip with probability 1/2, each sample's draws (and its colour-shift alphas) from
+     `vgg.transforms.sample_generator(seed, epoch, index)` as on the CPU path, so both paths pick the
+     same S, crop box, flip and alphas for the same sample. Output `TrainCrop(uint8 [B, 3, crop, crop],
+     alphas [B, 3])`.
 The mean subtraction and colour shift then happen in the trainer's `vgg.engine.BatchAugment`, the
 same code for both paths. A background thread runs steps 1-2 for the next batch (on its own CUDA stream) while the current
 batch trains, so decoding overlaps the training step.
@@ -34,7 +37,7 @@ from torchcodec.decoders import decode_jpeg
 
 from vgg.data import DECODE_ERRORS, Unreadable, split_unreadable
 from vgg.errors import UserError
-from vgg.transforms import draw_train_crop, load_rgb, to_uint8_tensor
+from vgg.transforms import TrainCrop, draw_alphas, draw_train_crop, load_rgb, sample_generator, to_uint8_tensor
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger, like vgg.data's
 
@@ -48,8 +51,9 @@ _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # --------------------------------------------------------------------------------------------------
 
 class EncodedImages(Dataset):
-    """(path, label) samples -> (encoded file bytes, label, path), or (None, label, Unreadable(path,
-    reason)) for a file that cannot be read (silently: this runs in DataLoader workers).
+    """(path, label) samples -> (encoded file bytes, label, path, index), or (None, label,
+    Unreadable(path, reason), index) for a file that cannot be read (silently: this runs in
+    DataLoader workers). The index picks the sample's random draws (`sample_generator`).
 
     Only reads the file; decoding happens batched on the device.
     """
@@ -63,25 +67,27 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            return Path(path).read_bytes(), label, str(path)
+            return Path(path).read_bytes(), label, str(path), index
         except OSError as e:
-            return None, label, Unreadable(str(path), f"{type(e).__name__}: {e}")
+            return None, label, Unreadable(str(path), f"{type(e).__name__}: {e}"), index
 
 
 def collate_encoded(items):
     """Runs in the workers: -> (all readable files' bytes in one flat uint8 tensor, sizes int64 [B]
-    (-1 for an unreadable file), labels int64 [B], list of paths, list of Unreadable).
+    (-1 for an unreadable file), labels int64 [B], list of paths, list of Unreadable, sample
+    indices int64 [B]).
 
     One flat tensor per batch crosses from the worker in one shared-memory block, instead of one
     block (and file descriptor) per image.
     """
     _, unreadable = split_unreadable(items)
-    sizes = torch.tensor([-1 if data is None else len(data) for data, _, _ in items], dtype=torch.int64)
-    flat = torch.frombuffer(bytearray(b"".join(data for data, _, _ in items if data)) or bytearray(1),
+    sizes = torch.tensor([-1 if data is None else len(data) for data, *_ in items], dtype=torch.int64)
+    flat = torch.frombuffer(bytearray(b"".join(data for data, *_ in items if data)) or bytearray(1),
                             dtype=torch.uint8)
-    labels = torch.tensor([label for _, label, _ in items], dtype=torch.int64)
-    paths = [path if data is not None else path.path for data, _, path in items]
-    return flat, sizes, labels, paths, unreadable
+    labels = torch.tensor([label for _, label, *_ in items], dtype=torch.int64)
+    paths = [path if data is not None else path.path for data, _, path, _ in items]
+    indices = torch.tensor([index for *_, index in items], dtype=torch.int64)
+    return flat, sizes, labels, paths, unreadable, indices
 
 
 def split_encoded(flat: torch.Tensor, sizes: torch.Tensor) -> list[torch.Tensor | None]:
@@ -197,13 +203,15 @@ def decode_batch(encoded: list, device: torch.device | str, names: list[str] | N
 # --------------------------------------------------------------------------------------------------
 
 def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: int, scale_max: int,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None,
+                      generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """uint8 [3, H, W] images (any sizes, on one device) -> uint8 [B, 3, crop, crop] on that device.
 
     Per image: draw (S, crop box, flip) with `vgg.transforms.draw_train_crop`, the CPU path's own
     draw; rescale the whole image with antialiased bilinear interpolation (PIL's filter on the CPU
     path, which resamples only the box: the same pixels), cut the crop, flip. The random draws use
-    `generator` (a CPU generator), so they do not depend on the device.
+    `generators` (one per image: in training each sample's `sample_generator`) or else `generator`
+    for all (CPU generators, so the draws do not depend on the device).
     """
     if scale_min < crop_size or scale_max < scale_min:
         raise UserError(f"need crop_size <= scale_min <= scale_max, got crop_size={crop_size}, "
@@ -211,10 +219,10 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
     if not images:
         return torch.empty(0, 3, crop_size, crop_size, dtype=torch.uint8)
     crops, flips = [], []
-    for image in images:
+    for i, image in enumerate(images):
         new_h, new_w, top, left, flip = draw_train_crop(image.shape[-2], image.shape[-1], crop_size=crop_size,
                                                         scale_min=scale_min, scale_max=scale_max,
-                                                        generator=generator)
+                                                        generator=generator if generators is None else generators[i])
         resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
                                 antialias=True, align_corners=False)
         crops.append(resized[0, :, top:top + crop_size, left:left + crop_size])
@@ -234,41 +242,47 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
 
 class GpuTrainLoader:
     """Wraps a DataLoader of encoded bytes (`EncodedImages` + `collate_encoded`); iterating yields
-    (images uint8 [B, 3, crop, crop], labels, list of Unreadable) with images and labels on `device`, ready
-    for the trainer's BatchAugment (mean subtraction and colour shift, as on the CPU path).
+    (TrainCrop(images uint8 [B, 3, crop, crop], alphas [B, 3]), labels, list of Unreadable), all on
+    `device`, ready for the trainer's BatchAugment (mean subtraction and colour shift, as on the CPU
+    path). Each sample's draws come from `sample_generator(seed, epoch, index)`; `set_epoch` before
+    iterating.
 
     prefetch: a background thread prepares the next batch (on its own CUDA stream on a GPU).
     """
 
     def __init__(self, loader: DataLoader, *, device, crop_size: int, scale_min: int, scale_max: int,
-                 generator: torch.Generator | None = None, channels_last: bool = False,
-                 prefetch: bool = True):
+                 seed: int = 0, epoch: int = 0, channels_last: bool = False, prefetch: bool = True):
         self.loader = loader
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:  # pin it: threads start on GPU 0
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.seed, self.epoch = seed, epoch
         self.channels_last, self.prefetch = channels_last, prefetch
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def prepare(self, batch):
         """One collated batch of bytes -> (images, labels, list of Unreadable) on the device."""
-        flat, sizes, labels, names, unreadable = batch
+        flat, sizes, labels, names, unreadable, indices = batch
         encoded = split_encoded(flat, sizes)
         decoded = decode_batch(encoded, self.device, names, unreadable=unreadable)
         keep = [i for i, image in enumerate(decoded) if image is not None]
+        generators = [sample_generator(self.seed, self.epoch, int(indices[i])) for i in keep]
         images = gpu_train_augment([decoded[i] for i in keep], crop_size=self.crop_size,
-                                   scale_min=self.scale_min, scale_max=self.scale_max,
-                                   generator=self.generator)
+                                   scale_min=self.scale_min, scale_max=self.scale_max, generators=generators)
+        # drawn after each sample's crop from its generator, in the CPU path's order
+        alphas = torch.stack([draw_alphas(g) for g in generators]) if keep else torch.empty(0, 3)
         if images.device != self.device:  # an all-skipped batch
             images = images.to(self.device)
         labels = labels[keep].to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        return images, labels, unreadable
+        return TrainCrop(images, alphas.to(self.device, non_blocking=True)), labels, unreadable
 
     def __iter__(self):
         if not self.prefetch:
@@ -332,7 +346,7 @@ def _prefetched(loader, prepare, device: torch.device, depth: int = 2):
             if event is not None:
                 current = torch.cuda.current_stream(device)
                 current.wait_event(event)
-                for tensor in item[:2]:
+                for tensor in (*item[0], item[1]):  # images, alphas, labels
                     tensor.record_stream(current)
             yield item
     finally:
@@ -341,14 +355,14 @@ def _prefetched(loader, prepare, device: torch.device, depth: int = 2):
 
 
 def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, scale_min: int,
-                           scale_max: int, seed: int = 0, workers: int = 8, sampler=None,
+                           scale_max: int, seed: int = 0, epoch: int = 0, workers: int = 8, sampler=None,
                            shuffle: bool = False, drop_last: bool = True,
                            channels_last: bool = False, prefetch: bool = True) -> GpuTrainLoader:
     """The `data_path: gpu` training loader over `dataset` (a vgg.data.ImageFolder, whose transform
     is ignored, or any list of (path, label) samples).
 
     sampler / shuffle / drop_last / workers mean what they mean for a DataLoader; `seed` seeds the
-    augmentation draws and the shuffle.
+    shuffle, and with `epoch` the augmentation draws (see GpuTrainLoader).
     """
     samples = dataset.samples if hasattr(dataset, "samples") else dataset
     loader = DataLoader(EncodedImages(samples), batch_size=batch_size, sampler=sampler,
@@ -357,5 +371,5 @@ def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, 
                         generator=torch.Generator().manual_seed(seed),
                         persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
     return GpuTrainLoader(loader, device=device, crop_size=crop_size, scale_min=scale_min,
-                          scale_max=scale_max, generator=torch.Generator().manual_seed(seed + 1),
+                          scale_max=scale_max, seed=seed, epoch=epoch,
                           channels_last=channels_last, prefetch=prefetch)

@@ -25,7 +25,7 @@ from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
 from vgg.models import build_vgg, warm_start
-from vgg.transforms import CenterCropTransform, TrainTransform
+from vgg.transforms import CenterCropTransform, TrainCrop, TrainTransform
 
 log = get_logger()
 
@@ -60,7 +60,8 @@ class EpochSampler(Sampler):
 
 
 def _epoch_generator(config: Config, epoch: int, rank: int) -> torch.Generator:
-    """Seeds that depend on (seed, epoch, rank) only, so epoch-boundary resumes replay exactly."""
+    """Colour-shift alphas of a batch without its own (the zero-weight placeholder of an all-unreadable
+    batch; real batches carry per-sample alphas): kept off torch's global RNG, which only dropout uses."""
     return torch.Generator().manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + rank)
 
 
@@ -113,14 +114,20 @@ def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]
     return warm_start(model, source)
 
 
-def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int):
-    """uint8 training crops, decoded and augmented by CPU workers (default) or on the GPU (TorchCodec)."""
+def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int,
+                       epoch: int):
+    """uint8 training crops, decoded and augmented by CPU workers (default) or on the GPU (TorchCodec).
+
+    Either way each sample's draws come from sample_generator(config.seed, epoch, index) (bit-exact
+    whatever the workers, processes or resume point); `seed` only seeds the loader's own generator.
+    """
     if config.data_path == "gpu":
         from vgg.gpu_data import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
 
         return build_gpu_train_loader(train_set, batch_size=batch_size, device=device, crop_size=config.crop_size,
-                                      scale_min=config.scale_min, scale_max=config.scale_max, seed=seed,
-                                      workers=config.workers, sampler=sampler, drop_last=True)
+                                      scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed,
+                                      epoch=epoch, workers=config.workers, sampler=sampler, drop_last=True)
+    train_set.transform.set_epoch(epoch)  # before the loader starts (and copies it into) its workers
     return vdata.build_loader(train_set, batch_size=batch_size, sampler=sampler, workers=config.workers,
                               collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
 
@@ -303,7 +310,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     stats = vdata.DatasetStats.from_dict(ckpt["stats"]) if ckpt else load_stats(config, root / "train")
     with main_process_first():  # rank 0 scans and caches the file lists; the other ranks read its cache
         train_set = vdata.ImageFolder(root / "train", TrainTransform(
-            crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max))
+            crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed))
         val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
                                                                       crop_size=config.crop_size))
     classes = train_set.classes
@@ -393,7 +400,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)
         train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
-                                          seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank)
+                                          seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank, epoch=epoch)
         augment = BatchAugment(stats, device, config.color_shift_std, channels_last=on_cuda and config.channels_last,
                                generator=_epoch_generator(config, epoch, dist.rank))
         if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
@@ -511,7 +518,8 @@ def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, c
     else:
         log.warning("warning: no readable training image for the TensorBoard image grid; none logged")
         return
-    batch = augment(images[:count], train=True).float().cpu()
+    images = TrainCrop(*(part[:count] for part in images)) if isinstance(images, TrainCrop) else images[:count]
+    batch = augment(images, train=True).float().cpu()
     mean = torch.tensor(augment.stats.mean_rgb).view(1, 3, 1, 1)
     writer.add_images("train/augmented_images", ((batch + mean) / 255).clamp(0, 1), 0)
 

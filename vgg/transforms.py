@@ -3,7 +3,8 @@
 Training (paper §3.1), per image in a worker (`TrainTransform`):
     decode -> RGB -> isotropic rescale so the smallest side is S (S fixed, or uniform in
     [S_min, S_max]: scale jittering) -> random crop_size x crop_size crop -> random horizontal flip
-    -> uint8 tensor [3, crop, crop].
+    -> uint8 tensor [3, crop, crop], with the colour-shift alphas drawn for the image (`TrainCrop`);
+every draw comes from `sample_generator(seed, epoch, sample index)`, so none depends on the worker;
 then per batch, on the device the batch is on (the trainer's `BatchAugment`):
     `normalize` (subtract the training set's mean RGB, paper §2.1) -> `color_shift` (AlexNet §4.1).
 
@@ -29,6 +30,7 @@ already loaded image is used as it is.
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -113,14 +115,27 @@ def scaled_size(height: int, width: int, smallest_side: int) -> tuple[int, int]:
     return max(smallest_side, int(smallest_side * height / width)), smallest_side
 
 
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    """The generator of one training sample's random draws: a pure function of (seed, epoch, index).
+
+    Every draw of the training augmentation (S, crop position, flip, colour-shift alphas) comes from
+    it, so a sample is augmented alike whatever the worker count, the process, the data path, or
+    where a resumed epoch starts. numpy's SeedSequence hashes the three numbers into well-mixed
+    64-bit seeds (nearby seeds, epochs and indices give unrelated streams).
+    """
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
 def draw_train_crop(height: int, width: int, *, crop_size: int, scale_min: int, scale_max: int,
                     generator: torch.Generator | None = None) -> tuple[int, int, int, int, bool]:
     """One draw of the paper's training augmentation (§3.1) for a height x width image.
 
     Returns (new_height, new_width, top, left, flip): rescale isotropically so the smallest side is
     S ~ U{scale_min..scale_max}, take the crop_size x crop_size crop at (top, left) of the rescaled
-    image, flip it horizontally if `flip`. Draws from torch's RNG (per-worker seeded by the DataLoader)
-    or `generator`; vgg.gpu_data uses this same function, so both data paths draw alike.
+    image, flip it horizontally if `flip`. Draws from `generator` (in training the sample's
+    `sample_generator`) or torch's global RNG; vgg.gpu_data uses this same function, so both data
+    paths draw alike.
     """
     s = int(torch.randint(scale_min, scale_max + 1, (1,), generator=generator))
     new_h, new_w = scaled_size(height, width, s)
@@ -128,6 +143,21 @@ def draw_train_crop(height: int, width: int, *, crop_size: int, scale_min: int, 
     left = int(torch.randint(0, new_w - crop_size + 1, (1,), generator=generator))
     flip = bool(torch.rand(1, generator=generator) < 0.5)
     return new_h, new_w, top, left, flip
+
+
+def draw_alphas(generator: torch.Generator | None = None) -> torch.Tensor:
+    """A sample's colour-shift alphas (AlexNet §4.1): float32 [3] ~ N(0, 1), drawn after
+    `draw_train_crop` from the same generator; `color_shift` scales them by its std."""
+    return torch.randn(3, generator=generator)
+
+
+class TrainCrop(NamedTuple):
+    """A training crop and its colour-shift alphas: uint8 [3, crop, crop] and float32 [3] per sample;
+    collated (default_collate keeps the NamedTuple), uint8 [B, 3, crop, crop] and float32 [B, 3].
+    `vgg.engine.BatchAugment` applies the alphas, so they travel with the batch in one small copy."""
+
+    image: torch.Tensor
+    alphas: torch.Tensor
 
 
 def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int) -> torch.Tensor:
@@ -170,27 +200,38 @@ def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
 
 class TrainTransform:
     """Paper §3.1: rescale (smallest side S, S uniform in [scale_min, scale_max]; fixed S when they
-    are equal), random crop_size x crop_size crop, random horizontal flip -> uint8 [3, crop, crop].
+    are equal), random crop_size x crop_size crop, random horizontal flip -> `TrainCrop(uint8 [3, crop,
+    crop], colour-shift alphas [3])`.
 
+    Called with the sample's `index` (vgg.data.ImageFolder passes it), every draw comes from
+    `sample_generator(seed, epoch, index)`: the run's seed, the epoch set by `set_epoch` (before the
+    epoch's DataLoader starts its workers, which copy the transform) and the index. Without an index
+    it draws from torch's global RNG (quick looks, benchmarks).
     Mean subtraction and the colour shift are done later on whole batches (`normalize`, `color_shift`).
     """
 
-    def __init__(self, *, crop_size: int, scale_min: int, scale_max: int):
+    def __init__(self, *, crop_size: int, scale_min: int, scale_max: int, seed: int = 0):
         _check_size("crop_size", crop_size)
         _check_size("scale_min", scale_min, crop_size)
         _check_size("scale_max", scale_max, scale_min)
         self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
+        self.seed, self.epoch = seed, 0
 
-    def __call__(self, image) -> torch.Tensor:
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, image, index: int | None = None) -> TrainCrop:
+        generator = None if index is None else sample_generator(self.seed, self.epoch, index)
         width, height = image.size
         new_h, new_w, top, left, flip = draw_train_crop(height, width, crop_size=self.crop_size,
-                                                        scale_min=self.scale_min, scale_max=self.scale_max)
+                                                        scale_min=self.scale_min, scale_max=self.scale_max,
+                                                        generator=generator)
         crop = _resized_crop(image, new_h, new_w, top, left, self.crop_size, self.crop_size)
-        return crop.flip(-1) if flip else crop
+        return TrainCrop(crop.flip(-1) if flip else crop, draw_alphas(generator))
 
     def __repr__(self) -> str:
         return (f"TrainTransform(crop_size={self.crop_size}, scale_min={self.scale_min}, "
-                f"scale_max={self.scale_max})")
+                f"scale_max={self.scale_max}, seed={self.seed})")
 
 
 class EvalTransform:
@@ -241,7 +282,7 @@ def normalize(images: torch.Tensor, mean_rgb) -> torch.Tensor:
 
 
 def color_shift(images: torch.Tensor, stats, std: float = 0.1,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, alphas: torch.Tensor | None = None) -> torch.Tensor:
     """AlexNet §4.1 PCA colour augmentation, used by the paper (§3.1): adds a per-image RGB shift to
     float images [B, 3, H, W] on any device, IN PLACE (the batch from `normalize` is a temporary,
     and a second batch-sized buffer costs as much as the shift on the CPU), and returns them.
@@ -252,11 +293,15 @@ def color_shift(images: torch.Tensor, stats, std: float = 0.1,
     to [0, 1] (so the well-known ImageNet eigenvalues 0.2175, 0.0188, 0.0045 apply), while images
     here are on the 0..255 scale minus the mean, so the shift is multiplied by 255.
 
-    generator: draws the alphas (a CPU generator is fine for CUDA images); None uses the global RNG.
+    alphas: the images' standard-normal draws [B, 3] (a training batch's `TrainCrop.alphas`, drawn
+    per sample), multiplied by std here. Without them they are drawn from `generator` (a CPU
+    generator is fine for CUDA images), or the global RNG when that is None.
     """
     batch = images.shape[0]
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    alphas = torch.randn(batch, 3, generator=generator, device=gen_device).to(images.device) * std
+    if alphas is None:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        alphas = torch.randn(batch, 3, generator=generator, device=gen_device)
+    alphas = alphas.to(images.device, torch.float32) * std
     eigval = torch.as_tensor(stats.eigval, dtype=torch.float32, device=images.device)
     eigvec = torch.as_tensor(stats.eigvec, dtype=torch.float32, device=images.device)
     shift = 255.0 * (alphas * eigval) @ eigvec.T  # [B, 3]: row b = sum_i alpha_bi lambda_i p_i
