@@ -1,0 +1,185 @@
+"""vgg/evaluation.py against a hand-written reference (paper §3.2, §4.2, §4.3, Tables 3-6).
+
+Two tiny nets with random (so not mirror-symmetric) weights, trained at different scales and with
+different mean colours, are evaluated on real JPEG files with dense, multi-crop, both, and fused.
+The reference below does, one image at a time and in the plainest way, what the paper says: rescale
+the image to each test scale Q, subtract the net's mean RGB, then
+
+    dense       the fully-convolutional net on the whole image, class scores averaged over space,
+                soft-max; the same for the mirrored image; the two soft-max averaged;
+    multi-crop  a 5x5 grid of crops from edge to edge and their mirror images, soft-max averaged;
+
+then the soft-max averaged over the net's scales, over both methods, and over the two nets.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from skimage import data as skdata
+
+from vgg import evaluation
+from vgg.checkpoint import save_checkpoint
+from vgg.data import ImageFolder
+from vgg.evaluation import BOTH, DENSE, MULTI_CROP, evaluate_dataset, load_eval_net
+from vgg.models import build_vgg, to_dense
+from vgg.transforms import EvalTransform
+
+CROP = 32
+CLASSES = [f"n0{i}" for i in range(6)]
+# (width, height) of each class's images: landscape, portrait, square, and a repeated size so the
+# dense pass batches images together.
+SIZES = [[(60, 45), (45, 60)], [(50, 50), (60, 45)], [(80, 40), (40, 70)], [(64, 48), (60, 45)],
+         [(45, 60), (70, 52)], [(52, 52), (99, 41)]]
+PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina"]
+# Net 1: jittered S in [36, 48] -> Q 36, 42, 48; net 2: fixed S = 40 -> Q 32 (raised from 8), 40, 72.
+NETS = [dict(seed=1, scale_min=36, scale_max=48, mean=(150.0, 60.0, 20.0)),
+        dict(seed=2, scale_min=40, scale_max=40, mean=(30.0, 90.0, 170.0))]
+
+
+@pytest.fixture(scope="module")
+def val_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref") / "val"
+    for wnid, photo, sizes in zip(CLASSES, PHOTOS, SIZES):
+        (root / wnid).mkdir(parents=True)
+        for i, size in enumerate(sizes):
+            array = getattr(skdata, photo)()
+            array = np.stack([array] * 3, -1) if array.ndim == 2 else array[..., :3]
+            Image.fromarray(array).resize(size, Image.Resampling.BILINEAR).save(root / wnid / f"{i}.JPEG", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    loaded = []
+    for i, spec in enumerate(NETS):
+        torch.manual_seed(spec["seed"])
+        model = build_vgg("A", num_classes=len(CLASSES), width=1 / 16, fc_width=32, image_size=CROP, init="xavier")
+        path = tmp_path_factory.mktemp(f"net{i}") / f"net{i}" / "best.pt"
+        config = {"arch": "A", "crop_size": CROP, "scale_min": spec["scale_min"], "scale_max": spec["scale_max"],
+                  "run_name": f"net{i}"}
+        stats = {"mean_rgb": list(spec["mean"]), "eigval": [0.2, 0.02, 0.004],
+                 "eigvec": [[0.6, 0.7, 0.4], [0.6, 0.0, -0.8], [0.6, -0.7, 0.4]]}
+        save_checkpoint(path, model=model.state_dict(), arch=model.arch_kwargs(), epoch=1, step=0, config=config,
+                        stats=stats, classes=CLASSES, best_top1=0.0)
+        loaded.append(load_eval_net(path))
+    return loaded
+
+
+def grid(size: int) -> list[int]:
+    """5 crop offsets along one side: the first at 0, the last at size - CROP, evenly spread."""
+    return [round(i * (size - CROP) / 4) for i in range(5)]
+
+
+@torch.no_grad()
+def reference_probs(model, mean, scales, path) -> dict[str, torch.Tensor]:
+    """The paper's dense and multi-crop soft-max for one image file, averaged over `scales`."""
+    model = model.eval()
+    dense = to_dense(model).eval()
+    mean = torch.tensor(mean).view(3, 1, 1)
+    per_scale = {DENSE: [], MULTI_CROP: []}
+    for q in scales:
+        with Image.open(path) as image:
+            x = EvalTransform(scale=q)(image).float() - mean  # R, G, B minus the net's mean R, G, B
+        plain = F.softmax(dense(x[None]).mean(dim=(2, 3)), dim=1)[0]
+        mirrored = F.softmax(dense(x.flip(-1)[None]).mean(dim=(2, 3)), dim=1)[0]
+        per_scale[DENSE].append((plain + mirrored) / 2)
+        crops = [x[:, top:top + CROP, left:left + CROP] for top in grid(x.shape[1]) for left in grid(x.shape[2])]
+        crops += [c.flip(-1) for c in crops]
+        assert len(crops) == 50
+        per_scale[MULTI_CROP].append(F.softmax(model(torch.stack(crops)), dim=1).mean(dim=0))
+    return {m: torch.stack(p).mean(dim=0) for m, p in per_scale.items()}, per_scale
+
+
+@pytest.fixture(scope="module")
+def evaluated(nets, val_dir):
+    """evaluate_dataset's result, with the soft-max of every row (caught on their way to the table)."""
+    caught = []
+    real_rows = evaluation._result_rows
+
+    def catching_rows(*args, **kwargs):
+        rows = real_rows(*args, **kwargs)
+        caught.extend(row["probs"].clone() for row in rows)
+        return rows
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evaluation, "_result_rows", catching_rows)
+        result = evaluate_dataset(nets, val_dir, methods=(DENSE, MULTI_CROP), batch_size=2, workers=0,
+                                  bf16=False, channels_last=False, progress=False)
+    return result, caught
+
+
+@pytest.fixture(scope="module")
+def reference(nets, val_dir):
+    samples = ImageFolder(val_dir).samples
+    per_net, per_scale = [], []
+    for net, spec in zip(nets, NETS):
+        results = [reference_probs(net.model, spec["mean"], net.scales, path) for path, _ in samples]
+        per_net.append({m: torch.stack([r[0][m] for r in results]) for m in (DENSE, MULTI_CROP)})
+        per_scale.append([r[1] for r in results])
+    for probs in per_net:
+        probs[BOTH] = (probs[DENSE] + probs[MULTI_CROP]) / 2
+    fused = {m: (per_net[0][m] + per_net[1][m]) / 2 for m in (DENSE, MULTI_CROP, BOTH)}
+    labels = torch.tensor([label for _, label in samples])
+    return per_net, fused, labels, per_scale
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_reference_can_tell_the_mistakes_apart(nets, reference):
+    """The test's own power: mirror images, scales, methods and nets all give different soft-max."""
+    per_net, _, _, per_scale = reference
+    assert nets[0].scales == [36, 42, 48] and nets[1].scales == [32, 40, 72]
+    assert (per_net[0][DENSE] - per_net[1][DENSE]).abs().max() > 1e-3
+    assert (per_net[0][DENSE] - per_net[0][MULTI_CROP]).abs().max() > 1e-3
+    for scales in per_scale[0]:
+        assert (scales[DENSE][0] - scales[DENSE][-1]).abs().max() > 1e-4
+    image = torch.rand(3, 40, 56) * 255 - 100
+    dense = to_dense(nets[0].model).eval()
+    with torch.no_grad():
+        assert (dense(image[None]).mean(dim=(2, 3)) - dense(image.flip(-1)[None]).mean(dim=(2, 3))).abs().max() > 1e-3
+
+
+def test_rows_come_in_the_papers_order(evaluated, nets):
+    result, caught = evaluated
+    names = [row["net"] for row in result["rows"]]
+    assert [row["method"] for row in result["rows"]] == [DENSE, MULTI_CROP, BOTH] * 3
+    assert names[:3] == [nets[0].name] * 3 and names[3:6] == [nets[1].name] * 3
+    assert all(n.startswith("fusion: ") for n in names[6:]) and len(caught) == 9
+
+
+@pytest.mark.parametrize("net_i", [0, 1])
+def test_dense_matches_the_reference(evaluated, reference, net_i):
+    """Mean subtracted in RGB order, each scale on its own rescaled image, the mirror image included."""
+    close(evaluated[1][3 * net_i], reference[0][net_i][DENSE])
+
+
+@pytest.mark.parametrize("net_i", [0, 1])
+def test_multi_crop_matches_the_reference(evaluated, reference, net_i):
+    """25 grid crops from edge to edge and their 25 mirror images per scale, soft-max averaged."""
+    close(evaluated[1][3 * net_i + 1], reference[0][net_i][MULTI_CROP])
+
+
+@pytest.mark.parametrize("net_i", [0, 1])
+def test_multi_crop_and_dense_averages_the_two_methods(evaluated, reference, net_i):
+    close(evaluated[1][3 * net_i + 2], reference[0][net_i][BOTH])
+
+
+@pytest.mark.parametrize("method_i, method", enumerate([DENSE, MULTI_CROP, BOTH]))
+def test_fusion_averages_the_two_different_nets(evaluated, reference, method_i, method):
+    close(evaluated[1][6 + method_i], reference[1][method])
+
+
+def test_errors_in_the_table_are_those_of_the_reference_soft_max(evaluated, reference):
+    result, _ = evaluated
+    per_net, fused, labels, _ = reference
+    expected = [p[m] for p in per_net for m in (DENSE, MULTI_CROP, BOTH)] + [fused[m] for m in (DENSE, MULTI_CROP, BOTH)]
+    for row, probs in zip(result["rows"], expected):
+        top5 = probs.topk(5, dim=1).indices
+        top1_err = 100 * (probs.argmax(dim=1) != labels).double().mean().item()
+        top5_err = 100 * (~(top5 == labels[:, None]).any(dim=1)).double().mean().item()
+        assert row["top1_err"] == pytest.approx(top1_err) and row["top5_err"] == pytest.approx(top5_err), row["method"]
+        assert row["images"] == len(labels)
