@@ -168,7 +168,7 @@ def test_multi_crop_and_dense_averages_the_two_methods(evaluated, reference, net
     close(evaluated[1][3 * net_i + 2], reference[0][net_i][BOTH])
 
 
-@pytest.mark.parametrize("method_i, method", enumerate([DENSE, MULTI_CROP, BOTH]))
+@pytest.mark.parametrize("method_i, method", list(enumerate([DENSE, MULTI_CROP, BOTH])))
 def test_fusion_averages_the_two_different_nets(evaluated, reference, method_i, method):
     close(evaluated[1][6 + method_i], reference[1][method])
 

@@ -88,6 +88,30 @@ def test_scale_jitter_and_flip_are_drawn_as_the_paper_says():
         assert min(draw_train_crop(500, 375, crop_size=224, scale_min=256, scale_max=256, generator=g)[:2]) == 256
 
 
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375)])
+def test_crop_positions_are_uniform_over_their_whole_range(height, width):
+    """§3.1 "randomly cropped": every top and left offset from 0 to the far edge, none favoured."""
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_train_crop(height, width, crop_size=224, scale_min=256, scale_max=256, generator=g)
+             for _ in range(4000)]
+    assert {d[:2] for d in draws} == {scaled_size(height, width, 256)}
+    new_h, new_w = draws[0][:2]
+    tops, lefts = np.array([d[2] for d in draws]), np.array([d[3] for d in draws])
+    assert set(tops.tolist()) == set(range(new_h - 224 + 1))
+    assert set(lefts.tolist()) == set(range(new_w - 224 + 1))
+    for offsets, span in ((tops, new_h - 224), (lefts, new_w - 224)):
+        assert abs(offsets.mean() - span / 2) < 0.05 * span  # centred on the middle
+        assert abs(offsets.std() - span / np.sqrt(12)) < 0.05 * span  # spread as a uniform draw
+    assert np.corrcoef(tops, lefts)[0, 1] ** 2 < 0.01  # drawn independently
+
+
+def test_jitter_reaches_both_ends_of_a_narrow_range():
+    g = torch.Generator().manual_seed(1)
+    sides = [min(draw_train_crop(40, 60, crop_size=32, scale_min=36, scale_max=37, generator=g)[:2])
+             for _ in range(200)]
+    assert set(sides) == {36, 37} and 60 < sides.count(36) < 140
+
+
 def test_flip_mirrors_the_same_crop(tmp_path):
     # 80x64 at S=64 with 64x64 crops: top is always 0 and left one of 17 places, so a flipped and an
     # unflipped draw at the same place turn up within a few seeds.
