@@ -10,6 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT, subprocess_env
 from vgg.data import IMAGENET_STATS, DatasetStats
@@ -172,8 +174,8 @@ def test_thin_images_give_whole_crops_at_every_position(tmp_path, height):
         with Image.open(path) as image:
             crop = transform(image)
         assert crop.shape == (3, 32, 32), seed
-        if height == 1:  # one source row: every row of the crop is the same
-            assert torch.equal(crop, crop[:, :1].expand_as(crop)), seed
+        # The crop box is under one source pixel high: it takes one source row, so all rows are equal.
+        assert torch.equal(crop, crop[:, :1].expand_as(crop)), seed
 
 
 # --- Decoding: reduced-scale decode, modes ---------------------------------------------------------
@@ -198,11 +200,11 @@ def test_downscaled_decode_gives_the_full_decode_result(big_jpeg):
     assert np.abs(fast.permute(1, 2, 0).numpy().astype(int) - full.astype(int)).mean() < 2
 
 
-def test_one_opened_file_serves_several_scales(big_jpeg):
+@pytest.mark.parametrize("scales", [[192, 384, 768], [768, 1536]])  # first decoded at 1/8, at 1/2
+def test_one_opened_file_serves_several_scales(big_jpeg, scales):
     """Evaluation applies EvalTransforms for Q = 256, 384, 512 to one opened image: the later,
     larger scales must not upsample the copy decoded at reduced scale for the first."""
     path, _ = big_jpeg
-    scales = [192, 384, 768, 1536]  # decoded at 1/8, then 1/4, 1/2 (for 768, then 1536), full
     with Image.open(path) as image:
         shared = [EvalTransform(scale=q)(image) for q in scales]
     for q, out in zip(scales, shared):
@@ -296,13 +298,24 @@ def test_normalize_subtracts_the_mean_and_keeps_the_layout():
     torch.testing.assert_close(normalize(images[0], [1.0, 2.0, 3.0]), images[0].float() - torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1))
 
 
+class OneDevicePerOp(TorchFunctionMode):
+    """Fails any torch op that mixes tensors (other than 0-dim ones) from different devices, as CUDA does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.dim() > 0]
+        assert len({t.device for t in tensors}) <= 1, f"{func} mixes devices {[t.device for t in tensors]}"
+        return func(*args, **kwargs)
+
+
 def test_batch_work_stays_on_the_images_device():
     """normalize and color_shift build their small tensors on the images' device (CUDA in training);
-    the meta device stands in for it here: any tensor left on the CPU makes the arithmetic fail."""
+    the meta device stands in for it here, and any op that mixes it with the CPU fails."""
     images = torch.empty(2, 3, 4, 4, dtype=torch.uint8, device="meta")
-    out = normalize(images, IMAGENET_STATS.mean_rgb)
+    with OneDevicePerOp():
+        out = normalize(images, IMAGENET_STATS.mean_rgb)
+        shifted = color_shift(out, IMAGENET_STATS, generator=torch.Generator().manual_seed(0))
     assert out.device.type == "meta" and out.dtype == torch.float32
-    shifted = color_shift(out, IMAGENET_STATS, generator=torch.Generator().manual_seed(0))
     assert shifted.device.type == "meta" and shifted.shape == (2, 3, 4, 4)
 
 
