@@ -58,7 +58,17 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
+    """Leave the process group; called from a `finally` at the end of a run.
+
+    On a normal exit every rank first waits at a barrier, so that no rank tears down its
+    connections (and exits) while another still has work in flight with it: a gloo rank that did
+    so could abort at exit ("terminate called without an active exception"). While an exception
+    is propagating (a failed or interrupted rank) there is no barrier: the other ranks may never
+    arrive at it.
+    """
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
