@@ -16,7 +16,7 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader, Subset
 
 from vgg.data import IMAGENET_STATS
-from vgg.distributed import cleanup_distributed, init_distributed, shard_indices
+from vgg.distributed import all_reduce_sum, cleanup_distributed, init_distributed, shard_indices
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.models import build_vgg
 from vgg.trainer import EpochSampler
@@ -56,6 +56,10 @@ def main(out_path: str) -> None:
     val_set = Subset(list(zip(val_images, val_labels.tolist())),
                      shard_indices(NUM_VAL_IMAGES, info.rank, info.world_size))
     val = validate(net, DataLoader(val_set, batch_size=VAL_BATCH, collate_fn=collate), augment, bf16=False)
+    # all_reduce_sum returns once gloo has let go of the tensor (else its worker thread may be the one
+    # to free a Python tensor during interpreter shutdown, and abort the process).
+    counts = all_reduce_sum(torch.ones(3))
+    assert counts.tolist() == [info.world_size] * 3 and counts._use_count() == 1
     metrics["val"] = {k: val[k] for k in ("loss", "top1", "top1_err", "top5_err", "images")}
     with open(f"{out_path}.rank{info.rank}.json", "w") as f:
         json.dump(metrics, f)

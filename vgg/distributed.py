@@ -10,12 +10,15 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from vgg.errors import UserError
+
+RELEASE_WAIT_S = 10.0  # all_reduce_sum: at most this long for gloo to release a tensor (microseconds normally)
 
 
 @dataclass
@@ -58,17 +61,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group; called from a `finally` at the end of a run.
-
-    On a normal exit every rank first waits at a barrier, so that no rank tears down its
-    connections (and exits) while another still has work in flight with it: a gloo rank that did
-    so could abort at exit ("terminate called without an active exception"). While an exception
-    is propagating (a failed or interrupted rank) there is no barrier: the other ranks may never
-    arrive at it.
-    """
     if dist.is_available() and dist.is_initialized():
-        if sys.exc_info()[0] is None:
-            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -86,9 +79,20 @@ def is_main_process() -> bool:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks in place (no-op in a single process) and return it."""
+    """Sum a tensor over all ranks in place (no-op in a single process) and return it.
+
+    On the CPU (gloo) this returns only once gloo's worker thread has let go of the tensor: it
+    drops its references a moment after the result is ready. Had the Python object gone first (a
+    reduction just before the process exits), that thread would free it, which needs the GIL; during
+    interpreter shutdown it cannot have it and the process aborts ("terminate called without an
+    active exception"). The thread outlives destroy_process_group once DDP has used the group.
+    """
     if get_world_size() > 1:
+        held = tensor._use_count()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while tensor.device.type == "cpu" and tensor._use_count() > held and time.monotonic() < deadline:
+            time.sleep(0)  # gives up the GIL, which the worker thread may need
     return tensor
 
 
