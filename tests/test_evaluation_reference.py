@@ -67,6 +67,11 @@ def nets(tmp_path_factory):
     return loaded
 
 
+def rescaled(path, q: int) -> torch.Tensor:
+    with Image.open(path) as image:
+        return EvalTransform(scale=q)(image)
+
+
 def grid(size: int) -> list[int]:
     """5 crop offsets along one side: the first at 0, the last at size - CROP, evenly spread."""
     return [round(i * (size - CROP) / 4) for i in range(5)]
@@ -80,8 +85,7 @@ def reference_probs(model, mean, scales, path) -> dict[str, torch.Tensor]:
     mean = torch.tensor(mean).view(3, 1, 1)
     per_scale = {DENSE: [], MULTI_CROP: []}
     for q in scales:
-        with Image.open(path) as image:
-            x = EvalTransform(scale=q)(image).float() - mean  # R, G, B minus the net's mean R, G, B
+        x = rescaled(path, q).float() - mean  # R, G, B minus the net's mean R, G, B
         plain = F.softmax(dense(x[None]).mean(dim=(2, 3)), dim=1)[0]
         mirrored = F.softmax(dense(x.flip(-1)[None]).mean(dim=(2, 3)), dim=1)[0]
         per_scale[DENSE].append((plain + mirrored) / 2)
@@ -183,3 +187,53 @@ def test_errors_in_the_table_are_those_of_the_reference_soft_max(evaluated, refe
         top5_err = 100 * (~(top5 == labels[:, None]).any(dim=1)).double().mean().item()
         assert row["top1_err"] == pytest.approx(top1_err) and row["top5_err"] == pytest.approx(top5_err), row["method"]
         assert row["images"] == len(labels)
+
+
+def test_rows_name_their_net_scales_and_per_class_accuracy(evaluated, reference, nets):
+    result, _ = evaluated
+    per_net, fused, labels, _ = reference
+    rows = result["rows"]
+    for i, net in enumerate(nets):
+        for row in rows[3 * i:3 * i + 3]:
+            assert (row["net"], row["checkpoint"], row["train_s"], row["test_q"]) == (
+                f"A (net{i})", str(net.path), ["[36;48]", "40"][i], ["36,42,48", "32,40,72"][i])
+    for row in rows[6:]:
+        assert (row["net"], row["checkpoint"], row["train_s"], row["test_q"]) == (
+            "fusion: A (net0) + A (net1)", "", "-", "-")
+    assert result["class_images"] == [2] * len(CLASSES) and result["classes"] == CLASSES
+    expected = [p[m] for p in per_net for m in (DENSE, MULTI_CROP, BOTH)] + [fused[m] for m in (DENSE, MULTI_CROP, BOTH)]
+    for row, probs in zip(rows, expected):
+        top1 = probs.argmax(dim=1) == labels
+        top5 = (probs.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
+        for key, hits in (("per_class_top1_acc", top1), ("per_class_top5_acc", top5)):
+            per_class = [100.0 * hits[labels == c].double().mean().item() for c in range(len(CLASSES))]
+            assert row[key] == pytest.approx(per_class), (row["method"], key)
+
+
+def test_the_channels_last_path_runs_on_the_cpu_too(nets, val_dir):
+    """CUDA's channels-last path (net, dense net, batches) gives the soft-max of the plain path."""
+    paths = [path for path, _ in ImageFolder(val_dir).samples[:4]]
+    images = [rescaled(path, 40) for path in paths]
+    same_size = torch.stack([image for image in images if image.shape == (3, 40, 53)])  # the two 60x45 photos
+    assert len(same_size) == 2
+    plain = evaluation._NetRunner(nets[1], torch.device("cpu"), channels_last=False)
+    with torch.no_grad():
+        expected = plain.dense(same_size), plain.multi_crop(images)
+    seen = []
+    fast = evaluation._NetRunner(load_eval_net(nets[1].path), torch.device("cpu"), channels_last=True)
+    for model in (fast.model, fast.dense_model):
+        model.register_forward_pre_hook(
+            lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        close(fast.dense(same_size), expected[0])
+        close(fast.multi_crop(images), expected[1])
+    assert seen and all(seen)
+    assert fast.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert fast.dense_model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_on_the_cpu_the_nets_stay_in_their_plain_layout(nets, val_dir):
+    """channels_last=True only applies on CUDA: on the CPU the net's weights keep their layout."""
+    net = load_eval_net(nets[0].path, single_scale=True)
+    evaluate_dataset([net], val_dir, methods=(DENSE,), workers=0, channels_last=True, progress=False)
+    assert all(p.is_contiguous() for p in net.model.parameters())
