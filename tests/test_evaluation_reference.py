@@ -12,6 +12,8 @@ the image to each test scale Q, subtract the net's mean RGB, then
 then the soft-max averaged over the net's scales, over both methods, and over the two nets.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,7 @@ from skimage import data as skdata
 from vgg import evaluation
 from vgg.checkpoint import save_checkpoint
 from vgg.data import ImageFolder
+from vgg.errors import UserError
 from vgg.evaluation import BOTH, DENSE, MULTI_CROP, evaluate_dataset, load_eval_net
 from vgg.models import build_vgg, to_dense
 from vgg.transforms import EvalTransform
@@ -237,3 +240,30 @@ def test_on_the_cpu_the_nets_stay_in_their_plain_layout(nets, val_dir):
     net = load_eval_net(nets[0].path, single_scale=True)
     evaluate_dataset([net], val_dir, methods=(DENSE,), workers=0, channels_last=True, progress=False)
     assert all(p.is_contiguous() for p in net.model.parameters())
+
+
+def test_bad_calls_fail_with_one_clear_line(nets, val_dir):
+    with pytest.raises(UserError, match=r"^no evaluation method given; allowed: dense, multi-crop$"):
+        evaluate_dataset(nets, val_dir, methods=(), workers=0, progress=False)
+    with pytest.raises(UserError, match=r"^no net to evaluate$"):
+        evaluate_dataset([], val_dir, workers=0, progress=False)
+    renamed = dataclasses.replace(nets[0], classes=CLASSES[:3] + ["n99"] + CLASSES[4:])
+    with pytest.raises(UserError, match=r"was trained on 6 classes, .* has 6 \(class 3 is 'n99' in the checkpoint, "
+                                        r"'n03' in the folder\): they must be the same$"):
+        evaluate_dataset([renamed], val_dir, workers=0, progress=False)
+    with pytest.raises(UserError, match=r"was trained on 5 classes, .* has 6: they must be the same$"):
+        evaluate_dataset([dataclasses.replace(nets[0], classes=CLASSES[:5])], val_dir, workers=0, progress=False)
+
+
+def test_progress_bar_by_default(nets, val_dir, capsys):
+    evaluate_dataset([load_eval_net(nets[1].path, single_scale=True)], val_dir, workers=0)
+    assert "evaluate" in capsys.readouterr().err
+
+
+def test_a_full_dense_batch_leaves_as_soon_as_it_is_full():
+    buckets = evaluation._DenseBuckets()
+    for pos in range(2):
+        buckets.add((36, 36, 48), pos, torch.full((3, 36, 48), pos, dtype=torch.uint8))
+    released = list(buckets.pop_full(batch_size=2, limit=100))
+    assert [positions.tolist() for _, positions, _ in released] == [[0, 1]] and not buckets.pending
+    assert released[0][2].shape == (2, 3, 36, 48)
