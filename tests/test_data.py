@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -68,10 +69,36 @@ def split(tmp_path):
 
 # --- ImageFolder and its file-list cache ----------------------------------------------------------
 
-def test_classes_are_the_sorted_folders_and_samples_follow(split):
+class ListedInReverse:
+    """os.scandir stand-in that lists a folder in reverse name order (disks list in any order)."""
+
+    real_scandir = os.scandir
+
+    def __init__(self, path):
+        with self.real_scandir(path) as entries:
+            self.entries = sorted(entries, key=lambda e: e.name, reverse=True)
+
+    def __enter__(self):
+        return iter(self.entries)
+
+    def __exit__(self, *exc):
+        return False
+
+    def __iter__(self):
+        return iter(self.entries)
+
+
+@pytest.mark.parametrize("listing", ["as the disk lists", "reversed"])
+def test_classes_are_the_sorted_folders_and_samples_follow(split, listing, monkeypatch):
+    """Class i is the i-th folder name in sorted order, whatever order the file system lists them in
+    (the split fixture creates n02, n01, n10 in that order)."""
+    if listing == "reversed":
+        monkeypatch.setattr(os, "scandir", ListedInReverse)
+        assert [e.name for e in os.scandir(split)] == ["n10", "n02", "n01"]
     ds = ImageFolder(split, EvalTransform(scale=32))
     assert ds.classes == ["n01", "n02", "n10"]
     assert len(ds) == 9 and [label for _, label in ds.samples] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert [path for path, _ in ds.samples] == sorted(path for path, _ in ds.samples)  # files sorted too
     assert all(path.startswith(str(split)) for path, _ in ds.samples)
     image, label = ds[4]
     assert label == 1 and image.dtype == torch.uint8 and image.shape == (3, 32, 48)

@@ -1,8 +1,10 @@
 """DDP on CPU (gloo): two processes stay identical and match one process on the same global batch."""
 
+import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, subprocess_env
@@ -21,6 +23,20 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     assert ranks.shape[0] == 2
     assert torch.equal(ranks[0], ranks[1]), "DDP ranks diverged"
     torch.testing.assert_close(ranks[0], single[0], rtol=1e-4, atol=1e-5)
+
+    # The metrics are reduced over ranks: each rank reports the global batch's, as one process does.
+    alone = json.loads((tmp_path / "one.pt.rank0.json").read_text())
+    per_rank = [json.loads((tmp_path / f"two.pt.rank{r}.json").read_text()) for r in range(2)]
+    assert per_rank[0] == per_rank[1]
+    for epoch in range(2):
+        a, b = alone["train"][epoch], per_rank[0]["train"][epoch]
+        assert a["images"] == b["images"] == 8 * 3 and a["step"] == b["step"] == 3
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert (b["top1_err"], b["top5_err"]) == (a["top1_err"], a["top5_err"])
+    a, b = alone["val"], per_rank[0]["val"]
+    assert a["images"] == b["images"] == 13  # every validation image counted once
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert (b["top1"], b["top1_err"], b["top5_err"]) == (a["top1"], a["top1_err"], a["top5_err"])
 
 
 def test_epoch_sampler_deals_one_global_order_and_resumes_mid_epoch():
@@ -44,3 +60,4 @@ def test_shard_indices_cover_every_item_exactly_once():
     shards = [shard_indices(10, rank, 3) for rank in range(3)]
     flat = sorted(i for shard in shards for i in shard)
     assert flat == list(range(10))
+

@@ -1,6 +1,7 @@
 """Real training runs on the generated sample dataset with a scaled-down net: CLI, resume, signals."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -147,10 +148,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
                        "--log-every", "1", "--run-name", "nan")
     assert result.returncode == 2
     assert "NaN/inf" in result.stderr and "Traceback" not in result.stderr
-    last = tmp_path / "checkpoints" / "nan" / "last.pt"
-    if last.exists():  # saved only at steps whose loss was finite
-        ckpt = load_checkpoint(last)
-        assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
+    # Step 1's loss is computed before any update, so it is finite and its checkpoint is written;
+    # with this lr the next loss is not, and nothing is saved from that step on.
+    nan_step = int(re.search(r"NaN/inf in epoch 0 before step (\d+)", result.stderr).group(1))
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "nan" / "last.pt")
+    assert ckpt["epoch"] == 0 and ckpt["step"] == nan_step - 1 >= 1
+    assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
 def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path):

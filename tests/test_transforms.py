@@ -10,12 +10,14 @@ import pytest
 import torch
 from PIL import Image
 from skimage import data as skdata
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 from conftest import ROOT, subprocess_env
 from vgg.data import IMAGENET_STATS, DatasetStats
 from vgg.errors import UserError
 from vgg.transforms import (CenterCropTransform, EvalTransform, TrainTransform, color_shift, draw_alphas,
-                            draw_train_crop, load_rgb, normalize, sample_generator, scaled_size)
+                            draw_train_crop, load_rgb, normalize, sample_generator, scaled_size, to_uint8_tensor)
 
 
 def save_jpeg(path, array: np.ndarray, mode: str = "RGB", quality: int = 95):
@@ -88,6 +90,30 @@ def test_scale_jitter_and_flip_are_drawn_as_the_paper_says():
         assert min(draw_train_crop(500, 375, crop_size=224, scale_min=256, scale_max=256, generator=g)[:2]) == 256
 
 
+@pytest.mark.parametrize("height, width", [(375, 500), (500, 375)])
+def test_crop_positions_are_uniform_over_their_whole_range(height, width):
+    """§3.1 "randomly cropped": every top and left offset from 0 to the far edge, none favoured."""
+    g = torch.Generator().manual_seed(0)
+    draws = [draw_train_crop(height, width, crop_size=224, scale_min=256, scale_max=256, generator=g)
+             for _ in range(4000)]
+    assert {d[:2] for d in draws} == {scaled_size(height, width, 256)}
+    new_h, new_w = draws[0][:2]
+    tops, lefts = np.array([d[2] for d in draws]), np.array([d[3] for d in draws])
+    assert set(tops.tolist()) == set(range(new_h - 224 + 1))
+    assert set(lefts.tolist()) == set(range(new_w - 224 + 1))
+    for offsets, span in ((tops, new_h - 224), (lefts, new_w - 224)):
+        assert abs(offsets.mean() - span / 2) < 0.05 * span  # centred on the middle
+        assert abs(offsets.std() - span / np.sqrt(12)) < 0.05 * span  # spread as a uniform draw
+    assert np.corrcoef(tops, lefts)[0, 1] ** 2 < 0.01  # drawn independently
+
+
+def test_jitter_reaches_both_ends_of_a_narrow_range():
+    g = torch.Generator().manual_seed(1)
+    sides = [min(draw_train_crop(40, 60, crop_size=32, scale_min=36, scale_max=37, generator=g)[:2])
+             for _ in range(200)]
+    assert set(sides) == {36, 37} and 60 < sides.count(36) < 140
+
+
 def test_flip_mirrors_the_same_crop(tmp_path):
     # 80x64 at S=64 with 64x64 crops: top is always 0 and left one of 17 places, so a flipped and an
     # unflipped draw at the same place turn up within a few seeds.
@@ -109,14 +135,46 @@ def test_flip_mirrors_the_same_crop(tmp_path):
 
 
 def test_bad_sizes_are_user_errors():
-    with pytest.raises(UserError, match="scale_min"):
+    with pytest.raises(UserError, match=r"^scale_min must be an integer >= 224, got 200$"):
         TrainTransform(crop_size=224, scale_min=200, scale_max=256)
-    with pytest.raises(UserError, match="scale_max"):
+    with pytest.raises(UserError, match=r"^scale_max must be an integer >= 256, got 255$"):
         TrainTransform(crop_size=224, scale_min=256, scale_max=255)
-    with pytest.raises(UserError, match="scale"):
+    with pytest.raises(UserError, match=r"^crop_size must be an integer >= 1, got 0$"):
+        TrainTransform(crop_size=0, scale_min=256, scale_max=256)
+    with pytest.raises(UserError, match=r"^scale must be an integer >= 1, got 0$"):
         EvalTransform(scale=0)
-    with pytest.raises(UserError, match="crop_size"):
+    with pytest.raises(UserError, match=r"^crop_size must be an integer >= 1, got 2.5$"):
         CenterCropTransform(scale=256, crop_size=2.5)
+    with pytest.raises(UserError, match=r"^scale must be an integer >= 224, got 200$"):
+        CenterCropTransform(scale=200, crop_size=224)  # the crop must fit in the rescaled image
+    with pytest.raises(UserError, match=r"^scale must be an integer >= 1, got True$"):
+        EvalTransform(scale=True)
+    assert EvalTransform(scale=1).scale == 1 and CenterCropTransform(scale=1, crop_size=1).crop_size == 1
+
+
+def test_draws_come_from_the_given_generator_alone():
+    """Seeded per (seed, epoch, rank) by the callers: the global RNG must not leak into the draws."""
+    def draws(global_seed):
+        torch.manual_seed(global_seed)
+        g = torch.Generator().manual_seed(5)
+        return [draw_train_crop(375, 500, crop_size=224, scale_min=256, scale_max=512, generator=g) for _ in range(20)]
+
+    assert draws(0) == draws(1)
+
+
+@pytest.mark.parametrize("height", [1, 2])
+def test_thin_images_give_whole_crops_at_every_position(tmp_path, height):
+    """A 1- or 2-pixel-high image upsampled 30x or more: the crop box still maps to source pixels."""
+    rng = np.random.default_rng(height)
+    path = tmp_path / "thin.png"
+    Image.fromarray(rng.integers(0, 256, (height, 50, 3), dtype=np.uint8)).save(path)
+    transform = TrainTransform(crop_size=32, scale_min=65, scale_max=80)
+    for index in range(40):  # 40 different per-sample draws
+        with Image.open(path) as image:
+            crop = transform(image, index).image
+        assert crop.shape == (3, 32, 32), index
+        # The crop box is under one source pixel high: it takes one source row, so all rows are equal.
+        assert torch.equal(crop, crop[:, :1].expand_as(crop)), index
 
 
 # --- Decoding: reduced-scale decode, modes ---------------------------------------------------------
@@ -141,11 +199,11 @@ def test_downscaled_decode_gives_the_full_decode_result(big_jpeg):
     assert np.abs(fast.permute(1, 2, 0).numpy().astype(int) - full.astype(int)).mean() < 2
 
 
-def test_one_opened_file_serves_several_scales(big_jpeg):
+@pytest.mark.parametrize("scales", [[192, 384, 768], [768, 1536]])  # first decoded at 1/8, at 1/2
+def test_one_opened_file_serves_several_scales(big_jpeg, scales):
     """Evaluation applies EvalTransforms for Q = 256, 384, 512 to one opened image: the later,
     larger scales must not upsample the copy decoded at reduced scale for the first."""
     path, _ = big_jpeg
-    scales = [192, 384, 768]
     with Image.open(path) as image:
         shared = [EvalTransform(scale=q)(image) for q in scales]
     for q, out in zip(scales, shared):
@@ -170,6 +228,30 @@ def test_eval_and_center_crop_transforms(photo_jpeg):
     assert scaled_size(400, 600, 100) == (100, 150) and scaled_size(600, 400, 100) == (150, 100)
 
 
+def test_transforms_resample_the_reduced_decode(big_jpeg):
+    """The documented speed path: a 2048x1536 JPEG for Q=192 is decoded at 1/8 scale (256x192), which
+    is already the size asked for, so the result is exactly those pixels, in a contiguous tensor."""
+    path, _ = big_jpeg
+    with Image.open(path) as image:
+        out = EvalTransform(scale=192)(image)
+    with Image.open(path) as image:
+        reduced = to_uint8_tensor(load_rgb(image, min_side=192))
+    assert out.shape == reduced.shape == (3, 192, 256)
+    assert torch.equal(out, reduced) and out.is_contiguous()
+
+
+def test_downscaling_is_antialiased_like_pil(tmp_path):
+    """8x down on pixel noise: an antialiased resize gives local means (as PIL's), not sampled pixels."""
+    noise = np.random.default_rng(0).integers(0, 256, (400, 400, 3), dtype=np.uint8)
+    path = tmp_path / "noise.png"
+    Image.fromarray(noise).save(path)
+    with Image.open(path) as image:
+        out = EvalTransform(scale=50)(image).permute(1, 2, 0).numpy().astype(int)
+    expected = np.asarray(Image.fromarray(noise).resize((50, 50), Image.Resampling.BILINEAR)).astype(int)
+    assert np.abs(out - expected).mean() < 2
+    assert out.std() < 0.3 * noise.std()  # smoothed, as a local mean is
+
+
 @pytest.mark.parametrize("mode", ["CMYK", "L", "P", "RGBA", "LA", "I;16"])
 def test_every_mode_becomes_rgb(tmp_path, mode):
     array = skdata.chelsea()
@@ -186,13 +268,17 @@ def test_every_mode_becomes_rgb(tmp_path, mode):
         assert load_rgb(opened).mode == "RGB"
 
 
-def test_loaded_images_and_paths_are_accepted_too(photo_jpeg):
-    transform = EvalTransform(scale=250)  # no reduced-scale decode for a 400-px side: identical
+@pytest.mark.parametrize("scale", [250, 500])  # down (no reduced-scale decode for a 400-px side) and up
+def test_loaded_images_and_paths_are_accepted_too(photo_jpeg, scale):
+    transform = EvalTransform(scale=scale)
     with Image.open(photo_jpeg) as image:
         lazy = transform(image)
     with Image.open(photo_jpeg) as image:
-        loaded = transform(image.convert("RGB"))
-    assert torch.equal(lazy, loaded)
+        converted = transform(image.convert("RGB"))
+    with Image.open(photo_jpeg) as image:
+        image.load()
+        loaded = transform(image)
+    assert torch.equal(lazy, converted) and torch.equal(lazy, loaded)
     assert load_rgb(photo_jpeg, min_side=50).mode == "RGB"
     assert load_rgb(str(photo_jpeg)).size == (600, 400)
 
@@ -209,6 +295,41 @@ def test_normalize_subtracts_the_mean_and_keeps_the_layout():
     assert cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(cl, expected)
     torch.testing.assert_close(normalize(images[0], [1.0, 2.0, 3.0]), images[0].float() - torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1))
+
+
+class OneDevicePerOp(TorchFunctionMode):
+    """Fails any torch op that mixes tensors (other than 0-dim ones) from different devices, as CUDA does."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor) and a.dim() > 0]
+        assert len({t.device for t in tensors}) <= 1, f"{func} mixes devices {[t.device for t in tensors]}"
+        return func(*args, **kwargs)
+
+
+def test_batch_work_stays_on_the_images_device():
+    """normalize and color_shift build their small tensors on the images' device (CUDA in training);
+    the meta device stands in for it here, and any op that mixes it with the CPU fails."""
+    images = torch.empty(2, 3, 4, 4, dtype=torch.uint8, device="meta")
+    with OneDevicePerOp():
+        out = normalize(images, IMAGENET_STATS.mean_rgb)
+        shifted = color_shift(out, IMAGENET_STATS, generator=torch.Generator().manual_seed(0))
+    assert out.device.type == "meta" and out.dtype == torch.float32
+    assert shifted.device.type == "meta" and shifted.shape == (2, 3, 4, 4)
+
+
+def test_color_shift_adds_255_alpha_lambda_p_to_each_image():
+    """The shift of image b is 255 * sum_i alpha_bi * lambda_i * p_i, alpha_bi ~ N(0, 0.1^2) by default."""
+    stats = IMAGENET_STATS
+    images = torch.randn(5, 3, 2, 3) * 50
+    out = color_shift(images.clone(), stats, generator=torch.Generator().manual_seed(7))
+    alphas = torch.randn(5, 3, generator=torch.Generator().manual_seed(7)) * 0.1
+    for b in range(5):
+        shift = [255 * sum(alphas[b, i].item() * stats.eigval[i] * stats.eigvec[c][i] for i in range(3))
+                 for c in range(3)]
+        expected = images[b] + torch.tensor(shift).view(3, 1, 1)
+        torch.testing.assert_close(out[b], expected, rtol=0, atol=1e-4)
+    assert (out - images).abs().max() > 1  # a visible shift
 
 
 def test_imagenet_eigenvectors_are_the_columns():

@@ -23,6 +23,8 @@ from tqdm import tqdm
 
 from vgg.errors import UserError
 
+RELEASE_WAIT_S = 10.0  # all_reduce_sum: at most this long for gloo to release a tensor (microseconds normally)
+
 
 @dataclass
 class DistInfo:
@@ -147,9 +149,20 @@ def is_main_process() -> bool:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum a tensor over all ranks in place (no-op in a single process) and return it."""
+    """Sum a tensor over all ranks in place (no-op in a single process) and return it.
+
+    On the CPU (gloo) this returns only once gloo's worker thread has let go of the tensor: it
+    drops its references a moment after the result is ready. Had the Python object gone first (a
+    reduction just before the process exits), that thread would free it, which needs the GIL; during
+    interpreter shutdown it cannot have it and the process aborts ("terminate called without an
+    active exception"). The thread outlives destroy_process_group once DDP has used the group.
+    """
     if get_world_size() > 1:
+        held = tensor._use_count()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        deadline = time.monotonic() + RELEASE_WAIT_S
+        while tensor.device.type == "cpu" and tensor._use_count() > held and time.monotonic() < deadline:
+            time.sleep(0)  # gives up the GIL, which the worker thread may need
     return tensor
 
 

@@ -1,0 +1,98 @@
+"""What evaluate.py prints and writes (vgg/evaluation.py's reporting), from a hand-made result:
+the table in the layout of the paper's Tables 3-6, the best and worst classes, the Markdown and
+JSON files, the default checkpoint, and the one-line errors of bad calls."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from vgg.errors import UserError
+from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, default_checkpoint, format_markdown, format_per_class,
+                            format_report, format_table, fuse, topk_errors, train_scale_text, write_results)
+
+RESULT = {
+    "val_dir": "data/val", "images": 4, "skipped": 1, "world_size": 1, "methods": [DENSE, MULTI_CROP],
+    "classes": ["n1", "n2", "n3", "n4", "n5"], "class_images": [2, 0, 1, 1, 2],
+    "nets": [{"name": "D", "checkpoint": "checkpoints/D/best.pt", "train_s": "256", "test_q": [224, 256, 288]}],
+    "rows": [
+        {"net": "D", "checkpoint": "checkpoints/D/best.pt", "train_s": "256", "test_q": "224,256,288",
+         "method": DENSE, "top1_err": 24.8, "top5_err": 7.5, "images": 4,
+         "per_class_top1_acc": [50.0, None, 100.0, 0.0, 50.0], "per_class_top5_acc": [100.0, None, 100.0, 100.0, 50.0]},
+        {"net": "fusion: D + E", "checkpoint": "", "train_s": "-", "test_q": "-", "method": BOTH,
+         "top1_err": 23.7149, "top5_err": 6.8049, "images": 4,
+         "per_class_top1_acc": [50.0, None, 100.0, 0.0, 50.0], "per_class_top5_acc": [100.0, None, 100.0, 100.0, 100.0]},
+    ],
+}
+
+TABLE = """\
+net            train S  test Q       method              top-1 err (%)  top-5 err (%)
+-------------  -------  -----------  ------------------  -------------  -------------
+D              256      224,256,288  dense                       24.80           7.50
+fusion: D + E  -        -            multi-crop & dense          23.71           6.80"""
+
+MARKDOWN_TABLE = """\
+| net           | train S | test Q      | method             | top-1 err (%) | top-5 err (%) |
+|---------------|---------|-------------|--------------------|--------------:|--------------:|
+| D             | 256     | 224,256,288 | dense              |         24.80 |          7.50 |
+| fusion: D + E | -       | -           | multi-crop & dense |         23.71 |          6.80 |"""
+
+PER_CLASS = """\
+per-class top-1 accuracy (fusion: D + E, multi-crop & dense):
+  best:  n3 100.0%, n1 50.0%
+  worst: n4 0.0%, n5 50.0%"""
+
+
+def test_table_in_the_layout_of_the_papers_tables():
+    assert format_table(RESULT["rows"]) == TABLE
+    assert format_table(RESULT["rows"], markdown=True) == MARKDOWN_TABLE
+
+
+def test_best_and_worst_classes_skip_classes_without_images():
+    """Sorted by accuracy, ties by wnid; at most half the scored classes on each side."""
+    assert format_per_class(RESULT, RESULT["rows"][-1]) == PER_CLASS
+    assert format_per_class(RESULT, RESULT["rows"][0], count=1).splitlines()[1:] == ["  best:  n3 100.0%",
+                                                                                     "  worst: n4 0.0%"]
+
+
+def test_report_is_table_classes_and_counts():
+    assert format_report(RESULT) == f"{TABLE}\n\n{PER_CLASS}\n\n4 images evaluated, 1 unreadable images skipped"
+
+
+def test_markdown_and_json_files(tmp_path):
+    assert format_markdown(RESULT) == (
+        f"# Evaluation on `data/val`\n\n{MARKDOWN_TABLE}\n\n4 images evaluated, 1 unreadable images skipped.\n\n"
+        "Nets:\n- D: `checkpoints/D/best.pt` (train S 256, test Q 224,256,288)\n")
+    for out in ("deep/eval/run1", "deep/eval/run1.json", "deep/eval/run1.md"):
+        json_path, md_path = write_results(RESULT, tmp_path / out)
+        assert (json_path, md_path) == (tmp_path / "deep/eval/run1.json", tmp_path / "deep/eval/run1.md")
+        assert json.loads(json_path.read_text()) == RESULT
+        assert json_path.read_text().startswith('{\n "val_dir"') and json_path.read_text().endswith("}\n")
+        assert md_path.read_text() == format_markdown(RESULT)
+    assert sorted(p.name for p in (tmp_path / "deep" / "eval").iterdir()) == ["run1.json", "run1.md"]
+
+
+def test_default_checkpoint_is_the_newest_best_pt(tmp_path):
+    with pytest.raises(UserError, match=r"^no checkpoint found under .*/\*/best.pt: train a net first"):
+        default_checkpoint(tmp_path)
+    for name, age in (("a", 100), ("b", 50), ("c", 200)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "best.pt").write_bytes(b"x")
+        os.utime(tmp_path / name / "best.pt", (1e9 - age, 1e9 - age))
+    (tmp_path / "c" / "last.pt").write_bytes(b"x")  # only best.pt counts
+    assert default_checkpoint(tmp_path) == tmp_path / "b" / "best.pt"
+
+
+def test_training_scale_as_the_tables_write_it():
+    assert train_scale_text(256, 256) == "256" and train_scale_text(256, 512) == "[256;512]"
+
+
+def test_scoring_one_image_and_nothing():
+    scores = torch.tensor([[0.1, 0.5, 0.2, 0.9, 0.3, 0.0, 0.4]])
+    assert topk_errors(scores, torch.tensor([3])) == {1: 0.0, 5: 0.0}
+    assert topk_errors(scores, torch.tensor([2])) == {1: 100.0, 5: 0.0}
+    with pytest.raises(UserError, match="^no images to score$"):
+        topk_errors(scores[:0], torch.tensor([], dtype=torch.int64))
+    with pytest.raises(UserError, match="^nothing to fuse$"):
+        fuse([])
