@@ -22,3 +22,20 @@ def subprocess_env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("RANK", None)
     return env
+
+
+def error_line(result) -> str:
+    """The last line a CLI wrote to stderr (progress-bar redraws split into lines of their own)."""
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit 2, no traceback, one `error:` line of its own and last (a progress bar may precede it),
+    holding every fragment."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert [line for line in lines if "error" in line] == [lines[-1]] and lines[-1].startswith("error: "), lines
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])

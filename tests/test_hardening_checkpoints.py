@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, assert_one_line_error, error_line, subprocess_env
 from test_train import common_cli_args, train_cli
 from vgg.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes
 from vgg.config import Config
@@ -26,21 +26,6 @@ FAST = ["--steps-per-epoch", "2", "--batch-size", "16", "--stats-images", "50", 
 def evaluate_cli(*args, cwd=ROOT, env=None):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *args], capture_output=True, text=True,
                           env=env or subprocess_env(), timeout=600, cwd=cwd)
-
-
-def last_line(result) -> str:
-    """The error line; a mid-epoch error may follow the unfinished progress bar on the same line."""
-    line = result.stderr.strip().splitlines()[-1]
-    return line[line.find("error: "):]
-
-
-def assert_one_line_error(result, *parts):
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    line = last_line(result)
-    assert line.startswith("error: "), result.stderr[-3000:]
-    for part in parts:
-        assert part in line, (part, line)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +90,7 @@ def test_crafted_checkpoint_runs_no_code_in_any_entry_point(base, sample_root, t
     }
     for entry, result in results.items():
         assert_one_line_error(result, "refused", "(not a plain-tensor checkpoint: it imports posix.system")
-        assert ("checkpoints/x/best.pt" if entry == "bare evaluate" else str(evil)) in last_line(result), entry
+        assert ("checkpoints/x/best.pt" if entry == "bare evaluate" else str(evil)) in error_line(result), entry
     assert not marker.exists()
 
 
@@ -187,7 +172,7 @@ def test_resume_refuses_changed_run_defining_fields_listing_all(base, sample_roo
                        "--width", "0.25", "--seed", "3", "--color-shift-std", "0")
     assert_one_line_error(result, f"cannot resume {run_dir / 'last.pt'}", "width 0.125 -> 0.25", "seed 0 -> 3",
                           "color_shift_std 0.1 -> 0.0", "new --run-name")
-    assert "out_dir" not in last_line(result).split("may change")[0]  # a field that may change is not listed
+    assert "out_dir" not in error_line(result).split("may change")[0]  # a field that may change is not listed
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1  # nothing trained, nothing written
 
 

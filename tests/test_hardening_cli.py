@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, assert_one_line_error, subprocess_env
 from test_train import tiny_config
 from vgg.trainer import run as train_run
 
@@ -18,16 +18,6 @@ MISSING_DATA = "/does/not/exist/imagenet"  # would fail the data scan: a value e
 def cli(script, *args, cwd=ROOT, timeout=300):
     return subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True,
                           env=subprocess_env(), timeout=timeout, cwd=cwd)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    # One error line, on a line of its own and last (a progress bar may have been drawn before it).
-    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
-    assert [line for line in lines if "error" in line] == [lines[-1]] and lines[-1].startswith("error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[-1], (fragment, lines[-1])
 
 
 @pytest.mark.parametrize("flag, value, message", [
