@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value
 from vgg.distributed import (cleanup_distributed, get_logger, init_distributed, is_main_process, launch_if_needed,
-                             rank_prefix, set_cpu_threads)
+                             exit_process, rank_prefix, set_cpu_threads)
 from vgg.errors import UserError, out_of_memory_message
 
 
@@ -118,4 +118,4 @@ def run(args, nets, val_dir, dist) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

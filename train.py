@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from vgg.config import available_configs, check_output_dirs, config_defaults, get_args_parser, resolve_config
-from vgg.distributed import launch_if_needed, rank_prefix, set_cpu_threads
+from vgg.distributed import exit_process, launch_if_needed, rank_prefix, set_cpu_threads
 from vgg.engine import NonFiniteLossError
 from vgg.errors import UserError, out_of_memory_message
 
@@ -59,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main)

@@ -135,6 +135,28 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
+def exit_process(main) -> None:
+    """`sys.exit(main())`, except that a process of a multi-process job leaves with os._exit once its
+    output is flushed.
+
+    gloo's worker threads can still hold tensors when Python shuts down; freeing one then needs the
+    GIL, which the interpreter no longer hands out, and the process aborts ("terminate called without
+    an active exception", exit -6) after a run that succeeded. Everything worth keeping is written and
+    closed by then (checkpoints fsynced, TensorBoard closed), so skipping the interpreter's own
+    shutdown loses nothing.
+    """
+    try:
+        code = main()
+    except SystemExit as e:  # a stopped run (128 + signal) or the launcher's exit
+        code = e.code
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and isinstance(code, int):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def get_rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
