@@ -23,7 +23,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from vgg import evaluation
-from vgg.checkpoint import save_checkpoint
+from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from vgg.data import ImageFolder
 from vgg.errors import UserError
 from vgg.evaluation import BOTH, DENSE, MULTI_CROP, evaluate_dataset, load_eval_net
@@ -38,8 +38,8 @@ SIZES = [[(60, 45), (45, 60)], [(50, 50), (60, 45)], [(80, 40), (40, 70)], [(64,
          [(45, 60), (70, 52)], [(52, 52), (99, 41)]]
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "retina"]
 # Net 1: jittered S in [36, 48] -> Q 36, 42, 48; net 2: fixed S = 40 -> Q 32 (raised from 8), 40, 72.
-NETS = [dict(seed=1, scale_min=36, scale_max=48, mean=(150.0, 60.0, 20.0)),
-        dict(seed=2, scale_min=40, scale_max=40, mean=(30.0, 90.0, 170.0))]
+NETS = [dict(seed=1, scale_min=36, scale_max=48, scales=[36, 42, 48], mean=(150.0, 60.0, 20.0)),
+        dict(seed=2, scale_min=40, scale_max=40, scales=[32, 40, 72], mean=(30.0, 90.0, 170.0))]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +55,8 @@ def val_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
-    loaded = []
+def checkpoints(tmp_path_factory):
+    paths = []
     for i, spec in enumerate(NETS):
         torch.manual_seed(spec["seed"])
         model = build_vgg("A", num_classes=len(CLASSES), width=1 / 16, fc_width=32, image_size=CROP, init="xavier")
@@ -67,8 +67,14 @@ def nets(tmp_path_factory):
                  "eigvec": [[0.6, 0.7, 0.4], [0.6, 0.0, -0.8], [0.6, -0.7, 0.4]]}
         save_checkpoint(path, model=model.state_dict(), arch=model.arch_kwargs(), epoch=1, step=0, config=config,
                         stats=stats, classes=CLASSES, best_top1=0.0)
-        loaded.append(load_eval_net(path))
-    return loaded
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def nets(checkpoints):
+    """Loaded for each test: mutmut credits what a fixture runs to the first test that used it."""
+    return [load_eval_net(path) for path in checkpoints]
 
 
 def rescaled(path, q: int) -> torch.Tensor:
@@ -100,9 +106,13 @@ def reference_probs(model, mean, scales, path) -> dict[str, torch.Tensor]:
     return {m: torch.stack(p).mean(dim=0) for m, p in per_scale.items()}, per_scale
 
 
-@pytest.fixture(scope="module")
-def evaluated(nets, val_dir):
-    """evaluate_dataset's result, with the soft-max of every row (caught on their way to the table)."""
+@pytest.fixture
+def evaluated(nets, val_dir, monkeypatch):
+    """evaluate_dataset's result, with the soft-max of every row (caught on their way to the table).
+
+    Run again for each test (about a second): mutmut only runs, against a mutant, the tests during
+    which the mutated function ran, and a module-scoped fixture runs during the first test alone.
+    """
     caught = []
     real_rows = evaluation._result_rows
 
@@ -111,19 +121,19 @@ def evaluated(nets, val_dir):
         caught.extend(row["probs"].clone() for row in rows)
         return rows
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "_result_rows", catching_rows)
-        result = evaluate_dataset(nets, val_dir, methods=(DENSE, MULTI_CROP), batch_size=2, workers=0,
-                                  bf16=False, channels_last=False, progress=False)
+    monkeypatch.setattr(evaluation, "_result_rows", catching_rows)
+    result = evaluate_dataset(nets, val_dir, methods=(DENSE, MULTI_CROP), batch_size=2, workers=0,
+                              bf16=False, channels_last=False, progress=False)
     return result, caught
 
 
 @pytest.fixture(scope="module")
-def reference(nets, val_dir):
+def reference(checkpoints, val_dir):
     samples = ImageFolder(val_dir).samples
     per_net, per_scale = [], []
-    for net, spec in zip(nets, NETS):
-        results = [reference_probs(net.model, spec["mean"], net.scales, path) for path, _ in samples]
+    for path, spec in zip(checkpoints, NETS):
+        model = build_model_from_checkpoint(load_checkpoint(path))
+        results = [reference_probs(model, spec["mean"], spec["scales"], image) for image, _ in samples]
         per_net.append({m: torch.stack([r[0][m] for r in results]) for m in (DENSE, MULTI_CROP)})
         per_scale.append([r[1] for r in results])
     for probs in per_net:
@@ -140,7 +150,7 @@ def close(actual, expected):
 def test_the_reference_can_tell_the_mistakes_apart(nets, reference):
     """The test's own power: mirror images, scales, methods and nets all give different soft-max."""
     per_net, _, _, per_scale = reference
-    assert nets[0].scales == [36, 42, 48] and nets[1].scales == [32, 40, 72]
+    assert [net.scales for net in nets] == [spec["scales"] for spec in NETS]
     assert (per_net[0][DENSE] - per_net[1][DENSE]).abs().max() > 1e-3
     assert (per_net[0][DENSE] - per_net[0][MULTI_CROP]).abs().max() > 1e-3
     for scales in per_scale[0]:
@@ -151,52 +161,32 @@ def test_the_reference_can_tell_the_mistakes_apart(nets, reference):
         assert (dense(image[None]).mean(dim=(2, 3)) - dense(image.flip(-1)[None]).mean(dim=(2, 3))).abs().max() > 1e-3
 
 
-def test_rows_come_in_the_papers_order(evaluated, nets):
-    result, caught = evaluated
-    names = [row["net"] for row in result["rows"]]
-    assert [row["method"] for row in result["rows"]] == [DENSE, MULTI_CROP, BOTH] * 3
-    assert names[:3] == [nets[0].name] * 3 and names[3:6] == [nets[1].name] * 3
-    assert all(n.startswith("fusion: ") for n in names[6:]) and len(caught) == 9
-
-
-@pytest.mark.parametrize("net_i", [0, 1])
-def test_dense_matches_the_reference(evaluated, reference, net_i):
+def test_dense_matches_the_reference(evaluated, reference):
     """Mean subtracted in RGB order, each scale on its own rescaled image, the mirror image included."""
-    close(evaluated[1][3 * net_i], reference[0][net_i][DENSE])
+    for net_i in range(2):
+        close(evaluated[1][3 * net_i], reference[0][net_i][DENSE])
 
 
-@pytest.mark.parametrize("net_i", [0, 1])
-def test_multi_crop_matches_the_reference(evaluated, reference, net_i):
+def test_multi_crop_matches_the_reference(evaluated, reference):
     """25 grid crops from edge to edge and their 25 mirror images per scale, soft-max averaged."""
-    close(evaluated[1][3 * net_i + 1], reference[0][net_i][MULTI_CROP])
+    for net_i in range(2):
+        close(evaluated[1][3 * net_i + 1], reference[0][net_i][MULTI_CROP])
 
 
-@pytest.mark.parametrize("net_i", [0, 1])
-def test_multi_crop_and_dense_averages_the_two_methods(evaluated, reference, net_i):
-    close(evaluated[1][3 * net_i + 2], reference[0][net_i][BOTH])
+def test_multi_crop_and_dense_averages_the_two_methods(evaluated, reference):
+    for net_i in range(2):
+        close(evaluated[1][3 * net_i + 2], reference[0][net_i][BOTH])
 
 
-@pytest.mark.parametrize("method_i, method", list(enumerate([DENSE, MULTI_CROP, BOTH])))
-def test_fusion_averages_the_two_different_nets(evaluated, reference, method_i, method):
-    close(evaluated[1][6 + method_i], reference[1][method])
+def test_fusion_averages_the_two_different_nets(evaluated, reference):
+    for method_i, method in enumerate([DENSE, MULTI_CROP, BOTH]):
+        close(evaluated[1][6 + method_i], reference[1][method])
 
 
-def test_errors_in_the_table_are_those_of_the_reference_soft_max(evaluated, reference):
-    result, _ = evaluated
-    per_net, fused, labels, _ = reference
-    expected = [p[m] for p in per_net for m in (DENSE, MULTI_CROP, BOTH)] + [fused[m] for m in (DENSE, MULTI_CROP, BOTH)]
-    for row, probs in zip(result["rows"], expected):
-        top5 = probs.topk(5, dim=1).indices
-        top1_err = 100 * (probs.argmax(dim=1) != labels).double().mean().item()
-        top5_err = 100 * (~(top5 == labels[:, None]).any(dim=1)).double().mean().item()
-        assert row["top1_err"] == pytest.approx(top1_err) and row["top5_err"] == pytest.approx(top5_err), row["method"]
-        assert row["images"] == len(labels)
-
-
-def test_rows_name_their_net_scales_and_per_class_accuracy(evaluated, reference, nets):
-    result, _ = evaluated
-    per_net, fused, labels, _ = reference
+def test_rows_in_the_papers_order_name_their_nets_and_scales(evaluated, nets):
+    result, caught = evaluated
     rows = result["rows"]
+    assert [row["method"] for row in rows] == [DENSE, MULTI_CROP, BOTH] * 3 and len(caught) == 9
     for i, net in enumerate(nets):
         for row in rows[3 * i:3 * i + 3]:
             assert (row["net"], row["checkpoint"], row["train_s"], row["test_q"]) == (
@@ -205,10 +195,18 @@ def test_rows_name_their_net_scales_and_per_class_accuracy(evaluated, reference,
         assert (row["net"], row["checkpoint"], row["train_s"], row["test_q"]) == (
             "fusion: A (net0) + A (net1)", "", "-", "-")
     assert result["class_images"] == [2] * len(CLASSES) and result["classes"] == CLASSES
+
+
+def test_errors_and_per_class_accuracy_are_those_of_the_reference_soft_max(evaluated, reference):
+    result, _ = evaluated
+    per_net, fused, labels, _ = reference
     expected = [p[m] for p in per_net for m in (DENSE, MULTI_CROP, BOTH)] + [fused[m] for m in (DENSE, MULTI_CROP, BOTH)]
-    for row, probs in zip(rows, expected):
+    for row, probs in zip(result["rows"], expected):
         top1 = probs.argmax(dim=1) == labels
         top5 = (probs.topk(5, dim=1).indices == labels[:, None]).any(dim=1)
+        assert row["top1_err"] == pytest.approx(100 * (1 - top1.double().mean().item())), row["method"]
+        assert row["top5_err"] == pytest.approx(100 * (1 - top5.double().mean().item())), row["method"]
+        assert row["images"] == len(labels)
         for key, hits in (("per_class_top1_acc", top1), ("per_class_top5_acc", top5)):
             per_class = [100.0 * hits[labels == c].double().mean().item() for c in range(len(CLASSES))]
             assert row[key] == pytest.approx(per_class), (row["method"], key)

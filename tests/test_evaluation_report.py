@@ -4,6 +4,7 @@ JSON files, the default checkpoint, and the one-line errors of bad calls."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,11 +16,15 @@ from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, default_checkpoint, format_
 RESULT = {
     "val_dir": "data/val", "images": 4, "skipped": 1, "world_size": 1, "methods": [DENSE, MULTI_CROP],
     "classes": ["n1", "n2", "n3", "n4", "n5"], "class_images": [2, 0, 1, 1, 2],
-    "nets": [{"name": "D", "checkpoint": "checkpoints/D/best.pt", "train_s": "256", "test_q": [224, 256, 288]}],
+    "nets": [{"name": "D", "checkpoint": "checkpoints/D/best.pt", "train_s": "256", "test_q": [224, 256, 288]},
+             {"name": "E", "checkpoint": "checkpoints/E/best.pt", "train_s": "[256;512]", "test_q": [256, 384, 512]}],
     "rows": [
         {"net": "D", "checkpoint": "checkpoints/D/best.pt", "train_s": "256", "test_q": "224,256,288",
          "method": DENSE, "top1_err": 24.8, "top5_err": 7.5, "images": 4,
          "per_class_top1_acc": [50.0, None, 100.0, 0.0, 50.0], "per_class_top5_acc": [100.0, None, 100.0, 100.0, 50.0]},
+        {"net": "E", "checkpoint": "checkpoints/E/best.pt", "train_s": "[256;512]", "test_q": "256,384,512",
+         "method": MULTI_CROP, "top1_err": 25.0, "top5_err": 7.25, "images": 4,
+         "per_class_top1_acc": [0.0, None, 0.0, 0.0, 0.0], "per_class_top5_acc": [100.0, None, 100.0, 100.0, 50.0]},
         {"net": "fusion: D + E", "checkpoint": "", "train_s": "-", "test_q": "-", "method": BOTH,
          "top1_err": 23.7149, "top5_err": 6.8049, "images": 4,
          "per_class_top1_acc": [50.0, None, 100.0, 0.0, 50.0], "per_class_top5_acc": [100.0, None, 100.0, 100.0, 100.0]},
@@ -27,16 +32,18 @@ RESULT = {
 }
 
 TABLE = """\
-net            train S  test Q       method              top-1 err (%)  top-5 err (%)
--------------  -------  -----------  ------------------  -------------  -------------
-D              256      224,256,288  dense                       24.80           7.50
-fusion: D + E  -        -            multi-crop & dense          23.71           6.80"""
+net            train S    test Q       method              top-1 err (%)  top-5 err (%)
+-------------  ---------  -----------  ------------------  -------------  -------------
+D              256        224,256,288  dense                       24.80           7.50
+E              [256;512]  256,384,512  multi-crop                  25.00           7.25
+fusion: D + E  -          -            multi-crop & dense          23.71           6.80"""
 
 MARKDOWN_TABLE = """\
-| net           | train S | test Q      | method             | top-1 err (%) | top-5 err (%) |
-|---------------|---------|-------------|--------------------|--------------:|--------------:|
-| D             | 256     | 224,256,288 | dense              |         24.80 |          7.50 |
-| fusion: D + E | -       | -           | multi-crop & dense |         23.71 |          6.80 |"""
+| net           | train S   | test Q      | method             | top-1 err (%) | top-5 err (%) |
+|---------------|-----------|-------------|--------------------|--------------:|--------------:|
+| D             | 256       | 224,256,288 | dense              |         24.80 |          7.50 |
+| E             | [256;512] | 256,384,512 | multi-crop         |         25.00 |          7.25 |
+| fusion: D + E | -         | -           | multi-crop & dense |         23.71 |          6.80 |"""
 
 PER_CLASS = """\
 per-class top-1 accuracy (fusion: D + E, multi-crop & dense):
@@ -54,6 +61,13 @@ def test_best_and_worst_classes_skip_classes_without_images():
     assert format_per_class(RESULT, RESULT["rows"][-1]) == PER_CLASS
     assert format_per_class(RESULT, RESULT["rows"][0], count=1).splitlines()[1:] == ["  best:  n3 100.0%",
                                                                                      "  worst: n4 0.0%"]
+    many = {"classes": [f"n{i:02d}" for i in range(14)]}
+    row = {"net": "D", "method": DENSE, "per_class_top1_acc": [float(i) for i in range(14)]}
+    lines = format_per_class(many, row).splitlines()  # 5 a side by default
+    assert lines[1] == "  best:  n13 13.0%, n12 12.0%, n11 11.0%, n10 10.0%, n09 9.0%"
+    assert lines[2] == "  worst: n00 0.0%, n01 1.0%, n02 2.0%, n03 3.0%, n04 4.0%"
+    row["per_class_top1_acc"] = [float(i) for i in range(6)] + [None] * 8
+    assert format_per_class(many, row).splitlines()[1] == "  best:  n05 5.0%, n04 4.0%, n03 3.0%"  # half of 6
 
 
 def test_report_is_table_classes_and_counts():
@@ -63,7 +77,8 @@ def test_report_is_table_classes_and_counts():
 def test_markdown_and_json_files(tmp_path):
     assert format_markdown(RESULT) == (
         f"# Evaluation on `data/val`\n\n{MARKDOWN_TABLE}\n\n4 images evaluated, 1 unreadable images skipped.\n\n"
-        "Nets:\n- D: `checkpoints/D/best.pt` (train S 256, test Q 224,256,288)\n")
+        "Nets:\n- D: `checkpoints/D/best.pt` (train S 256, test Q 224,256,288)\n"
+        "- E: `checkpoints/E/best.pt` (train S [256;512], test Q 256,384,512)\n")
     for out in ("deep/eval/run1", "deep/eval/run1.json", "deep/eval/run1.md"):
         json_path, md_path = write_results(RESULT, tmp_path / out)
         assert (json_path, md_path) == (tmp_path / "deep/eval/run1.json", tmp_path / "deep/eval/run1.md")
@@ -73,15 +88,18 @@ def test_markdown_and_json_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "deep" / "eval").iterdir()) == ["run1.json", "run1.md"]
 
 
-def test_default_checkpoint_is_the_newest_best_pt(tmp_path):
-    with pytest.raises(UserError, match=r"^no checkpoint found under .*/\*/best.pt: train a net first"):
-        default_checkpoint(tmp_path)
+def test_default_checkpoint_is_the_newest_best_pt_under_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"^no checkpoint found under checkpoints/\*/best.pt: train a net first "
+                                        r"\(python train.py\) or pass --checkpoint PATH$"):
+        default_checkpoint()
     for name, age in (("a", 100), ("b", 50), ("c", 200)):
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "best.pt").write_bytes(b"x")
-        os.utime(tmp_path / name / "best.pt", (1e9 - age, 1e9 - age))
-    (tmp_path / "c" / "last.pt").write_bytes(b"x")  # only best.pt counts
-    assert default_checkpoint(tmp_path) == tmp_path / "b" / "best.pt"
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "best.pt").write_bytes(b"x")
+        os.utime(tmp_path / "checkpoints" / name / "best.pt", (1e9 - age, 1e9 - age))
+    (tmp_path / "checkpoints" / "c" / "last.pt").write_bytes(b"x")  # only best.pt counts
+    assert default_checkpoint() == Path("checkpoints/b/best.pt")
+    assert default_checkpoint(tmp_path / "checkpoints") == tmp_path / "checkpoints" / "b" / "best.pt"
 
 
 def test_training_scale_as_the_tables_write_it():

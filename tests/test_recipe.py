@@ -100,14 +100,16 @@ def epoch_on_disk(path):
     return load_checkpoint(path)["epoch"] if path.exists() else None
 
 
-@pytest.fixture(scope="module")
-def scripted_run(sample_root, tmp_path_factory):
-    """A real run (one step an epoch) whose validation returns SCRIPTED_* scores; what it did, epoch by epoch."""
-    tmp = tmp_path_factory.mktemp("scripted")
-    config = tiny_config(sample_root, tmp, run_name="plateau", epochs=30, steps_per_epoch=1, workers=0,
+def scripted_run(sample_root, tmp, epochs: int) -> dict:
+    """A real run (one step an epoch) whose validation returns the scripted scores; what it did, epoch by epoch.
+
+    Each test makes its own run: mutmut only runs, against a mutant, the tests during which the
+    mutated function ran, and a module-scoped fixture runs during the first test alone.
+    """
+    config = tiny_config(sample_root, tmp, run_name="plateau", epochs=epochs, steps_per_epoch=1, workers=0,
                          stats="imagenet", log_every=1)
     run_dir = tmp / "checkpoints" / "plateau"
-    seen = {"optimizers": [], "lr": [], "weights": [], "best_on_disk": [], "last_on_disk": [], "training": []}
+    seen = {"optimizers": [], "lr": [], "weights": [], "best_on_disk": [], "last_on_disk": []}
     real_build_optimizer = vtrainer.build_optimizer
 
     def spy_build_optimizer(model, config):
@@ -131,49 +133,46 @@ def scripted_run(sample_root, tmp_path_factory):
         mp.setattr(vtrainer, "validate", scripted_validate)
         final = vtrainer.run(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
-    return {**seen, "rows": rows, "final": final, "run_dir": run_dir, "config": config}
+    return {**seen, "rows": rows, "final": final, "run_dir": run_dir}
 
 
-def test_plateau_divides_the_lr_by_10_after_patience_epochs_without_improvement(scripted_run):
-    lrs = scripted_run["lr"]
-    assert len(lrs) == len(EXPECTED_LR)
+def test_plateau_schedule_drops_the_lr_stops_and_keeps_the_best(sample_root, tmp_path):
+    run = scripted_run(sample_root, tmp_path, epochs=30)
+
+    # The lr each epoch trained at: divided by 10 after patience (2) epochs without improvement.
+    lrs = run["lr"]
+    assert len(lrs) == len(EXPECTED_LR), lrs
     for epoch, (lr, expected) in enumerate(zip(lrs, EXPECTED_LR)):
         assert lr == pytest.approx(expected, rel=1e-9), f"epoch {epoch}: lr {lr}, expected {expected}"
-    drops = sum(1 for a, b in zip(lrs, lrs[1:]) if b < a)
-    assert drops == 3
+    assert sum(1 for a, b in zip(lrs, lrs[1:]) if b < a) == 3
 
-
-def test_training_ends_at_the_plateau_after_max_lr_drops(scripted_run):
-    rows = scripted_run["rows"]
-    assert [row["epoch"] for row in rows] == list(range(16))  # epochs=30, but the plateau ends it at 15
+    # After max_lr_drops (3) drops the next plateau ends the run: epoch 15 of at most 30.
+    rows = run["rows"]
+    assert [row["epoch"] for row in rows] == list(range(16))
     assert [row["val_top1"] for row in rows] == SCRIPTED_TOP1
-    last = load_checkpoint(scripted_run["run_dir"] / "last.pt")
-    assert (last["epoch"], last["step"]) == (16, 0)
-    assert scripted_run["final"]["top1"] == SCRIPTED_TOP1[-1]
+    assert run["final"]["top1"] == SCRIPTED_TOP1[-1]
+    last_ckpt = load_checkpoint(run["run_dir"] / "last.pt")
+    assert (last_ckpt["epoch"], last_ckpt["step"]) == (16, 0)
 
-
-def test_best_pt_is_rewritten_only_on_improvement_and_last_pt_every_epoch(scripted_run):
-    # What was on disk when each epoch's validation ran (i.e. after the previous epoch's saves).
+    # best.pt is rewritten only on improvement, last.pt every epoch: what was on disk when each
+    # epoch's validation ran (after the previous epoch's saves).
     expected_best, best = [], None
     for epoch in range(len(SCRIPTED_TOP1)):
         expected_best.append(best)
         if epoch in IMPROVED:
             best = epoch + 1  # a checkpoint's epoch counts the epochs completed
-    assert scripted_run["best_on_disk"] == expected_best
-    assert scripted_run["last_on_disk"] == [None] + list(range(1, 16))
-
-    best_ckpt = load_checkpoint(scripted_run["run_dir"] / "best.pt")
-    last_ckpt = load_checkpoint(scripted_run["run_dir"] / "last.pt")
+    assert run["best_on_disk"] == expected_best
+    assert run["last_on_disk"] == [None] + list(range(1, 16))
+    best_ckpt = load_checkpoint(run["run_dir"] / "best.pt")
     assert best_ckpt["epoch"] == IMPROVED[-1] + 1 and best_ckpt["best_top1"] == 40
     for name, tensor in best_ckpt["model"].items():  # the weights validated at epoch 12
-        assert torch.equal(tensor, scripted_run["weights"][IMPROVED[-1]][name]), name
+        assert torch.equal(tensor, run["weights"][IMPROVED[-1]][name]), name
     for name, tensor in last_ckpt["model"].items():
-        assert torch.equal(tensor, scripted_run["weights"][-1][name]), name
+        assert torch.equal(tensor, run["weights"][-1][name]), name
     assert not torch.equal(best_ckpt["model"]["features.0.weight"], last_ckpt["model"]["features.0.weight"])
 
-
-def test_checkpointed_optimizer_is_the_papers_sgd_with_its_momentum(scripted_run):
-    state = load_checkpoint(scripted_run["run_dir"] / "last.pt")["optimizer"]
+    # The checkpointed optimizer is the paper's SGD, with its momentum buffers.
+    state = last_ckpt["optimizer"]
     (group,) = state["param_groups"]  # bias_decay true: one group
     assert (group["momentum"], group["weight_decay"], group["nesterov"], group["dampening"]) == (0.9, 5e-4, False, 0)
     assert group["lr"] == pytest.approx(1e-6)  # the fourth drop, which ended the run
@@ -182,10 +181,11 @@ def test_checkpointed_optimizer_is_the_papers_sgd_with_its_momentum(scripted_run
     assert all(state["state"][i]["momentum_buffer"].abs().sum() > 0 for i in group["params"])
 
 
-def test_metrics_rows_report_the_lr_each_epoch_trained_at(scripted_run):
-    """A row pairs an epoch's training metrics with the lr that produced them (not the next epoch's)."""
-    rows = scripted_run["rows"]
-    assert [row["lr"] for row in rows] == pytest.approx(EXPECTED_LR, rel=1e-9)
+def test_metrics_rows_report_the_lr_each_epoch_trained_at(sample_root, tmp_path):
+    """A row pairs an epoch's training metrics with the lr that produced them (not the next epoch's):
+    with the first drop after epoch 4, rows 0-4 say 0.01 and row 5 says 0.001."""
+    run = scripted_run(sample_root, tmp_path, epochs=6)
+    assert [row["lr"] for row in run["rows"]] == pytest.approx(EXPECTED_LR[:6], rel=1e-9)
 
 
 # --- Validation metrics ------------------------------------------------------------------------------
