@@ -4,7 +4,7 @@ A checkpoint is a dict with the keys below; `save_checkpoint` writes it atomical
 same folder, fsync, rename), so a crash or `kill -9` mid-write leaves the previous file intact.
 
     model      state dict of the unwrapped, uncompiled VGG (torchvision-compatible keys)
-    arch       model.arch_kwargs(): rebuilds the net with build_vgg(**arch)
+    arch       model.arch_kwargs(): rebuilds the net with vgg.zoo.build_net(**arch)
     optimizer, scheduler   their state dicts
     epoch      epochs completed before this one; step: optimizer steps done within `epoch`
     lr_drops   how many times the plateau schedule has divided the lr
@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from vgg.errors import UserError
-from vgg.models import VGG, build_vgg
+from vgg.models import VGG
+from vgg.zoo import build_net_from_kwargs
 
 # What each use of a checkpoint needs in it.
 MODEL_KEYS = ("model", "arch")
@@ -138,7 +139,7 @@ def strip_wrapper_prefixes(state: dict) -> dict:
 def build_model_from_checkpoint(ckpt: dict, path="checkpoint") -> VGG:
     """Rebuild the net the checkpoint was trained as and load its weights; UserError if they do not fit."""
     try:
-        model = build_vgg(**ckpt["arch"])
+        model = build_net_from_kwargs(ckpt["arch"])
     except (TypeError, ValueError, KeyError) as e:
         raise UserError(f"{path}: cannot build the net it names ({ckpt['arch']}): {e}") from None
     load_model_state(model, ckpt["model"], path)

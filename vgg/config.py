@@ -17,19 +17,22 @@ from pathlib import Path
 import yaml
 
 from vgg.errors import UserError
+from vgg.zoo import ARCH_NAMES, check_input_size  # VGG A-E and the neighbours of Table 7
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-ARCH_NAMES = ("A", "A-LRN", "B", "C", "D", "E")
 
 
 @dataclass
 class Config:
     # --- The net (paper §2.2, Table 1) ---
-    arch: str = field(default="A", metadata={"help": "VGG configuration: " + ", ".join(ARCH_NAMES)})
+    arch: str = field(default="A", metadata={
+        "help": f"net: VGG configuration ({', '.join(ARCH_NAMES[:6])}) or a neighbour from Table 7's era "
+                f"({', '.join(ARCH_NAMES[6:])})"})
     width: float = field(default=1.0, metadata={"help": "conv channel multiplier (1.0 = the paper's nets)"})
     fc_width: int = field(default=4096, metadata={"help": "width of the two hidden FC layers"})
     dropout: float = field(default=0.5, metadata={"help": "dropout on the first two FC layers (§3.1)"})
-    init: str = field(default="normal", metadata={"help": "normal: N(0, 0.01^2) as in §3.1; xavier: Glorot"})
+    init: str = field(default="normal", metadata={
+        "help": "normal: N(0, 0.01^2) as in §3.1; xavier: Glorot; default: the net's own builder's (its paper's)"})
     init_from: str = field(default="", metadata={
         "help": "checkpoint to start from: net A's for a deeper net (§3.1 warm start: first 4 convs + "
                 "3 FC layers), or the same net's (e.g. S=384 from S=256, all weights)"})
@@ -58,6 +61,8 @@ class Config:
     weight_decay: float = field(default=5e-4, metadata={"help": "L2 penalty multiplier"})
     bias_decay: bool = field(default=True, metadata={
         "help": "apply weight decay to biases too (the paper is silent; Caffe's default does)"})
+    norm_decay: bool = field(default=True, metadata={
+        "help": "apply weight decay to batch-norm scales and shifts too (nets with batch norm only)"})
     lr_factor: float = field(default=0.1, metadata={"help": "lr multiplier when val top-1 plateaus"})
     patience: int = field(default=2, metadata={
         "help": "epochs without val top-1 improvement before the lr drops (the paper is silent)"})
@@ -98,7 +103,7 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-CHOICES = {"arch": ARCH_NAMES, "init": ("normal", "xavier"), "device": ("auto", "cuda", "cpu"),
+CHOICES = {"arch": ARCH_NAMES, "init": ("normal", "xavier", "default"), "device": ("auto", "cuda", "cpu"),
            "data_path": ("cpu", "gpu")}
 
 
@@ -278,8 +283,7 @@ def validate(config: Config) -> None:
                         "the random crop is taken from the rescaled image (§3.1)")
     if 0 < config.val_scale < config.crop_size:
         raise UserError(f"val_scale ({config.val_scale}) must be 0 (= S) or at least crop_size ({config.crop_size})")
-    if config.crop_size % 32:
-        raise UserError(f"crop_size must be a multiple of 32 (five 2x2 max-pools), got {config.crop_size}")
+    check_input_size(config.arch, config.crop_size)
     if config.batch_size % config.gpus:
         raise UserError(f"batch_size {config.batch_size} is the global batch; it must split evenly "
                         f"over {config.gpus} GPUs")

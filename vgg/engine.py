@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from vgg.data import DatasetStats, warn_unreadable
 from vgg.distributed import all_reduce_sum, is_main_process, progress_bar
 from vgg.transforms import TrainCrop, color_shift, normalize
+from vgg.zoo import main_logits, training_loss
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,22 +77,30 @@ def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, 
     detached logits and (unweighted) loss; nothing here waits for the GPU.
     """
     with autocast_context(images.device, bf16):
-        logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels)
+        outputs = model(images)
+    # fp32 cross-entropy, plus the auxiliary heads' of GoogLeNet and Inception-v3 (vgg.zoo)
+    loss = training_loss(outputs, labels, _net(model).arch_name)
+    logits = main_logits(outputs)
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     optimizer.step()
     return logits.detach(), loss.detach()
 
 
+def _net(model):
+    """The net inside torch.compile's (_orig_mod) and DDP's (module) wrappers."""
+    net = getattr(model, "_orig_mod", model)
+    return getattr(net, "module", net)
+
+
 def _placeholder_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """One black uint8 image of the net's input size and label 0, for a zero-weight step.
+    """Black uint8 images of the net's input size and label 0, for a zero-weight step.
 
     The size comes from the VGG net, through torch.compile's (_orig_mod) and DDP's (module) wrappers.
     """
-    net = getattr(model, "_orig_mod", model)
-    size = getattr(net, "module", net).image_size
-    return torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
+    # Two images: batch norm (ResNets, GoogLeNet, Inception-v3) needs more than one value per channel.
+    size = _net(model).image_size
+    return torch.zeros(2, 3, size, size, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
 
 
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,

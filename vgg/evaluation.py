@@ -34,7 +34,7 @@ from vgg.checkpoint import EVAL_KEYS, build_model_from_checkpoint, load_checkpoi
 from vgg.distributed import all_reduce_sum, progress_bar, shard_indices
 from vgg.engine import autocast_context, topk_hits
 from vgg.errors import UserError
-from vgg.models import to_dense
+from vgg.zoo import to_dense
 from vgg.transforms import EvalTransform, normalize
 
 GRID = 5  # a 5x5 grid of crops per scale (§4.2)

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from skimage import data as skdata
 
 from vgg.errors import UserError
@@ -85,12 +85,13 @@ def _awkward_files(image: Image.Image) -> dict[str, bytes]:
             "png": png.getvalue(), "truncated": full[: len(full) // 2], "empty": b""}
 
 
-def _is_current(root: Path, seed: int) -> bool:
+def _is_current(root: Path, seed: int, generator: str = "vgg.sample_data", version: int = GENERATOR_VERSION) -> bool:
     try:
         meta = json.loads((root / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == GENERATOR_VERSION and meta.get("seed") == seed and (root / "train").is_dir()
+    return (meta.get("generator") == generator and meta.get("version") == version and meta.get("seed") == seed
+            and (root / "train").is_dir())
 
 
 def _generate(out: Path, seed: int) -> dict:
@@ -124,6 +125,47 @@ def _generate(out: Path, seed: int) -> dict:
                              "*_awkward_{truncated,empty}.JPEG are skipped"}
 
 
+DIGITS_ROOT = Path("data/digits")  # the digits-like set of configs/lenet5-demo.yaml
+DIGITS_VERSION = 1
+DIGITS_TRAIN_PER_CLASS, DIGITS_VAL_PER_CLASS = 100, 20
+
+
+def _digit_image(digit: int, rng: np.random.Generator) -> Image.Image:
+    """One printed digit, LeNet-5-sized: 36-44 px square, a random size, position, slant and colours, noise."""
+    side = int(rng.integers(36, 45))
+    background = rng.integers(0, 120, size=3)
+    ink = 255 - rng.integers(0, 90, size=3)
+    glyph = Image.new("L", (side, side))
+    font = ImageFont.load_default(size=int(rng.integers(22, 32)))
+    centre = (side / 2 + rng.uniform(-3, 3), side / 2 + rng.uniform(-3, 3))
+    ImageDraw.Draw(glyph).text(centre, str(digit), font=font, fill=255, anchor="mm")
+    glyph = glyph.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR)
+    mask = np.asarray(glyph, dtype=np.float32)[..., None] / 255
+    pixels = background * (1 - mask) + ink * mask + rng.normal(0, 8, size=(side, side, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _generate_digits(out: Path, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    wnids = [f"n{d:08d}" for d in range(10)]  # class index = the digit
+    for digit, wnid in enumerate(wnids):
+        for split, count in (("train", DIGITS_TRAIN_PER_CLASS), ("val", DIGITS_VAL_PER_CLASS)):
+            folder = out / split / wnid
+            folder.mkdir(parents=True)
+            for k in range(count):
+                image = _digit_image(digit, rng)
+                (folder / f"{wnid}_{k}.JPEG").write_bytes(_jpeg_bytes(image, int(rng.integers(80, 96))))
+    return {"generator": "vgg.sample_data digits", "version": DIGITS_VERSION, "seed": seed,
+            "classes": {w: str(d) for d, w in enumerate(wnids)}, "train_per_class": DIGITS_TRAIN_PER_CLASS,
+            "val_per_class": DIGITS_VAL_PER_CLASS}
+
+
+def make_digits_dataset(root=DIGITS_ROOT, *, seed: int = 0) -> Path:
+    """Generate the digits-like set (printed digits 0-9, LeNet-5's kind of data) into `root`, like
+    make_sample_dataset: unless an up-to-date copy is there, atomically, never over a foreign folder."""
+    return _make(root, seed, _generate_digits, "vgg.sample_data digits", DIGITS_VERSION)
+
+
 def make_sample_dataset(root=DEFAULT_ROOT, *, seed: int = 0) -> Path:
     """Generate the sample dataset into `root` (train/, val/, val_labels.txt, meta.json) unless an
     up-to-date copy (same generator version and seed) is already there. Returns root.
@@ -131,8 +173,12 @@ def make_sample_dataset(root=DEFAULT_ROOT, *, seed: int = 0) -> Path:
     Writes into a temporary sibling folder and renames it into place, so an interrupted run leaves
     no half-made dataset. Refuses (UserError) to replace a non-empty folder it did not generate.
     """
+    return _make(root, seed, _generate, "vgg.sample_data", GENERATOR_VERSION)
+
+
+def _make(root, seed: int, generate, generator: str, version: int) -> Path:
     root = Path(root)
-    if _is_current(root, seed):
+    if _is_current(root, seed, generator, version):
         return root
     if root.exists() and not (root / "meta.json").is_file() and any(root.iterdir()):
         raise UserError(f"{root} exists and is not a generated sample dataset (no meta.json): "
@@ -141,7 +187,7 @@ def make_sample_dataset(root=DEFAULT_ROOT, *, seed: int = 0) -> Path:
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        meta = _generate(tmp, seed)
+        meta = generate(tmp, seed)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         if root.exists():
             old = root.parent / f".{root.name}.old-{os.getpid()}"
@@ -157,15 +203,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vgg.sample_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(DEFAULT_ROOT), help="dataset root to write (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed (default: %(default)s)")
+    parser.add_argument("--digits", action="store_true",
+                        help=f"the digits-like set of configs/lenet5-demo.yaml instead (default --out {DIGITS_ROOT})")
     args = parser.parse_args(argv)
     try:
-        root = make_sample_dataset(args.out, seed=args.seed)
+        if args.digits:
+            root = make_digits_dataset(DIGITS_ROOT if args.out == str(DEFAULT_ROOT) else args.out, seed=args.seed)
+        else:
+            root = make_sample_dataset(args.out, seed=args.seed)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     files = [p for p in root.rglob("*.JPEG")]
     size = sum(p.stat().st_size for p in files)
-    print(f"sample dataset in {root}: {len(PHOTOS)} classes, {len(files)} files, {size / 2**20:.1f} MiB")
+    classes = len([p for p in (root / "train").iterdir() if p.is_dir()])
+    print(f"{'digits' if args.digits else 'sample'} dataset in {root}: {classes} classes, {len(files)} files, "
+          f"{size / 2**20:.1f} MiB")
     return 0
 
 

@@ -24,7 +24,8 @@ from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object
                              get_logger, init_distributed, is_main_process, main_process_first, shard_indices)
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
-from vgg.models import build_vgg, warm_start
+from vgg.models import warm_start
+from vgg.zoo import VGG_ARCHS, build_net
 from vgg.transforms import CenterCropTransform, TrainCrop, TrainTransform
 
 log = get_logger()
@@ -66,11 +67,13 @@ def _epoch_generator(config: Config, epoch: int, rank: int) -> torch.Generator:
 
 
 def prepare_dataset(config: Config) -> Path:
-    """The dataset root; the default sample dataset is generated on first use (rank 0 only)."""
+    """The dataset root; the sample dataset and the digits set are generated on first use (rank 0 only)."""
     root = Path(config.data)
-    if root.resolve() == Path(sample_data.DEFAULT_ROOT).resolve():
+    generated = {Path(sample_data.DEFAULT_ROOT).resolve(): sample_data.make_sample_dataset,
+                 Path(sample_data.DIGITS_ROOT).resolve(): sample_data.make_digits_dataset}
+    if root.resolve() in generated:
         if is_main_process():
-            sample_data.make_sample_dataset(root)
+            generated[root.resolve()](root)
         barrier()
     for split in ("train", "val"):
         if not (root / split).is_dir():
@@ -108,7 +111,7 @@ def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]
                             f"{model.arch_kwargs()}")
         load_model_state(model, source.state_dict(), path)
         return list(model.state_dict())
-    if source_arch["name"] != "A":
+    if source_arch["name"] != "A" or model.arch_name not in VGG_ARCHS:  # §3.1's warm start is VGG's alone
         raise UserError(f"--init-from {path} holds net {source_arch['name']}; net {model.arch_name} "
                         "warm-starts from net A or from a net of its own kind")
     return warm_start(model, source)
@@ -132,10 +135,20 @@ def build_train_loader(config: Config, train_set, sampler, batch_size: int, devi
                               collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
 
 
+def _is_decayed(model, config: Config):
+    """name -> whether weight decay applies: to weights always, to biases and batch-norm parameters by choice."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                   for p in m.parameters()}
+    return lambda name, p: (config.norm_decay if id(p) in norm_params
+                            else config.bias_decay or not name.endswith("bias"))
+
+
 def build_optimizer(model, config: Config) -> torch.optim.SGD:
-    """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases is a config choice."""
-    decay = [p for n, p in model.named_parameters() if config.bias_decay or not n.endswith("bias")]
-    no_decay = [p for n, p in model.named_parameters() if not config.bias_decay and n.endswith("bias")]
+    """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases (and batch-norm parameters, for
+    the nets that have them) is a config choice."""
+    is_decayed = _is_decayed(model, config)
+    decay = [p for n, p in model.named_parameters() if is_decayed(n, p)]
+    no_decay = [p for n, p in model.named_parameters() if not is_decayed(n, p)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -330,7 +343,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
     # The net (Table 1) with N(0, 0.01^2) or Glorot init, warm start or resume (§3.1).
     torch.manual_seed(config.seed)
-    model = build_vgg(config.arch, num_classes=len(classes), width=config.width, fc_width=config.fc_width,
+    model = build_net(config.arch, num_classes=len(classes), width=config.width, fc_width=config.fc_width,
                       image_size=config.crop_size, dropout=config.dropout, init=config.init)
     # On the device before the optimizer exists: its loaded state (momentum) follows the parameters.
     model.to(device)
@@ -419,7 +432,9 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                         f"continue with --resume (exit code {code})")
             raise SystemExit(code)
 
-        val_metrics = validate(model, val_loader, augment, bf16=config.bf16, progress_every_s=config.progress_every_s)
+        # Nets with buffers (batch norm) validate unwrapped: DDP would broadcast them in every forward,
+        # a collective the ranks' unequal validation shards could not match.
+        val_metrics = validate(raw_model if any(True for _ in raw_model.buffers()) else model, val_loader, augment, bf16=config.bf16, progress_every_s=config.progress_every_s)
         epoch_lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
         scheduler.step(val_metrics["top1"])  # ÷10 when val accuracy stops improving (§3.1)
         next_lr = optimizer.param_groups[0]["lr"]
