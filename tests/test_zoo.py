@@ -213,7 +213,7 @@ def test_lenet5_is_lecuns_layout():
     model = zoo.build_net("lenet5", 10, image_size=32, dropout=0.0, init="default")
     shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert shapes == [(6, 3, 5, 5), (16, 6, 5, 5), (120, 16, 5, 5), (84, 120), (10, 84)]  # C1 C3 C5 F6 output
-    conv = model.features[0]
+    conv = model.features[1]
     assert conv.weight.abs().max() <= 2.4 / 75 and conv.weight.abs().max() > 2.0 / 75  # +-2.4 / fan-in
     activation = zoo.ScaledTanh()
     assert torch.allclose(activation(torch.tensor([1.0, -1.0])), torch.tensor([1.0, -1.0]), atol=1e-4)

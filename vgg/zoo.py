@@ -66,6 +66,7 @@ class LeNet5(nn.Module):
     def __init__(self, num_classes: int = 10, dropout: float = 0.0):
         super().__init__()
         self.features = nn.Sequential(
+            InputScale(1 / 64),  # §II.A: inputs of mean about 0 and variance about 1 (ours: pixels minus the mean)
             nn.Conv2d(3, 6, 5), ScaledTanh(), nn.AvgPool2d(2),     # C1 6@28x28, S2 6@14x14
             nn.Conv2d(6, 16, 5), ScaledTanh(), nn.AvgPool2d(2),    # C3 16@10x10, S4 16@5x5
             nn.Conv2d(16, 120, 5), ScaledTanh(),                   # C5 120@1x1 (a conv in the paper too)
@@ -81,6 +82,17 @@ class LeNet5(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+class InputScale(nn.Module):
+    """Multiplies by a constant: LeNet-5's tanh units need inputs of unit scale, not 0-255 pixel values."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
 
 
 class ScaledTanh(nn.Module):
