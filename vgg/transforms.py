@@ -303,11 +303,11 @@ def color_shift(images: torch.Tensor, stats, std: float = 0.1,
     alphas: the images' standard-normal draws [B, 3] (a training batch's `TrainCrop.alphas`, drawn
     per sample), multiplied by std here; no copy when already on the images' device. Without them
     they are drawn from `generator` (a CPU generator works for CUDA images, at the cost of a
-    copy), or the global RNG when that is None.
+    copy), or the images' device's global RNG when that is None.
     """
     batch = images.shape[0]
     if alphas is None:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
+        gen_device = generator.device if generator is not None else images.device  # global RNG: no copy
         alphas = torch.randn(batch, 3, generator=generator, device=gen_device)
     alphas = alphas.to(images.device, torch.float32) * std
     eigval = torch.as_tensor(stats.eigval, dtype=torch.float32, device=images.device)
