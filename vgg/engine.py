@@ -47,8 +47,9 @@ class BatchAugment:
     A training batch is a `vgg.transforms.TrainCrop`: the images and each one's colour-shift alphas,
     drawn per sample (see `sample_generator`), which go to the device with the images (both pinned
     by the loader on CUDA, so both copies are asynchronous). A plain uint8 batch draws its alphas
-    from `generator` (None: torch's global RNG) on the CPU, which costs a blocking copy on CUDA: the
-    training loop never hands it one.
+    from `generator` (a CPU generator, such as the trainer's, costs a blocking copy on CUDA; None:
+    the device's global RNG); the training loop never hands it one (its zero-weight placeholder is a
+    TrainCrop made on the device).
 
     Why the alphas are drawn on the CPU rather than on the device: they are part of the sample's
     draws from `sample_generator(seed, epoch, index)` (issue 17), so a resumed epoch, any worker
