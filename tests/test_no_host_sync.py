@@ -67,7 +67,7 @@ class StepRecorder(TorchDispatchMode):
         if func is aten._local_scalar_dense.default:
             step.scalar_reads += 1
             if self._on_device(args[0]):  # no data on meta: a zero of the right kind
-                return args[0].dtype.is_floating_point and 0.0 or 0
+                return 0
         if func is aten._to_copy.default and self._on_device(args[0]) \
                 and torch.device(kwargs.get("device") or args[0].device).type == "cpu":
             step.device_to_host += 1
