@@ -9,15 +9,18 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage import data as skdata
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from conftest import ROOT, subprocess_env
 from vgg import data as vdata
 from vgg.engine import BatchAugment
 from vgg.gpu_data import (build_gpu_train_loader, collate_encoded, decode_batch, decode_on_cpu,
                           gpu_train_augment, jpeg_components, split_encoded)
-from vgg.transforms import TrainTransform, color_shift, normalize
+from vgg.transforms import TrainTransform, color_shift, draw_train_crop, normalize, sample_generator
 
 CROP, S_MIN, S_MAX = 64, 72, 128
 DRAWS = 300
@@ -152,6 +155,81 @@ def test_crops_have_the_cpu_path_distribution(tmp_path):
         assert abs(a[key].mean().item() - b[key].mean().item()) < tolerance, key
         assert abs(a[key].std().item() - b[key].std().item()) < 0.25 * a[key].std().item() + 0.01, key
     assert 0.4 < b["flip"].mean().item() < 0.6
+
+
+def rescale_then_crop(images, generators, *, crop_size, scale_min, scale_max) -> torch.Tensor:
+    """The augmentation as the paper words it, image by image: rescale the whole image (antialiased
+    bilinear, float), cut the crop, flip (the GPU path's former code, kept here as the reference)."""
+    crops = []
+    for image, generator in zip(images, generators):
+        new_h, new_w, top, left, flip = draw_train_crop(image.shape[-2], image.shape[-1], crop_size=crop_size,
+                                                        scale_min=scale_min, scale_max=scale_max, generator=generator)
+        rescaled = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                                 align_corners=False)[0]
+        crop = rescaled[:, top:top + crop_size, left:left + crop_size]
+        crops.append(crop.flip(-1) if flip else crop)
+    return torch.stack(crops).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def mixed_images(count: int = 12) -> list[torch.Tensor]:
+    """Noise images of five shapes, interleaved (landscape, portrait, square, odd, large), so the
+    batched path must group them and put each crop back in its place."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(60, 80), (80, 60), (60, 80), (70, 70), (33, 47), (160, 110)]
+    return [torch.randint(0, 256, (3, *shapes[i % len(shapes)]), dtype=torch.uint8, generator=generator)
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("crop_size,scale_min,scale_max", [(32, 32, 64), (32, 40, 200), (24, 24, 24)])
+def test_box_resampling_gives_the_pixels_of_rescale_then_crop(crop_size, scale_min, scale_max):
+    """Resampling only the boxes, batched, gives each image's crop of its rescaled whole image (to a
+    rounding tie), in the images' order; S up to 200 makes the 33 x 47 image upsampled."""
+    images = mixed_images()
+
+    def generators():
+        return [sample_generator(3, 1, i) for i in range(len(images))]
+
+    expected = rescale_then_crop(images, generators(), crop_size=crop_size, scale_min=scale_min, scale_max=scale_max)
+    batched = gpu_train_augment(images, crop_size=crop_size, scale_min=scale_min, scale_max=scale_max,
+                                generators=generators())
+    assert batched.shape == expected.shape == (len(images), 3, crop_size, crop_size) and batched.dtype == torch.uint8
+    difference = (batched.int() - expected.int()).abs()
+    assert difference.max() <= 1 and difference.float().mean() < 0.01
+    flips = [draw_train_crop(*im.shape[-2:], crop_size=crop_size, scale_min=scale_min, scale_max=scale_max,
+                             generator=g)[4] for im, g in zip(images, generators())]
+    assert 0 < sum(flips) < len(images)  # both kinds were compared
+
+
+class OpCount(TorchDispatchMode):
+    """Counts the ops that would be kernels on the device: not views (metadata only), not ops on
+    single numbers (each image's random draws: the CPU path's own, from CPU generators in both paths)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        self.count += not func.is_view and any(t.numel() > 1 for t in tensors)
+        return out
+
+
+def augment_ops(images) -> int:
+    """Device ops (kernels, roughly) that gpu_train_augment runs for a batch."""
+    with OpCount() as ops:
+        gpu_train_augment(images, crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX,
+                          generators=[sample_generator(0, 0, i) for i in range(len(images))])
+    return ops.count
+
+
+def test_augmentation_work_is_per_batch_and_image_shape_not_per_image():
+    """The op count does not grow with the number of images of a shape, only a few ops per shape."""
+    photo = mixed_images(1)[0]
+    one_shape = augment_ops([photo] * 4)
+    assert augment_ops([photo] * 32) == one_shape
+    two_shapes = augment_ops([photo, photo.transpose(1, 2)] * 16)
+    assert one_shape < two_shapes <= one_shape + 6
 
 
 def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_path):

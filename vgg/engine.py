@@ -11,6 +11,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -25,13 +26,37 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf: the run stops, the last good checkpoint is kept."""
 
 
+class DeviceStats(NamedTuple):
+    """A DatasetStats' mean RGB and PCA eigen-pairs as float32 tensors on the training device, made once:
+    `normalize` and `color_shift` take them as they are (torch.as_tensor of a tensor already there is
+    a no-op), where numbers would be copied to the device, blocking, on every call."""
+
+    mean_rgb: torch.Tensor  # [3]
+    eigval: torch.Tensor  # [3]
+    eigvec: torch.Tensor  # [3, 3], eigenvectors as columns
+
+    @classmethod
+    def of(cls, stats: DatasetStats, device: torch.device) -> "DeviceStats":
+        return cls(*(torch.tensor(values, dtype=torch.float32, device=device)
+                     for values in (stats.mean_rgb, stats.eigval, stats.eigvec)))
+
+
 @dataclass
 class BatchAugment:
     """uint8 batch -> float batch on `device`: mean subtraction and (training only) colour shift.
 
     A training batch is a `vgg.transforms.TrainCrop`: the images and each one's colour-shift alphas,
-    drawn per sample (see `sample_generator`), which go to the device in one small copy. A plain
-    uint8 batch draws its alphas from `generator` (None: torch's global RNG).
+    drawn per sample (see `sample_generator`), which go to the device with the images (both pinned
+    by the loader on CUDA, so both copies are asynchronous). A plain uint8 batch draws its alphas
+    from `generator` (a CPU generator, such as the trainer's, costs a blocking copy on CUDA; None:
+    the device's global RNG); the training loop never hands it one (its zero-weight placeholder is a
+    TrainCrop made on the device).
+
+    Why the alphas are drawn on the CPU rather than on the device: they are part of the sample's
+    draws from `sample_generator(seed, epoch, index)` (issue 17), so a resumed epoch, any worker
+    count, either data path and any number of processes give a sample the same alphas, bit for bit.
+    A device generator would tie them to the batch and the process instead; 12 bytes per image
+    travelling with the batch cost nothing next to its pixels.
     """
 
     stats: DatasetStats
@@ -40,6 +65,10 @@ class BatchAugment:
     channels_last: bool = False
     generator: torch.Generator | None = None  # colour-shift alphas of plain (not TrainCrop) batches
 
+    def __post_init__(self):
+        self.device = torch.device(self.device)
+        self.constants = DeviceStats.of(self.stats, self.device)  # on the device once, not per step
+
     def __call__(self, images, train: bool) -> torch.Tensor:
         alphas = None
         if isinstance(images, TrainCrop):
@@ -47,9 +76,9 @@ class BatchAugment:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        images = normalize(images, self.stats.mean_rgb)
+        images = normalize(images, self.constants.mean_rgb)
         if train and self.color_shift_std > 0:
-            images = color_shift(images, self.stats, std=self.color_shift_std, generator=self.generator,
+            images = color_shift(images, self.constants, std=self.color_shift_std, generator=self.generator,
                                  alphas=alphas)
         return images
 
@@ -93,14 +122,15 @@ def _net(model):
     return getattr(net, "module", net)
 
 
-def _placeholder_batch(model) -> tuple[torch.Tensor, torch.Tensor]:
-    """Black uint8 images of the net's input size and label 0, for a zero-weight step.
-
-    The size comes from the VGG net, through torch.compile's (_orig_mod) and DDP's (module) wrappers.
+def _placeholder_batch(model, device: torch.device) -> tuple[TrainCrop, torch.Tensor]:
+    """Black uint8 images of the net's input size, zero colour-shift alphas and label 0, for a
+    zero-weight step: made on `device`, so the step copies nothing from the host and draws nothing.
+    Two images: batch norm (ResNets, GoogLeNet, Inception-v3) needs more than one value per channel.
     """
-    # Two images: batch norm (ResNets, GoogLeNet, Inception-v3) needs more than one value per channel.
     size = _net(model).image_size
-    return torch.zeros(2, 3, size, size, dtype=torch.uint8), torch.zeros(2, dtype=torch.int64)
+    return (TrainCrop(torch.zeros(2, 3, size, size, dtype=torch.uint8, device=device),
+                      torch.zeros(2, 3, device=device)),
+            torch.zeros(2, dtype=torch.int64, device=device))
 
 
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
@@ -168,7 +198,7 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
                 # image whose loss is multiplied by 0 adds nothing to the averaged gradient, so every
                 # rank still applies the same update and counts the same steps (were every rank's batch
                 # unreadable, that update would be momentum and weight decay alone).
-                images, labels = _placeholder_batch(model)
+                images, labels = _placeholder_batch(model, device)
                 weight = 0.0
             images = augment(images, train=True)
             labels = labels.to(device, non_blocking=True)

@@ -9,8 +9,9 @@ DataLoader workers only read file bytes (cheap). The main process then, per batc
      warns once per file.
   2. `gpu_train_augment`: the paper's training augmentation (§3.1), drawn exactly as the CPU path's
      `vgg.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
-     rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop,
-     a horizontal flip with probability 1/2, each sample's draws (and its colour-shift alphas) from
+     rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop
+     (only the crop box is resampled, the whole batch in a few batched matmuls), a horizontal flip
+     with probability 1/2, each sample's draws (and its colour-shift alphas) from
      `vgg.transforms.sample_generator(seed, epoch, index)` as on the CPU path, so both paths pick the
      same S, crop box, flip and alphas for the same sample. Output `TrainCrop(uint8 [B, 3, crop, crop],
      alphas [B, 3])`.
@@ -25,12 +26,12 @@ the two paths produce the same distribution of training images.
 import contextlib
 import io
 import logging
+import math
 import queue
 import threading
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import decode_jpeg
@@ -208,32 +209,109 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
     """uint8 [3, H, W] images (any sizes, on one device) -> uint8 [B, 3, crop, crop] on that device.
 
     Per image: draw (S, crop box, flip) with `vgg.transforms.draw_train_crop`, the CPU path's own
-    draw; rescale the whole image with antialiased bilinear interpolation (PIL's filter on the CPU
-    path, which resamples only the box: the same pixels), cut the crop, flip. The random draws use
+    draw; the crop is the crop_size x crop_size box at (top, left) of the image rescaled isotropically
+    (smallest side S) with antialiased bilinear interpolation (the triangle filter PIL and
+    F.interpolate(antialias=True) use, the CPU path's), flipped if drawn so. The random draws use
     `generators` (one per image: in training each sample's `sample_generator`) or else `generator`
     for all (CPU generators, so the draws do not depend on the device).
+
+    Only the box is resampled, for the whole batch at once (`_resample_boxes`): a few dozen kernels
+    a batch, where rescaling each whole image in turn took ~800 and a float copy of every rescaled
+    image. Its pixels are those of rescaling the whole image and cutting the box (the filter reaches
+    past the box's edge, into the image, as it would there); the CPU path instead snaps the box to
+    whole source pixels and filters inside it (moving it by under a source pixel, scaling it by under
+    1 %), and decodes JPEGs at a reduced scale where it can: the same distribution of crops.
     """
     if scale_min < crop_size or scale_max < scale_min:
         raise UserError(f"need crop_size <= scale_min <= scale_max, got crop_size={crop_size}, "
                         f"scale_min={scale_min}, scale_max={scale_max}")
     if not images:
         return torch.empty(0, 3, crop_size, crop_size, dtype=torch.uint8)
-    crops, flips = [], []
+    boxes = []
     for i, image in enumerate(images):
-        new_h, new_w, top, left, flip = draw_train_crop(image.shape[-2], image.shape[-1], crop_size=crop_size,
+        height, width = image.shape[-2:]
+        new_h, new_w, top, left, flip = draw_train_crop(height, width, crop_size=crop_size,
                                                         scale_min=scale_min, scale_max=scale_max,
                                                         generator=generator if generators is None else generators[i])
-        resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
-                                antialias=True, align_corners=False)
-        crops.append(resized[0, :, top:top + crop_size, left:left + crop_size])
-        flips.append(flip)
-    # Flip and convert back to uint8 once for the whole batch (fewer small GPU kernels).
-    batch = torch.stack(crops)
-    flipped = [i for i, flip in enumerate(flips) if flip]
-    if flipped:
-        index = torch.tensor(flipped, device=batch.device)
-        batch[index] = batch[index].flip(-1)
+        # the box in source pixels: its start and the source pixels per output pixel, as F.interpolate
+        # maps a rescaled image's pixel k to source position (k + 0.5) * height / new_h - 0.5
+        boxes.append((top * height / new_h, height / new_h, left * width / new_w, width / new_w, flip))
+    return _resample_boxes(images, boxes, crop_size)
+
+
+def _resample_boxes(images: list[torch.Tensor], boxes: list[tuple], size: int) -> torch.Tensor:
+    """uint8 [3, H_b, W_b] images and per image (y0, y_scale, x0, x_scale, flip) -> uint8 [B, 3, size, size]:
+    output pixel (i, j) of image b samples source position (y0 + (i + 0.5) y_scale, x0 + (j + 0.5) x_scale)
+    with the antialiased bilinear (triangle) filter, mirrored left-right where flip.
+
+    The filter is separable, so each image's crop is Wy_b @ image_b @ Wx_b^T with weight matrices
+    [size, H_b] and [size, W_b] that are zero outside the box and its filter margin. Images of one
+    shape (ImageNet has few: most are 500 x 375 or 375 x 500) go through two batched matmuls
+    together, on the band of rows and columns their boxes need; all weights are built at once on
+    the device from one small copy of the boxes. The flip is a mirrored Wx. The matmuls run at the
+    device's float32 matmul precision: with TF32 allowed (CUDA), a pixel may round one level off.
+    """
+    device = images[0].device
+    order = sorted(range(len(images)), key=lambda b: tuple(images[b].shape[-2:]))  # same shapes together
+    groups = []  # [first, end) in `order`, (H, W), band: rows/columns [y_lo, y_hi) x [x_lo, x_hi) any box reaches
+    for rank, b in enumerate(order):
+        shape = tuple(images[b].shape[-2:])
+        if not groups or groups[-1]["shape"] != shape:
+            groups.append({"first": rank, "shape": shape, "band": [shape[0], 0, shape[1], 0]})
+        groups[-1]["end"] = rank + 1
+        y0, y_scale, x0, x_scale, _ = boxes[b]
+        band = groups[-1]["band"]
+        for axis, (start, scale, limit) in enumerate(((y0, y_scale, shape[0]), (x0, x_scale, shape[1]))):
+            support = max(scale, 1.0)  # the filter's half-width in source pixels (+1 below: rounding)
+            band[2 * axis] = min(band[2 * axis], max(0, math.floor(start - support) - 1))
+            band[2 * axis + 1] = max(band[2 * axis + 1], min(limit, math.ceil(start + size * scale + support) + 1))
+    # One row per image, in `order`: its box, its image's size and its group's band start (where its
+    # weights begin), the flip, and the image's place in the batch.
+    params = []
+    for group in groups:
+        (height, width), (y_lo, _, x_lo, _) = group["shape"], group["band"]
+        for b in order[group["first"]:group["end"]]:
+            y0, y_scale, x0, x_scale, flip = boxes[b]
+            params.append([y0, y_scale, height, y_lo, x0, x_scale, width, x_lo, float(flip), b])
+    params = torch.tensor(params, dtype=torch.float32)  # (exact for the integers: all below 2^24)
+    if device.type == "cuda":  # one asynchronous copy for the whole batch
+        params = params.pin_memory()
+    params = params.to(device, non_blocking=True)
+    rows = _filter_weights(params[:, 0], params[:, 1], params[:, 2], params[:, 3], size,
+                           max(g["band"][1] - g["band"][0] for g in groups))
+    cols = _filter_weights(params[:, 4], params[:, 5], params[:, 6], params[:, 7], size,
+                           max(g["band"][3] - g["band"][2] for g in groups), flip=params[:, 8] > 0)
+    crops = []
+    for group in groups:
+        first, end, (y_lo, y_hi, x_lo, x_hi) = group["first"], group["end"], group["band"]
+        n, h, w = end - first, y_hi - y_lo, x_hi - x_lo
+        # [n, h, 3, w]: rows outermost, so both products below are batched matmuls of plain views
+        band = torch.stack([images[b][:, y_lo:y_hi, x_lo:x_hi].permute(1, 0, 2) for b in order[first:end]])
+        part = torch.bmm(rows[first:end, :, :h], band.float().view(n, h, 3 * w))  # [n, size, 3 w]
+        part = torch.bmm(part.view(n, size * 3, w), cols[first:end, :, :w].transpose(1, 2))  # [n, 3 size, size]
+        crops.append(part.view(n, size, 3, size).permute(0, 2, 1, 3))
+    crops = torch.cat(crops)  # in `order`: back to the images' order
+    batch = torch.empty_like(crops).index_copy_(0, params[:, 9].long(), crops)
     return batch.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _filter_weights(start: torch.Tensor, scale: torch.Tensor, limit: torch.Tensor, offset: torch.Tensor,
+                    size: int, length: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Per image b (float32 [B] each, on the device): the antialiased bilinear weights [B, size, length]
+    of output pixel i over source pixels offset_b .. offset_b + length - 1 along one axis (of
+    `limit` pixels), the output pixel sampling source position start + (i + 0.5) * scale. As in
+    F.interpolate(antialias=True) and PIL: a triangle of half-width max(scale, 1) source pixels,
+    cut at the image's edge and normalised to sum 1. flip [B] (bool): mirror the output axis."""
+    device = start.device
+    center = start[:, None] + scale[:, None] * (torch.arange(size, device=device, dtype=torch.float32) + 0.5)
+    pixel = offset[:, None] + torch.arange(length, device=device, dtype=torch.float32)  # [B, length]
+    support = scale.clamp(min=1.0)[:, None, None]
+    weights = (1 - (pixel[:, None, :] + 0.5 - center[:, :, None]).abs_() / support).clamp_(min=0)
+    weights *= (pixel < limit[:, None])[:, None, :]  # past the edge of an image (band of a larger one)
+    weights /= weights.sum(dim=2, keepdim=True)
+    if flip is not None:
+        weights = torch.where(flip[:, None, None], weights.flip(1), weights)
+    return weights
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,7 +357,10 @@ class GpuTrainLoader:
         alphas = torch.stack([draw_alphas(g) for g in generators]) if keep else torch.empty(0, 3)
         if images.device != self.device:  # an all-skipped batch
             images = images.to(self.device)
-        labels = labels[keep].to(self.device, non_blocking=True)
+        labels = labels[keep]
+        if self.device.type == "cuda":  # from pageable memory the copies would block this thread
+            alphas, labels = alphas.pin_memory(), labels.pin_memory()
+        labels = labels.to(self.device, non_blocking=True)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return TrainCrop(images, alphas.to(self.device, non_blocking=True)), labels, unreadable

@@ -276,6 +276,10 @@ def normalize(images: torch.Tensor, mean_rgb) -> torch.Tensor:
     The only pre-processing the paper does: pixel values stay on the 0..255 scale. Runs on the
     images' device and keeps the memory format (channels-last stays channels-last). Converting
     first and subtracting in place is ~2x faster on the CPU than one mixed-dtype subtraction.
+
+    mean_rgb: 3 numbers, or a float32 tensor [3] already on the images' device (the training loop's,
+    `vgg.engine.DeviceStats`): numbers are copied to the device on every call, which on CUDA is a
+    blocking copy, so per-step callers pass the tensor.
     """
     mean = torch.as_tensor(mean_rgb, dtype=torch.float32, device=images.device).view(3, 1, 1)
     return images.to(torch.float32).sub_(mean)
@@ -293,13 +297,17 @@ def color_shift(images: torch.Tensor, stats, std: float = 0.1,
     to [0, 1] (so the well-known ImageNet eigenvalues 0.2175, 0.0188, 0.0045 apply), while images
     here are on the 0..255 scale minus the mean, so the shift is multiplied by 255.
 
+    stats: anything with `eigval` [3] and `eigvec` [3, 3]: a DatasetStats (numbers, copied to the
+    device on every call: a blocking copy on CUDA), or `vgg.engine.DeviceStats` (float32 tensors
+    already on the images' device, as the training loop passes them: no copy).
     alphas: the images' standard-normal draws [B, 3] (a training batch's `TrainCrop.alphas`, drawn
-    per sample), multiplied by std here. Without them they are drawn from `generator` (a CPU
-    generator is fine for CUDA images), or the global RNG when that is None.
+    per sample), multiplied by std here; no copy when already on the images' device. Without them
+    they are drawn from `generator` (a CPU generator works for CUDA images, at the cost of a
+    copy), or the images' device's global RNG when that is None.
     """
     batch = images.shape[0]
     if alphas is None:
-        gen_device = generator.device if generator is not None else torch.device("cpu")
+        gen_device = generator.device if generator is not None else images.device  # global RNG: no copy
         alphas = torch.randn(batch, 3, generator=generator, device=gen_device)
     alphas = alphas.to(images.device, torch.float32) * std
     eigval = torch.as_tensor(stats.eigval, dtype=torch.float32, device=images.device)
