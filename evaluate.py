@@ -6,11 +6,15 @@
     python evaluate.py --multi-crop --scales 256 384 512 --checkpoint checkpoints/D-jitter/best.pt
     python evaluate.py --dense --multi-crop --checkpoint checkpoints/D/best.pt checkpoints/E/best.pt  # Table 6
     python evaluate.py --dense --multi-crop --data /data/imagenet --gpus 4
+    python evaluate.py --dense --multi-crop --weights torchvision:vgg16 --data /data/imagenet  # torchvision's
+    python evaluate.py --dense --checkpoint ~/Downloads/vgg16-397923af.pth --data /data/imagenet    # the same file
 
 Test scales Q (Table 4) by default follow how each net was trained: fixed S -> {S-32, S, S+32},
 jittered [S_min, S_max] -> {S_min, (S_min+S_max)/2, S_max} (scales below the crop size are raised
 to it). Several checkpoints are fused: their soft-max outputs averaged. The table is printed and
 written as JSON (with per-class accuracy) and Markdown to <first checkpoint's folder>/eval/.
+torchvision's VGG weights (a bare vgg11/13/16/19 state dict, or --weights) are tested at Q = {256, 384, 512}
+with their own input normalisation (vgg/pretrained.py).
 """
 
 import argparse
@@ -30,6 +34,10 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", nargs="+", metavar="PATH",
                         help="checkpoint(s) or run folder(s); several are fused (default: the newest "
                              "checkpoints/*/best.pt)")
+    parser.add_argument("--weights", nargs="+", metavar="NAME", default=[],
+                        help="published weights to evaluate (fused with any --checkpoint): torchvision:vgg11, "
+                             "torchvision:vgg13, torchvision:vgg16 or torchvision:vgg19 (IMAGENET1K_V1, through "
+                             "torchvision's weights API and cache)")
     parser.add_argument("--dense", action="store_true", help="dense evaluation (§3.2); the default method")
     parser.add_argument("--multi-crop", action="store_true", help="5x5 grid of crops and flips per scale (§4.2)")
     scales = parser.add_mutually_exclusive_group()
@@ -50,7 +58,7 @@ def prepare(args):
 
     if args.batch_size < 1 or args.workers < 0 or args.gpus < 1 or not args.progress_every_s >= 0:
         raise UserError("--batch-size and --gpus must be at least 1, --workers and --progress-every-s at least 0")
-    paths = args.checkpoint or [default_checkpoint()]
+    paths = (args.checkpoint or ([] if args.weights else [default_checkpoint()])) + args.weights
     nets = [load_eval_net(p, scales=args.scales, single_scale=args.single_scale) for p in paths]
     # The results' folder must be writable before an hour of evaluation, not after it.
     args.out = Path(args.out or nets[0].path.parent / "eval" / (time.strftime("%Y%m%d-%H%M%S") + "-" +

@@ -104,6 +104,10 @@ def load_checkpoint(path, map_location="cpu", require=MODEL_KEYS) -> dict:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a vgg-imagenet checkpoint (it holds a {type(ckpt).__name__})")
+    from vgg import pretrained  # (imports vgg.data, which this module's importers may be importing)
+
+    if pretrained.is_bare_state_dict(ckpt):  # torchvision's vgg11/13/16/19 .pth: its normalisation folded in
+        ckpt = pretrained.checkpoint_from_state_dict(strip_wrapper_prefixes(ckpt), f"{path.name}")
     missing = [key for key in require if key not in ckpt]
     if missing:
         raise UserError(f"{path} has no {', '.join(missing)} entry: not a checkpoint train.py wrote, "

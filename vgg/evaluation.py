@@ -34,6 +34,7 @@ from vgg.checkpoint import EVAL_KEYS, build_model_from_checkpoint, load_checkpoi
 from vgg.distributed import all_reduce_sum, progress_bar, shard_indices
 from vgg.engine import autocast_context, topk_hits
 from vgg.errors import UserError
+from vgg import pretrained
 from vgg.zoo import to_dense
 from vgg.transforms import EvalTransform, normalize
 
@@ -178,11 +179,20 @@ def default_checkpoint(root="checkpoints") -> Path:
 
 
 def load_eval_net(path, *, scales=None, single_scale: bool = False) -> EvalNet:
-    """Load a checkpoint for testing; the test scales follow its training scales unless `scales` is given."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    ckpt = load_checkpoint(path, require=EVAL_KEYS)
+    """Load a checkpoint for testing; the test scales follow its training scales unless `scales` is given.
+
+    `path` may also be a torchvision VGG state dict (.pth) or "torchvision:vgg16" (its published weights,
+    vgg.pretrained); those take the classes of the data they meet (torchvision's order is sorted wnids).
+    """
+    if str(path).startswith("torchvision:"):
+        tv_name, state_dict = pretrained.torchvision_state_dict(str(path))
+        ckpt = pretrained.checkpoint_from_state_dict(state_dict, str(path))
+        path = Path("checkpoints") / f"torchvision-{tv_name}" / "IMAGENET1K_V1"  # names the results' folder
+    else:
+        path = Path(path)
+        if path.is_dir():
+            path = path / "best.pt"
+        ckpt = load_checkpoint(path, require=EVAL_KEYS)
     model = build_model_from_checkpoint(ckpt, path)
     model.eval()
     config = ckpt.get("config", {})
@@ -228,6 +238,8 @@ def open_val_set(nets: list[EvalNet], val_dir):
         raise UserError(f"validation folder {val_dir} not found: --data must be a root holding val/<wnid>/*")
     dataset = vdata.ImageFolder(val_dir, MultiScaleTransform(scales=sorted({q for n in nets for q in n.scales})))
     for net in nets:
+        if not net.classes and net.model.num_classes == len(dataset.classes):  # torchvision's weights
+            net.classes = list(dataset.classes)
         if net.classes != dataset.classes:
             raise UserError(f"{net.path} was trained on {len(net.classes)} classes, {val_dir} has "
                             f"{len(dataset.classes)}{_first_difference(net.classes, dataset.classes)}: "

@@ -101,7 +101,7 @@ def load_stats(config: Config, train_dir: Path) -> vdata.DatasetStats:
 def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]) -> list[str]:
     """§3.1: a deeper net warm-starts from net A; a re-scaled net (S=384, jitter) from its own kind."""
     source_arch = source_ckpt["arch"]
-    if source_ckpt.get("classes", classes) != classes:
+    if source_ckpt.get("classes") and source_ckpt["classes"] != classes:  # (torchvision's weights name none)
         raise UserError(f"--init-from {path}: its {len(source_ckpt.get('classes', []))} classes differ "
                         f"from this dataset's {len(classes)}")
     source = build_model_from_checkpoint(source_ckpt, path)
