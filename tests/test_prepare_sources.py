@@ -1,6 +1,7 @@
 """`python -m vgg.data prepare --from {devkit,kaggle,hf}`: a tiny fake of each download, built from real
 JPEGs of the sample set, prepared with the real CLI, then trained on (train.py) or evaluated."""
 
+import contextlib
 import io
 import json
 import os
@@ -119,52 +120,70 @@ def assert_layout(sample_root: Path, dest: Path) -> None:
         assert (dest / "val" / wnid / name).read_bytes() == path.read_bytes()
 
 
+def snapshot(dest: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
+
+
+@pytest.fixture(scope="module")
+def prepared(sample_root, tmp_path_factory) -> dict:
+    """Each source faked, prepared with the CLI, then prepared again (in-process, through the same
+    main()): {source: (dest, first run, second run's stdout, files before and after the second run)}."""
+    from vgg.data import main
+
+    out = {}
+    for source, make in MAKERS.items():
+        base = tmp_path_factory.mktemp(source)
+        src, dest = base / "src", base / "imagenet"
+        make(sample_root, src)
+        first = data_cli("prepare", "--from", source, src, dest)
+        before = snapshot(dest)
+        second = io.StringIO()
+        with contextlib.redirect_stdout(second):
+            code = main(["prepare", "--from", source, str(src), str(dest)])
+        out[source] = (dest, src, first, (code, second.getvalue()), before, snapshot(dest))
+    return out
+
+
 @pytest.mark.parametrize("source", ["kaggle", "hf", "devkit"])
-def test_prepare_each_source_then_rerun_does_nothing(sample_root, tmp_path, source):
-    src, dest = tmp_path / "src", tmp_path / "imagenet"
-    MAKERS[source](sample_root, src)
-    first = data_cli("prepare", "--from", source, src, dest)
+def test_prepare_each_source_then_rerun_does_nothing(sample_root, prepared, source):
+    dest, src, first, (code, second), before, after = prepared[source]
     assert first.returncode == 0, first.stderr
     n_train, n_val = len(CLASSES) * TRAIN_PER_CLASS, len(CLASSES) * VAL_PER_CLASS
     assert f"{len(CLASSES)} classes, {n_train} train and {n_val} val images" in first.stdout
     assert_layout(sample_root, dest)
     if source == "kaggle":  # files on disk: hard links (same file system), not copies
-        assert "linked" in first.stdout
-        assert (dest / "val").stat().st_dev == src.stat().st_dev
-        linked = next((dest / "train" / CLASSES[0]).iterdir())
-        assert linked.stat().st_nlink == 2
+        assert f"{n_train + n_val} linked" in first.stdout, first.stdout
+        assert next((dest / "train" / CLASSES[0]).iterdir()).stat().st_nlink == 2
     else:
         assert f"{n_train + n_val} extracted" in first.stdout, first.stdout
-    before = {p: p.stat().st_mtime_ns for p in dest.rglob("*")}
-    second = data_cli("prepare", "--from", source, src, dest)
-    assert second.returncode == 0, second.stderr
-    assert "extracted" not in second.stdout and "linked" not in second.stdout, second.stdout
-    assert {p: p.stat().st_mtime_ns for p in dest.rglob("*")} == before
+    assert code == 0 and "extracted" not in second and "linked" not in second, second
+    assert after == before  # nothing written again
 
 
-def test_kaggle_prepared_folder_trains_and_evaluates_through_the_clis(sample_root, tmp_path):
-    src, dest = tmp_path / "src", tmp_path / "imagenet"
-    make_kaggle(sample_root, src)
-    assert data_cli("prepare", "--from", "kaggle", src, dest).returncode == 0
-    result = train_cli("--config", "demo", "--data", str(dest), "--out-dir", str(tmp_path / "ck"), "--log-dir",
-                       str(tmp_path / "runs"), "--workers", "0", "--device", "cpu", "--epochs", "1",
+def test_prepared_folders_train_and_evaluate_through_the_clis(prepared, tmp_path):
+    """Train on Kaggle's prepared folder; evaluate that net on the devkit's and Hugging Face's."""
+    result = train_cli("--config", "demo", "--data", str(prepared["kaggle"][0]), "--out-dir", str(tmp_path / "ck"),
+                       "--log-dir", str(tmp_path / "runs"), "--workers", "0", "--device", "cpu", "--epochs", "1",
                        "--batch-size", "8", "--stats-images", "8", "--run-name", "kaggle")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "ck" / "kaggle" / "metrics.jsonl").open()]
     assert rows[0]["val_images"] == len(CLASSES) * VAL_PER_CLASS
-    evaluated = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",
-                                str(tmp_path / "ck" / "kaggle" / "best.pt"), "--data", str(dest), "--workers", "0",
-                                "--device", "cpu", "--dense", "--out", str(tmp_path / "eval")],
-                               capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    assert "dense" in evaluated.stdout
+    for source in ("devkit", "hf"):
+        evaluated = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",
+                                    str(tmp_path / "ck" / "kaggle" / "best.pt"), "--data", str(prepared[source][0]),
+                                    "--workers", "0", "--device", "cpu", "--dense", "--out", str(tmp_path / source)],
+                                   capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert json.loads((tmp_path / f"{source}.json").read_text())["images"] == len(CLASSES) * VAL_PER_CLASS
 
 
 def test_sort_val_reads_the_kaggle_csv(sample_root, tmp_path):
+    from vgg.data import sort_val
+
     make_kaggle(sample_root, tmp_path / "src")
     val = tmp_path / "src" / "ILSVRC" / "Data" / "CLS-LOC" / "val"
-    result = data_cli("sort-val", "--val-dir", val, "--labels", tmp_path / "src" / "LOC_val_solution.csv")
-    assert result.returncode == 0, result.stderr
+    counts = sort_val(val, tmp_path / "src" / "LOC_val_solution.csv")
+    assert counts["moved"] == len(CLASSES) * VAL_PER_CLASS and counts["classes"] == len(CLASSES)
     for _, wnid, name in pick(sample_root)[1]:
         assert (val / wnid / name).is_file()
 
