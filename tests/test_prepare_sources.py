@@ -4,6 +4,7 @@ JPEGs of the sample set, prepared with the real CLI, then trained on (train.py) 
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -228,3 +229,20 @@ def test_1000_classes_must_start_with_tench():
         check_class_order(["n01443537"] + standard[1:], "shifted")
     with pytest.raises(UserError, match="sorted"):
         check_class_order(standard[::-1], "devkit order")
+
+
+def test_1000_folder_classes_not_starting_with_tench_warn():
+    from vgg.prepare import check_class_order
+
+    numbered = [f"{i:03d}" for i in range(1000)]  # class folders named by number, not wnid
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # on the "vgg" logger itself: setup_logging stops it propagating
+    logging.getLogger("vgg").addHandler(handler)
+    try:
+        check_class_order(numbered, "train", warn=True)
+    finally:
+        logging.getLogger("vgg").removeHandler(handler)
+    assert [r.getMessage() for r in records] == [
+        "warning: train: 1000 classes whose index 0 is 000, not n01440764 (tench) as in ILSVRC-2012's sorted wnids: "
+        "these are not the standard classes or not named by wnid"]

@@ -36,16 +36,22 @@ DONE_NAME = ".vgg_prepared.json"
 SOURCES = ("devkit", "kaggle", "hf")
 
 
-def check_class_order(classes: list[str], where) -> None:
-    """The class list must be sorted wnids; with 1000 classes the first must be n01440764 (tench)."""
-    classes = list(classes)
+def check_class_order(classes: list[str], where, *, warn: bool = False) -> None:
+    """The class list must be sorted wnids; with 1000 classes the first must be n01440764 (tench).
+    UserError if not; with warn=True one warning line instead (a training run on class folders,
+    which may be another 1000-class dataset)."""
+    classes, problem = list(classes), None
     if classes != sorted(classes):
         first = next(i for i, (a, b) in enumerate(zip(classes, sorted(classes))) if a != b)
-        raise UserError(f"{where}: class {first} is {classes[first]}, but class indices must follow the sorted "
-                        f"wnids ({sorted(classes)[first]} there): labels would be silently wrong")
-    if len(classes) == 1000 and classes[0] != FIRST_WNID:
-        raise UserError(f"{where}: 1000 classes whose index 0 is {classes[0]}, not {FIRST_WNID} (tench) as in "
-                        "ILSVRC-2012's sorted wnids: these are not the standard classes or not named by wnid")
+        problem = (f"class {first} is {classes[first]}, but class indices must follow the sorted wnids "
+                   f"({sorted(classes)[first]} there): labels would be silently wrong")
+    elif len(classes) == 1000 and classes[0] != FIRST_WNID:
+        problem = (f"1000 classes whose index 0 is {classes[0]}, not {FIRST_WNID} (tench) as in ILSVRC-2012's "
+                   "sorted wnids: these are not the standard classes or not named by wnid")
+    if problem and warn:
+        log.warning(f"warning: {where}: {problem}")
+    elif problem:
+        raise UserError(f"{where}: {problem}")
 
 
 def _check_wnid(wnid: str, where) -> str:

@@ -26,6 +26,7 @@ from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
 from vgg.models import build_vgg, warm_start
+from vgg.prepare import check_class_order
 from vgg.transforms import CenterCropTransform, TrainCrop, TrainTransform
 
 log = get_logger()
@@ -325,6 +326,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
             val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
                                                                           crop_size=config.crop_size))
     classes = train_set.classes
+    check_class_order(classes, root / "train", warn=True)  # 1000 classes: index 0 must be n01440764
     if val_set.classes != classes:
         raise UserError(f"{root / 'val'} has {len(val_set.classes)} classes, {root / 'train'} has "
                         f"{len(classes)}: the class folders must be the same")
