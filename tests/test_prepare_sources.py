@@ -246,3 +246,27 @@ def test_1000_folder_classes_not_starting_with_tench_warn():
     assert [r.getMessage() for r in records] == [
         "warning: train: 1000 classes whose index 0 is 000, not n01440764 (tench) as in ILSVRC-2012's sorted wnids: "
         "these are not the standard classes or not named by wnid"]
+
+
+def test_devkit_unpacked_and_copies(sample_root, tmp_path):
+    """The devkit's release unpacked (per-class tars in train/, a flat val/, the devkit folder); and
+    Kaggle's files copied, not linked, with --copy."""
+    from vgg.prepare import prepare
+
+    archives, src = tmp_path / "archives", tmp_path / "src"
+    make_devkit(sample_root, archives)
+    src.mkdir()
+    with tarfile.open(archives / "ILSVRC2012_img_train.tar") as tar:
+        tar.extractall(src / "train", filter="data")  # n00000000.tar, ... as the release's train tar holds
+    with tarfile.open(archives / "ILSVRC2012_img_val.tar") as tar:
+        tar.extractall(src / "val", filter="data")
+    with tarfile.open(archives / "ILSVRC2012_devkit_t12.tar.gz") as tar:
+        tar.extractall(src, filter="data")
+    counts = prepare("devkit", src, tmp_path / "imagenet")
+    assert_layout(sample_root, tmp_path / "imagenet")
+    assert (counts["extracted"], counts["linked"]) == (len(CLASSES) * TRAIN_PER_CLASS, len(CLASSES) * VAL_PER_CLASS)
+
+    make_kaggle(sample_root, tmp_path / "kaggle")
+    counts = prepare("kaggle", tmp_path / "kaggle", tmp_path / "copied", copy=True)
+    assert counts["copied"] == len(CLASSES) * (TRAIN_PER_CLASS + VAL_PER_CLASS) and "linked" not in counts
+    assert next((tmp_path / "copied" / "train" / CLASSES[0]).iterdir()).stat().st_nlink == 1
