@@ -77,9 +77,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _key(name: str) -> str:
-    """The sample key: the file name without extension, its dots replaced (a key holds no dot)."""
-    return os.path.splitext(name)[0].replace(".", "_")
+def _key(wnid: str, name: str) -> str:
+    """The sample key: the file name without extension (dots replaced: a key holds none), led by the
+    wnid unless it already is (ImageNet's training names are), so that keys are unique in a shard."""
+    stem = os.path.splitext(name)[0].replace(".", "_")
+    return stem if stem.startswith(wnid) else f"{wnid}_{stem}"
 
 
 def write_shards(src, dest, *, images_per_shard: int = 1252, seed: int = 0) -> dict:
@@ -106,6 +108,7 @@ def write_shards(src, dest, *, images_per_shard: int = 1252, seed: int = 0) -> d
     dest.mkdir(parents=True, exist_ok=True)
     (dest / INFO_NAME).unlink(missing_ok=True)
     info = {"name": "imagenet-1k", "classes": classes, "splits": {}}
+    class_index = {wnid: i for i, wnid in enumerate(classes)}
     for split, shard_split in SPLITS.items():
         items = [(wnid, name) for wnid in sorted(files[split]) for name in files[split][wnid]]
         if split == "train":
@@ -120,7 +123,7 @@ def write_shards(src, dest, *, images_per_shard: int = 1252, seed: int = 0) -> d
                 tmp = dest / f".{name}.{os.getpid()}.tmp"
                 with tarfile.open(tmp, "w") as tar:
                     for wnid, file_name in part:
-                        key, label = _key(file_name), classes.index(wnid)
+                        key, label = _key(wnid, file_name), class_index[wnid]
                         _add(tar, f"{key}.jpg", (src / split / wnid / file_name).read_bytes())
                         _add(tar, f"{key}.cls", str(label).encode())
                         _add(tar, f"{key}.json", json.dumps({"filename": f"{wnid}/{file_name}", "wnid": wnid,
