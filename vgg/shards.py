@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
@@ -237,11 +236,12 @@ def _decode(data: bytes, label: int, where: str, transform, index: int):
         return None, label, vdata.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
 
 
-def _read_sample(key: str, parts: dict, tar: tarfile.TarFile, path: Path) -> tuple[bytes, int]:
+def _image_and_label(key: str, parts: dict, tar: tarfile.TarFile, path: Path) -> tuple[tarfile.TarInfo, int]:
+    """A sample's image member and its class index (read from its .cls member)."""
     image = next((parts[ext] for ext in IMAGE_KEYS if ext in parts), None)
     if image is None or "cls" not in parts:
         raise UserError(f"{path}: sample {key} lacks a .jpg or .cls member (has: {', '.join(sorted(parts))})")
-    return tar.extractfile(image).read(), int(tar.extractfile(parts["cls"]).read().decode().strip())
+    return image, int(tar.extractfile(parts["cls"]).read().decode().strip())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,8 +313,8 @@ class ShardStream(IterableDataset):
                 for i, (key, parts, tar) in enumerate(_iter_samples(path, skip), start=skip):
                     if i >= take:
                         break
-                    data, label = _read_sample(key, parts, tar, path)
-                    yield data, label, offsets[shard] + i, f"{path.name}:{key}"
+                    image, label = _image_and_label(key, parts, tar, path)
+                    yield tar.extractfile(image).read(), label, offsets[shard] + i, f"{path.name}:{key}"
             position += length
             if position >= stop:
                 return
@@ -362,12 +362,9 @@ class ShardImages(Dataset):
     def __init__(self, split: ShardSplit, transform=None, limit: int | None = None):
         self.split, self.transform, self.classes = split, transform, list(split.classes)
         self.samples = []  # (shard path, image offset, image size, label, key)
-        for path, length in zip(split.paths, split.lengths):
+        for path in split.paths:
             for key, parts, tar in _iter_samples(path):
-                image = next((parts[ext] for ext in IMAGE_KEYS if ext in parts), None)
-                if image is None or "cls" not in parts:
-                    raise UserError(f"{path}: sample {key} lacks a .jpg or .cls member (has: {', '.join(sorted(parts))})")
-                label = int(tar.extractfile(parts["cls"]).read().decode().strip())
+                image, label = _image_and_label(key, parts, tar, path)
                 self.samples.append((str(path), image.offset_data, image.size, label, key))
                 if limit is not None and len(self.samples) >= limit:
                     return
