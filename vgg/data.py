@@ -517,12 +517,17 @@ def read_val_labels(labels_file, devkit_classes=None) -> dict[str, str]:
 
     * `<filename> <wnid>` per line;
     * the devkit's ILSVRC2012_validation_ground_truth.txt: line k holds the ILSVRC2012_ID (1-based)
-      of ILSVRC2012_val_<k, 8 digits>.JPEG; needs `devkit_classes` (see read_devkit_classes).
+      of ILSVRC2012_val_<k, 8 digits>.JPEG; needs `devkit_classes` (see read_devkit_classes);
+    * Kaggle's LOC_val_solution.csv: a header `ImageId,PredictionString`, then `<ImageId>,<wnid> <box>
+      [<wnid> <box> ...]`: the label is the first wnid, the file <ImageId>.JPEG.
     """
     path = Path(labels_file)
     if not path.is_file():
         raise UserError(f"labels file {path} not found")
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and lines[0].strip().replace(" ", "") == "ImageId,PredictionString":
+        return _read_kaggle_labels(path, lines[1:])
+    rows = [line.split() for line in lines]
     if not rows:
         raise UserError(f"labels file {path} is empty")
     if all(len(r) == 1 and r[0].isdigit() for r in rows):
@@ -547,6 +552,25 @@ def read_val_labels(labels_file, devkit_classes=None) -> dict[str, str]:
         if labels.get(name, wnid) != wnid:
             raise UserError(f"{path} line {k}: {name} is labelled both {labels[name]} and {wnid}")
         labels[name] = wnid
+    return labels
+
+
+def _read_kaggle_labels(path: Path, lines: list[str]) -> dict[str, str]:
+    """{<ImageId>.JPEG: first wnid of PredictionString} from LOC_val_solution.csv's lines after the header."""
+    labels = {}
+    for k, line in enumerate(lines, start=2):
+        image_id, _, prediction = line.partition(",")
+        tokens = prediction.split()
+        if not image_id.strip() or not tokens:
+            raise UserError(f"{path} line {k}: expected '<ImageId>,<wnid> <x_min> <y_min> <x_max> <y_max> ...', "
+                            f"got {line.strip()!r}")
+        name = _check_name("ImageId", image_id.strip(), f"{path} line {k}") + ".JPEG"
+        wnid = _check_name("wnid", tokens[0], f"{path} line {k}")
+        if labels.get(name, wnid) != wnid:
+            raise UserError(f"{path} line {k}: {name} is labelled both {labels[name]} and {wnid}")
+        labels[name] = wnid
+    if not labels:
+        raise UserError(f"labels file {path} holds only the header ImageId,PredictionString")
     return labels
 
 
@@ -593,6 +617,21 @@ def main(argv=None) -> int:
                       help="'<filename> <wnid>' per line, or the devkit's ILSVRC2012_validation_ground_truth.txt")
     sort.add_argument("--devkit-classes", default=None,
                       help="for the devkit's ground truth: data/meta.mat, or a file of wnids in ILSVRC2012_ID order")
+    prepare = commands.add_parser("prepare", help="write the class-folder layout from an ImageNet download "
+                                  "(links where possible; re-runnable)")
+    prepare.add_argument("--from", dest="source", required=True, choices=("devkit", "kaggle", "hf"),
+                         help="devkit: image-net.org's ILSVRC2012 archives or folders; kaggle: "
+                              "imagenet-object-localization-challenge; hf: ILSVRC/imagenet-1k tarballs")
+    prepare.add_argument("src", help="the downloaded source folder")
+    prepare.add_argument("dest", help="the dataset root to write (train/<wnid>/, val/<wnid>/)")
+    prepare.add_argument("--copy", action="store_true", help="copy files instead of linking them")
+    shards = commands.add_parser("shards", help="write WebDataset shards (timm/imagenet-1k-wds layout) "
+                                 "from class folders")
+    shards.add_argument("src", help="a dataset root holding train/<wnid>/ and val/<wnid>/")
+    shards.add_argument("dest", help="the folder to write imagenet1k-{train,validation}-*.tar and _info.json to")
+    shards.add_argument("--images-per-shard", type=int, default=1252,
+                        help="images per shard (1252: ImageNet's train split in 1024 shards)")
+    shards.add_argument("--seed", type=int, default=0, help="the shuffle of the training images over the shards")
     stats = commands.add_parser("stats", help="compute (or show the cached) dataset statistics")
     stats.add_argument("--train-dir", required=True, help="the train/ folder")
     stats.add_argument("--num-images", type=int, default=10000, help="training images to sample")
@@ -604,6 +643,20 @@ def main(argv=None) -> int:
             counts = sort_val(args.val_dir, args.labels, args.devkit_classes)
             print(f"moved {counts['moved']} images into {counts['classes']} class folders under {args.val_dir} "
                   f"({counts['already_sorted']} were already sorted, {counts['unlabelled']} unlabelled files left)")
+        elif args.command == "prepare":
+            from vgg.prepare import prepare  # (vgg.prepare imports this module)
+
+            counts = prepare(args.source, args.src, args.dest, copy=args.copy)
+            done = ", ".join(f"{counts[k]} {k}" for k in ("linked", "symlinked", "copied", "extracted", "present")
+                             if counts.get(k))
+            print(f"{args.dest}: {counts['classes']} classes, {counts['train']} train and {counts['val']} val "
+                  f"images ({done or 'nothing to do'})")
+        elif args.command == "shards":
+            from vgg.shards import write_shards
+
+            info = write_shards(args.src, args.dest, images_per_shard=args.images_per_shard, seed=args.seed)
+            print(f"{args.dest}: " + ", ".join(f"{split} {s['num_samples']} images in {len(s['filenames'])} shards"
+                                               for split, s in info["splits"].items()))
         else:
             print(json.dumps(load_or_compute_stats(args.train_dir, num_images=args.num_images,
                                                    seed=args.seed).to_dict(), indent=2))

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from vgg import data as vdata
+from vgg import shards as vshards
 from vgg.checkpoint import EVAL_KEYS, build_model_from_checkpoint, load_checkpoint
 from vgg.distributed import all_reduce_sum, progress_bar, shard_indices
 from vgg.engine import autocast_context, topk_hits
@@ -234,9 +235,13 @@ class MultiScaleTransform:
 def open_val_set(nets: list[EvalNet], val_dir):
     """The validation images at every scale any of `nets` is tested at; their classes must be the nets'."""
     val_dir = Path(val_dir)
-    if not val_dir.is_dir():
+    transform = MultiScaleTransform(scales=sorted({q for n in nets for q in n.scales}))
+    if vshards.is_shard_dir(val_dir.parent):  # --data is a folder of WebDataset shards (vgg/shards.py)
+        dataset = vshards.open_val(val_dir.parent, transform)
+    elif not val_dir.is_dir():
         raise UserError(f"validation folder {val_dir} not found: --data must be a root holding val/<wnid>/*")
-    dataset = vdata.ImageFolder(val_dir, MultiScaleTransform(scales=sorted({q for n in nets for q in n.scales})))
+    else:
+        dataset = vdata.ImageFolder(val_dir, transform)
     for net in nets:
         if not net.classes and net.model.num_classes == len(dataset.classes):  # torchvision's weights
             net.classes = list(dataset.classes)

@@ -17,6 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vgg import data as vdata
 from vgg import sample_data
+from vgg import shards as vshards
 from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_checkpoint, load_model_state, rng_state,
                             save_checkpoint, set_rng_state)
 from vgg.config import Config
@@ -25,6 +26,7 @@ from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
 from vgg.models import warm_start
+from vgg.prepare import check_class_order
 from vgg.zoo import VGG_ARCHS, build_net
 from vgg.transforms import CenterCropTransform, TrainCrop, TrainTransform
 
@@ -69,6 +71,8 @@ def _epoch_generator(config: Config, epoch: int, rank: int) -> torch.Generator:
 def prepare_dataset(config: Config) -> Path:
     """The dataset root; the sample dataset and the digits set are generated on first use (rank 0 only)."""
     root = Path(config.data)
+    if vshards.is_shard_dir(root):  # WebDataset shards: streamed (vgg/shards.py)
+        return root
     generated = {Path(sample_data.DEFAULT_ROOT).resolve(): sample_data.make_sample_dataset,
                  Path(sample_data.DIGITS_ROOT).resolve(): sample_data.make_digits_dataset}
     if root.resolve() in generated:
@@ -93,8 +97,10 @@ def load_stats(config: Config, train_dir: Path) -> vdata.DatasetStats:
         return vdata.DatasetStats.from_dict(json.loads(path.read_text()))
     stats = None
     if is_main_process():
-        stats = vdata.load_or_compute_stats(train_dir, num_images=config.stats_images, seed=config.seed,
-                                            progress_every_s=config.progress_every_s)
+        shards = vshards.is_shard_dir(train_dir.parent)
+        compute = vshards.load_or_compute_stats if shards else vdata.load_or_compute_stats
+        stats = compute(train_dir, num_images=config.stats_images, seed=config.seed,
+                        progress_every_s=config.progress_every_s)
     return broadcast_object(stats)
 
 
@@ -124,6 +130,8 @@ def build_train_loader(config: Config, train_set, sampler, batch_size: int, devi
     Either way each sample's draws come from sample_generator(config.seed, epoch, index) (bit-exact
     whatever the workers, processes or resume point); `seed` only seeds the loader's own generator.
     """
+    if isinstance(train_set, vshards.ShardStream):  # this rank's batches of the epoch, from sampler.start on
+        return train_set.loader(epoch=epoch, start_step=sampler.start // batch_size, seed=seed)
     if config.data_path == "gpu":
         from vgg.gpu_data import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
 
@@ -321,17 +329,24 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     # Data (§3.1): uint8 crops from workers, float work on whole batches in BatchAugment.
     root = prepare_dataset(config)
     stats = vdata.DatasetStats.from_dict(ckpt["stats"]) if ckpt else load_stats(config, root / "train")
-    with main_process_first():  # rank 0 scans and caches the file lists; the other ranks read its cache
-        train_set = vdata.ImageFolder(root / "train", TrainTransform(
-            crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed))
-        val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
-                                                                      crop_size=config.crop_size))
+    if vshards.is_shard_dir(root):
+        train_set, val_set = vshards.open_training_sets(config, rank=dist.rank, world_size=dist.world_size,
+                                                        per_rank_batch=per_rank_batch)
+    else:
+        with main_process_first():  # rank 0 scans and caches the file lists; the other ranks read its cache
+            train_set = vdata.ImageFolder(root / "train", TrainTransform(
+                crop_size=config.crop_size, scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed))
+            val_set = vdata.ImageFolder(root / "val", CenterCropTransform(scale=config.test_scale,
+                                                                          crop_size=config.crop_size))
     classes = train_set.classes
+    check_class_order(classes, root / "train", warn=True)  # 1000 classes: index 0 must be n01440764
     if val_set.classes != classes:
         raise UserError(f"{root / 'val'} has {len(val_set.classes)} classes, {root / 'train'} has "
                         f"{len(classes)}: the class folders must be the same")
     sampler = EpochSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = sampler.per_rank() // per_rank_batch
+    if isinstance(train_set, vshards.ShardStream):  # every image once an epoch, the same steps on every rank
+        steps_per_epoch = train_set.num_steps
     if config.steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, config.steps_per_epoch)
     if steps_per_epoch == 0:

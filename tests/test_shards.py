@@ -1,0 +1,173 @@
+"""WebDataset shards: `python -m vgg.data shards` writes them; training streams them (every image once
+an epoch, the same steps on every rank), evaluation reads them; 2 gloo processes on uneven shards."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, subprocess_env
+from test_train import tiny_config, train_cli
+from vgg import data as vdata
+from vgg.checkpoint import load_checkpoint
+from vgg.shards import ShardImages, ShardStream, is_shard_dir, open_split, write_shards
+from vgg.trainer import run
+
+CLASSES = ["n00000001", "n00000004", "n00000006", "n00000009"]
+
+
+def small_folders(sample_root: Path, root: Path, per_class: dict[str, int], val_per_class: int = 2) -> Path:
+    """Class folders of readable sample JPEGs (hard links), `per_class[wnid]` training images each."""
+    for split, counts in (("train", per_class), ("val", {w: val_per_class for w in per_class})):
+        for wnid, count in counts.items():
+            (root / split / wnid).mkdir(parents=True)
+            files = sorted(p for p in (sample_root / split / wnid).iterdir() if "awkward" not in p.name)[:count]
+            for p in files:
+                os.link(p, root / split / wnid / p.name)
+    return root
+
+
+class IndexTransform:
+    """Stands in for TrainTransform: the sample's index, without decoding pixels."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, image, index: int) -> torch.Tensor:
+        return torch.tensor(index)
+
+
+def batches(stream: ShardStream, epoch: int, start_step: int = 0) -> list[list[int]]:
+    return [images.tolist() if len(labels) else [] for images, labels, _ in stream.loader(epoch=epoch,
+                                                                                          start_step=start_step)]
+
+
+def test_shards_cli_writes_timm_layout_and_train_and_evaluate_stream_from_them(sample_root, tmp_path):
+    wds = tmp_path / "wds"
+    result = subprocess.run([sys.executable, "-m", "vgg.data", "shards", str(sample_root), str(wds),
+                             "--images-per-shard", "300"], capture_output=True, text=True, env=subprocess_env(),
+                            cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr
+    info = json.loads((wds / "_info.json").read_text())
+    train_files = vdata.list_files(sample_root / "train")
+    n_train = sum(map(len, train_files.values()))
+    assert info["classes"] == sorted(train_files)
+    assert info["splits"]["train"]["filenames"] == [f"imagenet1k-train-{i:04d}.tar" for i in range(3)]
+    assert info["splits"]["train"]["shard_lengths"] == [300, 300, n_train - 600]
+    assert info["splits"]["validation"]["filenames"] == ["imagenet1k-validation-00.tar"]
+    # Every training file once, as jpg (its bytes) + cls + json sharing a key, classes mixed in a shard.
+    seen = {}
+    for name in info["splits"]["train"]["filenames"]:
+        with tarfile.open(wds / name) as tar:
+            members = tar.getmembers()
+            assert [m.name.rpartition(".")[2] for m in members] == ["jpg", "cls", "json"] * (len(members) // 3)
+            for jpg, cls, meta in zip(members[0::3], members[1::3], members[2::3]):
+                record = json.loads(tar.extractfile(meta).read())
+                assert int(tar.extractfile(cls).read()) == info["classes"].index(record["wnid"]) == record["label"]
+                seen[record["filename"]] = tar.extractfile(jpg).read()
+    assert sorted(seen) == sorted(f"{w}/{n}" for w, names in train_files.items() for n in names)
+    some = sorted(seen)[5]
+    assert seen[some] == (sample_root / "train" / some).read_bytes()
+
+    args = ["--config", "demo", "--data", str(wds), "--out-dir", str(tmp_path / "ck"), "--log-dir",
+            str(tmp_path / "runs"), "--workers", "1", "--device", "cpu", "--epochs", "1", "--steps-per-epoch", "2",
+            "--batch-size", "16", "--stats-images", "20", "--run-name", "wds"]
+    result = train_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = load_checkpoint(tmp_path / "ck" / "wds" / "best.pt")
+    assert ckpt["classes"] == info["classes"] and ckpt["epoch"] == 1
+    row = json.loads((tmp_path / "ck" / "wds" / "metrics.jsonl").read_text())
+    n_val = info["splits"]["validation"]["num_samples"]
+    assert row["train_images"] + row["train_skipped"] == 2 * 16
+    assert row["val_images"] + row["val_skipped"] == n_val
+    stats = json.loads((wds / "vgg_stats.json").read_text())
+    assert stats["num_images"] == 20 and ckpt["stats"]["mean_rgb"] == stats["mean_rgb"]
+
+    evaluated = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",
+                                str(tmp_path / "ck" / "wds" / "best.pt"), "--data", str(wds), "--workers", "0",
+                                "--device", "cpu", "--multi-crop", "--out", str(tmp_path / "eval")],
+                               capture_output=True, text=True, env=subprocess_env(), timeout=300, cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["images"] + result["skipped"] == n_val and result["skipped"] == 2  # the awkward val files
+
+
+@pytest.fixture(scope="module")
+def uneven(sample_root, tmp_path_factory) -> Path:
+    """25 training images in shards of 10, 10 and 5."""
+    root = tmp_path_factory.mktemp("uneven")
+    small_folders(sample_root, root / "folders", {"n00000001": 7, "n00000004": 6, "n00000006": 6, "n00000009": 6})
+    write_shards(root / "folders", root / "wds", images_per_shard=10)
+    return root / "wds"
+
+
+@pytest.mark.parametrize("world_size,workers,batch_size", [(2, 0, 6), (3, 2, 4)])
+def test_stream_deals_every_image_once_with_equal_steps_and_resumes_exactly(uneven, world_size, workers, batch_size):
+    split = open_split(uneven, "train")
+    assert split.lengths == (10, 10, 5)
+    streams = [ShardStream(split, IndexTransform(), batch_size=batch_size, workers=workers, seed=3, rank=r,
+                           world_size=world_size, shuffle_buffer=4) for r in range(world_size)]
+    epochs = []
+    for epoch in range(2):
+        per_rank = [batches(s, epoch) for s in streams]
+        assert [len(b) for b in per_rank] == [streams[0].num_steps] * world_size  # no rank waits for another
+        assert any(len(b) < batch_size for b in per_rank[-1])  # the shares are uneven: a short or empty batch
+        flat = sorted(i for rank_batches in per_rank for b in rank_batches for i in b)
+        assert flat == list(range(25))  # every image exactly once
+        epochs.append(per_rank)
+    assert epochs[0] != epochs[1]  # a new order each epoch
+    fresh = ShardStream(split, IndexTransform(), batch_size=batch_size, workers=workers, seed=3, rank=1,
+                        world_size=world_size, shuffle_buffer=4)
+    assert batches(fresh, 1) == epochs[1][1]  # an epoch's order depends on (seed, epoch) only: exact resume
+    assert batches(fresh, 1, start_step=3) == epochs[1][1][3:]  # mid-epoch: the batches not yet trained
+
+
+def test_validation_images_by_position_and_bad_info(uneven, tmp_path):
+    val = ShardImages(open_split(uneven, "validation"))
+    assert len(val) == 8 and val.classes == CLASSES
+    image, label = val[5]
+    assert image.mode == "RGB" and label == 2
+    assert is_shard_dir(uneven) and not is_shard_dir(uneven.parent)
+    from vgg.errors import UserError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    info = json.loads((uneven / "_info.json").read_text())
+    (broken / "_info.json").write_text(json.dumps({**info, "classes": ["n00000004", "n00000001"] + CLASSES[2:]}))
+    with pytest.raises(UserError, match="missing"):
+        open_split(broken, "train")
+    for name in info["splits"]["train"]["filenames"]:
+        os.link(uneven / name, broken / name)
+    with pytest.raises(UserError, match="sorted wnids"):
+        open_split(broken, "train")
+
+
+def test_epoch_boundary_resume_from_shards_gives_identical_weights(uneven, tmp_path):
+    config = dict(data=str(uneven), batch_size=8, steps_per_epoch=0, stats_images=10, workers=0)
+    run(tiny_config(None, tmp_path, run_name="straight", **config))
+    run(tiny_config(None, tmp_path, run_name="split", epochs=1, **config))
+    run(tiny_config(None, tmp_path, run_name="split", **config), resume="auto")
+    straight = load_checkpoint(tmp_path / "checkpoints" / "straight" / "last.pt")
+    split = load_checkpoint(tmp_path / "checkpoints" / "split" / "last.pt")
+    assert straight["epoch"] == split["epoch"] == 2
+    for name, tensor in straight["model"].items():
+        assert torch.equal(tensor, split["model"][name]), name
+    rows = [json.loads(line) for line in (tmp_path / "checkpoints" / "straight" / "metrics.jsonl").open()]
+    assert [r["train_images"] for r in rows] == [25, 25]  # every image each epoch (4 steps, the last short)
+
+
+def test_two_gloo_processes_stream_uneven_shards_without_hang(uneven, tmp_path):
+    """25 images over 2 ranks (13 / 12), 6 a rank a step: rank 0 needs 3 steps, rank 1 has 2 batches
+    and makes a third, empty, zero-weight step. Both finish; each epoch trains on all 25 images."""
+    result = train_cli("--config", "demo", "--data", str(uneven), "--out-dir", str(tmp_path / "ck"), "--log-dir",
+                       str(tmp_path / "runs"), "--device", "cpu", "--gpus", "2", "--workers", "1", "--epochs", "2",
+                       "--batch-size", "12", "--stats-images", "10", "--run-name", "ddp", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "3 steps/epoch of 12 on 2 x cpu" in result.stderr
+    rows = [json.loads(line) for line in (tmp_path / "ck" / "ddp" / "metrics.jsonl").open()]
+    assert [(r["train_images"], r["train_skipped"], r["val_images"]) for r in rows] == [(25, 0, 8)] * 2
