@@ -7,9 +7,11 @@ and `time.perf_counter` on the CPU.
 
 import argparse
 import datetime
+import os
 import platform
 import random
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,15 +58,59 @@ def describe_device(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {versions}, "
                 f"CUDA {torch.version.cuda}")
+    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads, {versions}"
+
+
+def cpu_model() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, {versions}"
+    return cpu
+
+
+def load_average() -> str:
+    """The 1-minute load average (runnable processes) as text: on a shared machine, figures taken
+    under a load above the core count are slowed by the other processes, so every row states it."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def machine_text() -> str:
+    """Cores, threads and library versions, for the figures line of a CPU benchmark."""
+    import PIL
+    import torchvision
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu_model()}, {cores} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+
+
+def interleaved_medians(fns: dict, items: list, rounds: int, chunk: int = 32) -> dict:
+    """Median over `rounds` rounds of the CPU seconds each fn(items) takes (this process's CPU time,
+    not wall time: on a shared, loaded machine a process waiting for a core is not doing the work).
+
+    Within a round the items go by in chunks, every fn taking each chunk in turn, the order rotated
+    from chunk to chunk, so a slow spell of the machine (caches shared with other processes) falls
+    on all of them alike.
+    """
+    names = list(fns)
+    seconds = {name: [] for name in names}
+    turn = 0
+    for _ in range(rounds):
+        total = dict.fromkeys(names, 0.0)
+        for first in range(0, len(items), chunk):
+            part = items[first:first + chunk]
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                start = time.process_time()
+                fns[name](part)
+                total[name] += time.process_time() - start
+            turn += 1
+        for name in names:
+            seconds[name].append(total[name])
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def command_line() -> str:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchcodec.decoders import decode_jpeg
 
 from vgg.errors import UserError
 
@@ -67,12 +68,7 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if isinstance(image, (str, Path)):
         image = Image.open(image)
     if _is_unloaded(image):
-        if min_side is not None:
-            width, height = image.size
-            scale = min_side / min(width, height)
-            if scale < 1:
-                # draft picks the largest 1/2^k reduction with both sides >= the requested size.
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        _set_draft(image, min_side)
         image.load()
     elif min_side is not None and min(image.size) < min_side and _drafted_scale(image) > 1 \
             and getattr(image, "filename", ""):
@@ -83,6 +79,41 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         image = _to_8_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _set_draft(image: Image.Image, min_side: int | None) -> None:
+    """Ask libjpeg (PIL's draft mode) for the largest 1/2^k reduction whose smallest side is still
+    >= min_side; a no-op for other formats and for an image already drafted."""
+    if min_side is None:
+        return
+    width, height = image.size
+    scale = min_side / min(width, height)
+    if scale < 1:
+        # draft picks the largest 1/2^k reduction with both sides >= the requested size.
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def decode_uint8(image, min_side: int | None = None) -> torch.Tensor:
+    """Decode `image` (a path, or a PIL image from `Image.open`) to uint8 RGB pixels [3, H, W]: the
+    pixels of `to_uint8_tensor(load_rgb(image, min_side))`, possibly a strided view.
+
+    A colour JPEG that PIL would decode at full size (no 1/2^k reduction fits min_side) is decoded
+    straight into a tensor by TorchCodec's CPU decoder: libjpeg-turbo with PIL's settings, so the
+    same pixels (tests/test_fast_decode.py), without PIL's copy of them into a bytes object, which
+    costs a fifth of a decode for ImageNet's ~500x375 photos (bench/transforms.py).
+    """
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return decode_uint8(opened, min_side)
+    if _is_unloaded(image) and image.format == "JPEG" and image.mode == "RGB":
+        _set_draft(image, min_side)
+        if _drafted_scale(image) == 1:
+            image.fp.seek(0)
+            try:
+                return decode_jpeg(image.fp.read(), mode="RGB")
+            except RuntimeError as e:  # TorchCodec's error for a corrupt or truncated file
+                raise OSError(str(e).split(", ")[-1]) from None
+    return to_uint8_tensor(load_rgb(image, min_side))
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -168,8 +199,7 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     nothing next to the 1x-2x scale jitter) and resized with antialiased bilinear interpolation, as
     PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
     """
-    image = load_rgb(image, min_side=min(new_h, new_w))
-    pixels = to_uint8_tensor(image)
+    pixels = decode_uint8(image, min_side=min(new_h, new_w))
     src_h, src_w = pixels.shape[1:]
     y0, y1 = _source_span(top, crop_h, src_h / new_h, src_h)
     x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
