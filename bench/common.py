@@ -118,7 +118,9 @@ def command_line() -> str:
 
 
 def record(device: torch.device, figures: str, enabled: bool = True) -> None:
-    """Print the figures line and (unless disabled) append (date, device, command, figures)."""
+    """Print the figures line and (unless disabled) add (date, device, command, figures) as the last
+    row of the measured-figures table of docs/benchmarks.md (the first table with BENCH_HEADER;
+    sections after it stay where they are)."""
     print(figures, flush=True)
     if not enabled:
         return
@@ -126,10 +128,17 @@ def record(device: torch.device, figures: str, enabled: bool = True) -> None:
     if not BENCH_FILE.exists():
         BENCH_FILE.write_text("# Benchmarks\n\nOne row per benchmark run (bench/*.py append them).\n\n"
                               + BENCH_HEADER)
-    row = [datetime.date.today().isoformat(), describe_device(device), f"`{command_line()}`", figures]
-    with open(BENCH_FILE, "a") as f:
-        f.write("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |\n")
-    print(f"appended a row to {BENCH_FILE}")
+    cells = [datetime.date.today().isoformat(), describe_device(device), f"`{command_line()}`", figures]
+    row = "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |\n"
+    text = BENCH_FILE.read_text()
+    if BENCH_HEADER not in text:
+        text = text.rstrip("\n") + "\n\n" + BENCH_HEADER
+    table = text.index(BENCH_HEADER) + len(BENCH_HEADER)
+    end = table
+    while end < len(text) and text.startswith("|", end):  # past the table's rows
+        end = text.find("\n", end) + 1 or len(text)
+    BENCH_FILE.write_text(text[:end] + row + text[end:])
+    print(f"added a row to {BENCH_FILE}")
 
 
 def time_loop(fn, steps: int, device: torch.device) -> float:
