@@ -11,20 +11,23 @@ then per batch, on the device the batch is on (the trainer's `BatchAugment`):
 Evaluation (paper §3.2): `EvalTransform` rescales the smallest side to Q and does not crop (the
 evaluator crops or runs the net densely); `CenterCropTransform` is the quick validation during training.
 
-Three things make the per-image part fast (bench/transforms.py, docs/benchmarks.md):
+What keeps the per-image part close to the cost of decoding the file (bench/transforms.py,
+docs/benchmarks.md):
   * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
     `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
     nothing is upsampled that a full decode would not have upsampled;
+  * no copy of the decoded pixels: a colour JPEG decoded at full size is decoded by TorchCodec's CPU
+    decoder straight into a tensor (same libjpeg-turbo, same pixels as PIL's, see `decode_uint8`);
   * crop before resize: the crop box is mapped back to source pixels and only that box is
     resampled, which gives the pixels of "rescale the whole image, then crop" for a fraction of
     the work (most of all with scale jittering, where S goes up to 512);
   * the resampling itself is torch's vectorised uint8 antialiased bilinear kernel (the filter PIL
-    uses, several times faster than PIL's own).
+    uses, faster than PIL's own resize).
 Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
-`vgg.data.ImageFolder` does), they decode it themselves with `load_rgb`, at the reduced scale; an
-already loaded image is used as it is.
+`vgg.data.ImageFolder` does), they decode it themselves with `decode_uint8`, at the reduced scale;
+an already loaded image is used as it is.
 """
 
 import math
@@ -192,7 +195,8 @@ class TrainCrop(NamedTuple):
 
 
 def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int) -> torch.Tensor:
-    """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
+    """Decode (`decode_uint8`), rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left)
+    -> uint8 [3, crop_h, crop_w].
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
     source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
