@@ -58,7 +58,7 @@ def describe_device(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {versions}, "
                 f"CUDA {torch.version.cuda}")
-    return f"CPU {cpu_model()}, {torch.get_num_threads()} threads, {versions}"
+    return f"CPU {cpu_model()} ({cpu_cores()} cores), {torch.get_num_threads()} threads, {versions}"
 
 
 def cpu_model() -> str:
@@ -72,6 +72,11 @@ def cpu_model() -> str:
     return cpu
 
 
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def load_average() -> str:
     """The 1-minute load average (runnable processes) as text: on a shared machine, figures taken
     under a load above the core count are slowed by the other processes, so every row states it."""
@@ -83,8 +88,7 @@ def machine_text() -> str:
     import PIL
     import torchvision
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (f"{cpu_model()}, {cores} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+    return (f"{cpu_model()}, {cpu_cores()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
             f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
 
 
