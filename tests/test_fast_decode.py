@@ -63,6 +63,20 @@ def test_colour_jpegs_at_full_size_skip_pils_decode(jpegs):
         assert not image.tile  # CMYK: PIL's conversion
 
 
+def test_training_skips_pils_decode_and_evaluation_keeps_it(jpegs):
+    """TrainTransform takes the fast path; EvalTransform decodes with PIL, which keeps the pixels in
+    the opened image, so the evaluator's several scales of one image decode the file once."""
+    with Image.open(jpegs["q95_420"]) as image:
+        TrainTransform(crop_size=224, scale_min=256, scale_max=256)(image, 0)
+        assert image.tile
+    with Image.open(jpegs["q95_420"]) as image:
+        EvalTransform(scale=384)(image)
+        assert not image.tile and image.size == (600, 400)
+        decoded = image.im
+        assert EvalTransform(scale=256)(image).shape == (3, 256, 384)
+        assert image.im is decoded  # not decoded again
+
+
 def test_training_crops_are_those_of_the_pil_decode(jpegs):
     """The same sample draws give the same crop whether the file is decoded here or by PIL first
     (an already decoded image goes through PIL's pixels), so resumed runs stay bit-exact."""

@@ -16,8 +16,9 @@ docs/benchmarks.md):
   * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
     `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
     nothing is upsampled that a full decode would not have upsampled;
-  * no copy of the decoded pixels: a colour JPEG decoded at full size is decoded by TorchCodec's CPU
-    decoder straight into a tensor (same libjpeg-turbo, same pixels as PIL's, see `decode_uint8`);
+  * no copy of the decoded pixels: in training, a colour JPEG decoded at full size is decoded by
+    TorchCodec's CPU decoder straight into a tensor (same libjpeg-turbo, same pixels as PIL's, see
+    `decode_uint8`; `EvalTransform` keeps PIL's decode, which several test scales share);
   * crop before resize: the crop box is mapped back to source pixels and only that box is
     resampled, which gives the pixels of "rescale the whole image, then crop" for a fraction of
     the work (most of all with scale jittering, where S goes up to 512);
@@ -194,16 +195,21 @@ class TrainCrop(NamedTuple):
     alphas: torch.Tensor
 
 
-def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int) -> torch.Tensor:
-    """Decode (`decode_uint8`), rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left)
-    -> uint8 [3, crop_h, crop_w].
+def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int, *,
+                  keep_decoded: bool = False) -> torch.Tensor:
+    """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
+
+    keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
+    take several scales of one opened image (vgg.evaluation.MultiScaleTransform: decoded once);
+    otherwise `decode_uint8`, quicker for an image used once.
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
     source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
     nothing next to the 1x-2x scale jitter) and resized with antialiased bilinear interpolation, as
     PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
     """
-    pixels = decode_uint8(image, min_side=min(new_h, new_w))
+    min_side = min(new_h, new_w)
+    pixels = to_uint8_tensor(load_rgb(image, min_side)) if keep_decoded else decode_uint8(image, min_side)
     src_h, src_w = pixels.shape[1:]
     y0, y1 = _source_span(top, crop_h, src_h / new_h, src_h)
     x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
@@ -277,7 +283,8 @@ class EvalTransform:
     def __call__(self, image) -> torch.Tensor:
         width, height = image.size
         new_h, new_w = scaled_size(height, width, self.scale)
-        return _resized_crop(image, new_h, new_w, 0, 0, new_h, new_w)
+        # PIL's decode, kept in `image`: the evaluator takes several scales of one opened image.
+        return _resized_crop(image, new_h, new_w, 0, 0, new_h, new_w, keep_decoded=True)
 
     def __repr__(self) -> str:
         return f"EvalTransform(scale={self.scale})"
