@@ -139,7 +139,7 @@ def main(argv=None) -> str:
         rate = statistics.median(rates[name])
         label = name if name == plain else f"net {name}"
         mfu = f", MFU {100 * rate * flops[name] / peak:.1f}%" if peak and name != plain else ""
-        parts.append(f"{label}: {rate:,.0f} img/s{mfu}")
+        parts.append(f"{label}: {rate:,.0f} img/s{mfu}" if rate >= 100 else f"{label}: {rate:.3g} img/s{mfu}")
         print(parts[-1], flush=True)
     if skip is not None:
         parts.append(f"{plain}: skipped, {skip}")
