@@ -1,8 +1,9 @@
-"""Helpers shared by the benchmarks: device description, timing, FLOP counting, the training step,
-and the one row each benchmark appends to docs/benchmarks.md.
+"""Helpers shared by the benchmarks: device, machine and load description, timing, FLOP counting,
+the training step, and the one row each benchmark adds to docs/benchmarks.md.
 
 Timing uses CUDA events on a GPU (one synchronisation at the end of a timed loop, never per step)
-and `time.perf_counter` on the CPU.
+and `time.perf_counter` on the CPU; `interleaved_medians` times CPU pipelines against each other in
+CPU time.
 """
 
 import argparse
@@ -166,17 +167,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, iters: int = 20) -> float:
-    """Measured dense matmul throughput (FLOP/s): the denominator of MFU, taken in the same run."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    seconds = time_loop(lambda: a @ b, iters, device)
-    return 2 * size**3 * iters / seconds
-
-
 def count_macs(model: torch.nn.Module, image_size: int) -> int:
     """Multiply-adds of one forward pass on one image_size x image_size image: the sum over conv and
     linear layers of (output elements) x (inputs each one reads), from the layers' shapes.
@@ -210,12 +200,6 @@ def count_macs(model: torch.nn.Module, image_size: int) -> int:
         for h in hooks:
             h.remove()
     return int(sum(macs))
-
-
-def train_flops_per_image(model: torch.nn.Module, image_size: int) -> int:
-    """FLOP of one training step per image: 2 FLOP per multiply-add, x3 for forward + backward
-    (the backward pass computes gradients for both activations and weights, ~2x the forward)."""
-    return 2 * 3 * count_macs(model, image_size)
 
 
 def speed_switches_text(*, bf16: bool, channels_last: bool, use_compile: bool) -> str:
@@ -278,6 +262,3 @@ def prepare_model(model, device: torch.device, *, channels_last: bool, compile_m
     return torch.compile(model) if compile_model else model
 
 
-def free_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
