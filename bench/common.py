@@ -1,15 +1,18 @@
-"""Helpers shared by the benchmarks: device description, timing, FLOP counting, the training step,
-and the one row each benchmark appends to docs/benchmarks.md.
+"""Helpers shared by the benchmarks: device, machine and load description, timing, FLOP counting,
+the training step, and the one row each benchmark adds to docs/benchmarks.md.
 
 Timing uses CUDA events on a GPU (one synchronisation at the end of a timed loop, never per step)
-and `time.perf_counter` on the CPU.
+and `time.perf_counter` on the CPU; `interleaved_medians` times CPU pipelines against each other in
+CPU time.
 """
 
 import argparse
 import datetime
+import os
 import platform
 import random
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,15 +59,63 @@ def describe_device(device: torch.device) -> str:
         props = torch.cuda.get_device_properties(device)
         return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {versions}, "
                 f"CUDA {torch.version.cuda}")
+    return f"CPU {cpu_model()} ({cpu_cores()} cores), {torch.get_num_threads()} threads, {versions}"
+
+
+def cpu_model() -> str:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"CPU {cpu}, {torch.get_num_threads()} threads, {versions}"
+    return cpu
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def load_average() -> str:
+    """The 1-minute load average (runnable processes) as text: on a shared machine, figures taken
+    under a load above the core count are slowed by the other processes, so every row states it."""
+    return f"{os.getloadavg()[0]:.1f}"
+
+
+def machine_text() -> str:
+    """Cores, threads and library versions, for the figures line of a CPU benchmark."""
+    import PIL
+    import torchvision
+
+    return (f"{cpu_model()}, {cpu_cores()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"torchvision {torchvision.__version__}, Pillow {PIL.__version__}")
+
+
+def interleaved_medians(fns: dict, items: list, rounds: int, chunk: int = 32) -> dict:
+    """Median over `rounds` rounds of the CPU seconds each fn(items) takes (this process's CPU time,
+    not wall time: on a shared, loaded machine a process waiting for a core is not doing the work).
+
+    Within a round the items go by in chunks, every fn taking each chunk in turn, the order rotated
+    from chunk to chunk, so a slow spell of the machine (caches shared with other processes) falls
+    on all of them alike.
+    """
+    names = list(fns)
+    seconds = {name: [] for name in names}
+    turn = 0
+    for _ in range(rounds):
+        total = dict.fromkeys(names, 0.0)
+        for first in range(0, len(items), chunk):
+            part = items[first:first + chunk]
+            for name in names[turn % len(names):] + names[:turn % len(names)]:
+                start = time.process_time()
+                fns[name](part)
+                total[name] += time.process_time() - start
+            turn += 1
+        for name in names:
+            seconds[name].append(total[name])
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 def command_line() -> str:
@@ -72,7 +123,9 @@ def command_line() -> str:
 
 
 def record(device: torch.device, figures: str, enabled: bool = True) -> None:
-    """Print the figures line and (unless disabled) append (date, device, command, figures)."""
+    """Print the figures line and (unless disabled) add (date, device, command, figures) as the last
+    row of the measured-figures table of docs/benchmarks.md (the first table with BENCH_HEADER;
+    sections after it stay where they are)."""
     print(figures, flush=True)
     if not enabled:
         return
@@ -80,10 +133,17 @@ def record(device: torch.device, figures: str, enabled: bool = True) -> None:
     if not BENCH_FILE.exists():
         BENCH_FILE.write_text("# Benchmarks\n\nOne row per benchmark run (bench/*.py append them).\n\n"
                               + BENCH_HEADER)
-    row = [datetime.date.today().isoformat(), describe_device(device), f"`{command_line()}`", figures]
-    with open(BENCH_FILE, "a") as f:
-        f.write("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |\n")
-    print(f"appended a row to {BENCH_FILE}")
+    cells = [datetime.date.today().isoformat(), describe_device(device), f"`{command_line()}`", figures]
+    row = "| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |\n"
+    text = BENCH_FILE.read_text()
+    if BENCH_HEADER not in text:
+        text = text.rstrip("\n") + "\n\n" + BENCH_HEADER
+    table = text.index(BENCH_HEADER) + len(BENCH_HEADER)
+    end = table
+    while end < len(text) and text.startswith("|", end):  # past the table's rows
+        end = text.find("\n", end) + 1 or len(text)
+    BENCH_FILE.write_text(text[:end] + row + text[end:])
+    print(f"added a row to {BENCH_FILE}")
 
 
 def time_loop(fn, steps: int, device: torch.device) -> float:
@@ -105,17 +165,6 @@ def time_loop(fn, steps: int, device: torch.device) -> float:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, size: int, iters: int = 20) -> float:
-    """Measured dense matmul throughput (FLOP/s): the denominator of MFU, taken in the same run."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    seconds = time_loop(lambda: a @ b, iters, device)
-    return 2 * size**3 * iters / seconds
 
 
 def count_macs(model: torch.nn.Module, image_size: int) -> int:
@@ -151,12 +200,6 @@ def count_macs(model: torch.nn.Module, image_size: int) -> int:
         for h in hooks:
             h.remove()
     return int(sum(macs))
-
-
-def train_flops_per_image(model: torch.nn.Module, image_size: int) -> int:
-    """FLOP of one training step per image: 2 FLOP per multiply-add, x3 for forward + backward
-    (the backward pass computes gradients for both activations and weights, ~2x the forward)."""
-    return 2 * 3 * count_macs(model, image_size)
 
 
 def speed_switches_text(*, bf16: bool, channels_last: bool, use_compile: bool) -> str:
@@ -219,6 +262,3 @@ def prepare_model(model, device: torch.device, *, channels_last: bool, compile_m
     return torch.compile(model) if compile_model else model
 
 
-def free_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -9,8 +9,8 @@ Both feed the trainer's BatchAugment (mean subtraction, colour shift). Figures p
 data overhead = 1 - fed/step-alone (the goal: < 5 %), and the host time spent waiting for the
 next batch as a fraction of the run.
 
-Without --data, a synthetic ImageNet-sized JPEG set (photos from skimage, ~500x375, quality 90) is
-made once under data/bench_jpeg/ (~105 kB a file, like ImageNet's).
+Without --data, a synthetic ImageNet-sized JPEG set (photos from skimage, ~500x375) is
+made once under data/bench_jpeg/ (quality 95, ~105 kB a file, like ImageNet's).
 
 On an H100 machine (16 CPU cores):
     python bench/train_epoch.py --data-path gpu,cpu --workers 16
@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (REPO, add_common_args, make_train_step, prepare_model, record,  # noqa: E402
-                          resolve_device, speed_switches_text, synchronize, time_loop,
+from bench.common import (REPO, add_common_args, load_average, make_train_step, prepare_model,  # noqa: E402
+                          record, resolve_device, speed_switches_text, synchronize, time_loop,
                           trainer_optimizer, write_imagenet_like_jpeg)
 from vgg import data as vdata  # noqa: E402
 from vgg.engine import BatchAugment  # noqa: E402
@@ -136,6 +136,7 @@ def main(argv=None) -> str:
     step = make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16)
     augment = BatchAugment(stats, device, channels_last=channels_last, generator=torch.Generator().manual_seed(0))
 
+    load_before = load_average()
     # 1. The step alone, on one uint8 batch already on the device (still through BatchAugment).
     #    Timed before and after the fed runs, the faster kept: an under-warmed first timing would
     #    make the data overhead look smaller than it is.
@@ -179,7 +180,8 @@ def main(argv=None) -> str:
     source = (f"{args.data}/train" if args.data else "synthetic JPEGs") + f" ({len(train_set)}, {kilobytes:.0f} kB)"
     settings = (f"net {args.net} width {args.width:g}, batch {args.batch}, crop {args.crop_size}, "
                 f"S {args.scale_min}-{args.scale_max}, {args.workers} workers, {source}, "
-                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile))
+                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile)
+                + f", load average {load_before} before, {load_average()} after")
     figures = f"train epoch ({settings}): " + "; ".join(parts)
     record(device, figures, enabled=args.record)
     return figures

@@ -1,30 +1,46 @@
-"""Training-step speed on synthetic tensors already on the device: images/s and model FLOP utilisation.
+"""Training-step speed on synthetic tensors already on the device: images/s, and MFU on a known GPU.
 
 Nets A, D and E (Table 1) at batch 256 run the trainer's step (bf16 autocast, channels-last,
 torch.compile, SGD with momentum and weight decay), and, in the same run, torchvision's `vgg16`
-trained the plain way (fp32, contiguous memory, no compile, no cuDNN autotuning): net D against
-plain vgg16 (the same net) is the speed-up the issue asks for. MFU = achieved FLOP/s over the FLOP/s
-of a bf16 matmul (8192^3) timed in the same run; FLOP per image = 3 x 2 x multiply-adds of the
-forward pass (counted from the layer shapes: 15.47 G for net D at 224).
+trained the plain way (fp32, contiguous memory, no compile, no cuDNN autotuning). The nets are timed
+in turns (`--repeats` rounds of `--steps` steps each, median kept), so a slow spell of the machine
+falls on all of them.
+
+"net D / plain" compares the same net only: at 224 px, where torchvision's adaptive average pool is
+the identity (7x7 in, 7x7 out) and both first FC layers take 25,088 inputs, with the paper's widths.
+At any other size the pool resizes the feature map to 7x7 (at 64 px: 2x2 -> 7x7, 25,088 FC inputs
+against our 2,048), so plain vgg16 is then not timed.
+
+MFU (model FLOP utilisation) = achieved FLOP/s over the GPU's datasheet dense bf16 peak, printed only
+for bf16 runs on a GPU whose peak is listed in `BF16_PEAK_TFLOPS`; never on the CPU. FLOP per image
+= 3 x 2 x multiply-adds of the forward pass (counted from the layer shapes: 15.47 G for net D at 224).
 
 On an H100 (the figures the issue asks for; appends a row to docs/benchmarks.md):
     python bench/train_step.py
-A quick check that it works, on the CPU (fp32, tiny nets, nothing recorded):
+On the CPU, net D against plain vgg16 at 224 px (fp32, small batch):
+    python bench/train_step.py --device cpu --nets D --batch 4 --steps 2 --warmup 1 --repeats 3
+A quick check that it works (tiny nets, nothing recorded):
     python bench/train_step.py --device cpu --nets A --width 0.0625 --fc-width 64 --image-size 32 \
         --batch 4 --steps 2 --warmup 1 --no-record
 """
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (add_common_args, count_macs, describe_device, free_memory,  # noqa: E402
-                          make_train_step, matmul_flops_per_s, prepare_model, record, resolve_device,
-                          speed_switches_text, synchronize, time_loop, trainer_optimizer)
+from bench.common import (add_common_args, count_macs, describe_device, load_average,  # noqa: E402
+                          make_train_step, prepare_model, record, resolve_device, speed_switches_text,
+                          synchronize, time_loop, trainer_optimizer)
 from vgg.models import build_vgg  # noqa: E402
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by a part of
+# torch.cuda.get_device_name(); the more specific names first.
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,24 +50,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-size", type=int, default=224, help="training crop side")
     parser.add_argument("--width", type=float, default=1.0, help="conv channel multiplier (1.0: the paper's nets)")
     parser.add_argument("--fc-width", type=int, default=4096, help="width of the hidden FC layers")
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per net")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per net and round")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timed steps, nets in turn (median kept)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
     parser.add_argument("--plain", action=argparse.BooleanOptionalAction, default=True,
-                        help="also time torchvision's vgg16 the plain way (fp32, no compile)")
-    parser.add_argument("--matmul-size", type=int, default=0,
-                        help="side of the reference matmul for MFU (default: 8192 on CUDA, 1024 on CPU)")
+                        help="also time torchvision's vgg16 the plain way (fp32, no compile), where comparable")
+    parser.add_argument("--matmul-size", type=int, default=0, help="ignored (kept for old command lines)")
     add_common_args(parser)
     return parser
 
 
-def time_training(model, step_images, labels, *, device, bf16: bool, warmup: int, steps: int) -> float:
-    """Images per second of the trainer's step on one fixed synthetic batch."""
-    step = make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16)
-    for _ in range(warmup):
-        step(step_images, labels)
-    synchronize(device)
-    seconds = time_loop(lambda: step(step_images, labels), steps, device)
-    return step_images.shape[0] * steps / seconds
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """The datasheet dense bf16 peak of this GPU in FLOP/s, or None (unknown GPU, or the CPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for part, tflops in BF16_PEAK_TFLOPS.items():
+        if part in name:
+            return tflops * 1e12
+    return None
 
 
 def synthetic_batch(batch: int, size: int, device, channels_last: bool):
@@ -62,6 +79,16 @@ def synthetic_batch(batch: int, size: int, device, channels_last: bool):
     return images, torch.randint(0, 1000, (batch,), device=device)
 
 
+def plain_skip_reason(args) -> str | None:
+    """Why plain vgg16 cannot be compared with our nets in this run, or None when it can."""
+    if args.image_size != 224:
+        return (f"not comparable at {args.image_size}px: torchvision's adaptive pool feeds its first FC "
+                f"25,088 inputs, ours {512 * (args.image_size // 32) ** 2:,}; compare at 224px")
+    if args.width != 1 or args.fc_width != 4096:
+        return "not comparable: our nets are scaled down (--width, --fc-width)"
+    return None
+
+
 def main(argv=None) -> str:
     args = get_args_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -70,48 +97,64 @@ def main(argv=None) -> str:
     channels_last, bf16 = on_cuda and args.channels_last, on_cuda and args.bf16
     nets = [n.strip() for n in args.nets.split(",") if n.strip()]
     torch.manual_seed(0)
+    peak = bf16_peak_flops(device) if bf16 else None
+    load_before = load_average()
+    print(f"device: {describe_device(device)}; load average {load_before}", flush=True)
 
-    # The MFU denominator: a big bf16 matmul on this GPU (fp32 on the CPU, which runs fp32 steps).
-    ref_dtype = torch.bfloat16 if bf16 else torch.float32
-    ref_size = args.matmul_size or (8192 if on_cuda else 1024)
-    peak = matmul_flops_per_s(device, ref_dtype, ref_size)
-    dtype_name = "bf16" if ref_dtype == torch.bfloat16 else "fp32"
-    parts = [f"{dtype_name} matmul {ref_size}^3: {peak / 1e12:.1f} TFLOP/s"]
-    print(f"device: {describe_device(device)}; {parts[0]}", flush=True)
-
-    rates = {}
+    # Every net and its step, built first, then timed in turns.
+    steps, flops, batches = {}, {}, {}
     for name in nets:
-        torch.backends.cudnn.benchmark = on_cuda and args.cudnn_benchmark
         model = build_vgg(name, width=args.width, fc_width=args.fc_width, image_size=args.image_size).to(device)
-        flops = 6 * count_macs(model, args.image_size)
+        flops[name] = 6 * count_macs(model, args.image_size)
         model = prepare_model(model, device, channels_last=channels_last, compile_model=use_compile)
-        images, labels = synthetic_batch(args.batch, args.image_size, device, channels_last)
-        rate = time_training(model, images, labels, device=device, bf16=bf16, warmup=args.warmup,
-                             steps=args.steps)
-        rates[name] = rate
-        parts.append(f"net {name}: {rate:,.0f} img/s, MFU {100 * rate * flops / peak:.1f}%")
-        print(parts[-1], flush=True)
-        del model, images, labels
-        free_memory(device)
-
-    if args.plain:
+        steps[name] = (make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16), bf16,
+                       on_cuda and args.cudnn_benchmark)
+        batches[name] = synthetic_batch(args.batch, args.image_size, device, channels_last)
+    skip = plain_skip_reason(args) if args.plain else "not asked for"
+    plain = "plain torchvision vgg16 fp32"
+    if skip is None:
         # What a user would write from torchvision's docs: fp32, NCHW, eager, default cuDNN settings.
         import torchvision
 
-        torch.backends.cudnn.benchmark = False
         model = torchvision.models.vgg16(weights=None).to(device)
-        flops = 6 * count_macs(model, args.image_size)
-        images, labels = synthetic_batch(args.batch, args.image_size, device, channels_last=False)
-        rate = time_training(model, images, labels, device=device, bf16=False, warmup=args.warmup,
-                             steps=args.steps)
-        parts.append(f"plain torchvision vgg16 fp32: {rate:,.0f} img/s, MFU {100 * rate * flops / peak:.1f}%")
-        if "D" in rates and args.width == 1 and args.fc_width == 4096:  # the same net, so comparable
-            parts.append(f"net D / plain = {rates['D'] / rate:.2f}x")
-        del model, images, labels
-        free_memory(device)
+        flops[plain] = 6 * count_macs(model, args.image_size)
+        steps[plain] = (make_train_step(model, trainer_optimizer(model), device=device, bf16=False), False, False)
+        batches[plain] = synthetic_batch(args.batch, args.image_size, device, channels_last=False)
+
+    rates = {name: [] for name in steps}
+    for round_ in range(args.repeats + 1):  # round 0: the untimed warm-up
+        for name, (step, _, cudnn_benchmark) in steps.items():
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+            images, labels = batches[name]
+            if round_ == 0:
+                for _ in range(args.warmup):
+                    step(images, labels)
+                synchronize(device)
+                continue
+            seconds = time_loop(lambda: step(images, labels), args.steps, device)
+            rates[name].append(args.batch * args.steps / seconds)
+
+    parts = []
+    for name in steps:
+        rate = statistics.median(rates[name])
+        label = name if name == plain else f"net {name}"
+        mfu = f", MFU {100 * rate * flops[name] / peak:.1f}%" if peak and name != plain else ""
+        parts.append(f"{label}: {rate:,.0f} img/s{mfu}" if rate >= 100 else f"{label}: {rate:.3g} img/s{mfu}")
+        print(parts[-1], flush=True)
+    if skip is not None:
+        parts.append(f"{plain}: skipped, {skip}")
+    elif "D" in steps:
+        parts.append(f"net D / plain = {statistics.median(rates['D']) / statistics.median(rates[plain]):.2f}x")
+    if peak is None:
+        parts.append("MFU: not given (no known peak for this device"
+                     + (")" if device.type == "cuda" and bf16 else " and precision)"))
+    else:
+        parts.append(f"MFU against the datasheet bf16 peak, {peak / 1e12:.0f} TFLOP/s")
 
     settings = (f"batch {args.batch}, {args.image_size}px, width {args.width:g}, "
-                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile))
+                + speed_switches_text(bf16=bf16, channels_last=channels_last, use_compile=use_compile)
+                + f", median of {args.repeats} rounds of {args.steps} steps, nets in turn, "
+                f"load average {load_before} before, {load_average()} after")
     figures = f"train step ({settings}): " + "; ".join(parts)
     record(device, figures, enabled=args.record)
     return figures

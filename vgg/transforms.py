@@ -11,20 +11,24 @@ then per batch, on the device the batch is on (the trainer's `BatchAugment`):
 Evaluation (paper §3.2): `EvalTransform` rescales the smallest side to Q and does not crop (the
 evaluator crops or runs the net densely); `CenterCropTransform` is the quick validation during training.
 
-Three things make the per-image part fast (bench/transforms.py, docs/benchmarks.md):
+What keeps the per-image part close to the cost of decoding the file (bench/transforms.py,
+docs/benchmarks.md):
   * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
     `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
     nothing is upsampled that a full decode would not have upsampled;
+  * no copy of the decoded pixels: in training, a colour JPEG decoded at full size is decoded by
+    TorchCodec's CPU decoder straight into a tensor (same libjpeg-turbo, same pixels as PIL's, see
+    `decode_uint8`; `EvalTransform` keeps PIL's decode, which several test scales share);
   * crop before resize: the crop box is mapped back to source pixels and only that box is
     resampled, which gives the pixels of "rescale the whole image, then crop" for a fraction of
     the work (most of all with scale jittering, where S goes up to 512);
   * the resampling itself is torch's vectorised uint8 antialiased bilinear kernel (the filter PIL
-    uses, several times faster than PIL's own).
+    uses, faster than PIL's own resize).
 Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
-`vgg.data.ImageFolder` does), they decode it themselves with `load_rgb`, at the reduced scale; an
-already loaded image is used as it is.
+`vgg.data.ImageFolder` does), they decode it themselves with `decode_uint8`, at the reduced scale;
+an already loaded image is used as it is.
 """
 
 import math
@@ -36,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchcodec.decoders import decode_jpeg
 
 from vgg.errors import UserError
 
@@ -67,12 +72,7 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if isinstance(image, (str, Path)):
         image = Image.open(image)
     if _is_unloaded(image):
-        if min_side is not None:
-            width, height = image.size
-            scale = min_side / min(width, height)
-            if scale < 1:
-                # draft picks the largest 1/2^k reduction with both sides >= the requested size.
-                image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+        _set_draft(image, min_side)
         image.load()
     elif min_side is not None and min(image.size) < min_side and _drafted_scale(image) > 1 \
             and getattr(image, "filename", ""):
@@ -83,6 +83,41 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         image = _to_8_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _set_draft(image: Image.Image, min_side: int | None) -> None:
+    """Ask libjpeg (PIL's draft mode) for the largest 1/2^k reduction whose smallest side is still
+    >= min_side; a no-op for other formats and for an image already drafted."""
+    if min_side is None:
+        return
+    width, height = image.size
+    scale = min_side / min(width, height)
+    if scale < 1:
+        # draft picks the largest 1/2^k reduction with both sides >= the requested size.
+        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
+
+
+def decode_uint8(image, min_side: int | None = None) -> torch.Tensor:
+    """Decode `image` (a path, or a PIL image from `Image.open`) to uint8 RGB pixels [3, H, W]: the
+    pixels of `to_uint8_tensor(load_rgb(image, min_side))`, possibly a strided view.
+
+    A colour JPEG that PIL would decode at full size (no 1/2^k reduction fits min_side) is decoded
+    straight into a tensor by TorchCodec's CPU decoder: libjpeg-turbo with PIL's settings, so the
+    same pixels (tests/test_fast_decode.py), without PIL's copy of them into a bytes object, which
+    costs a fifth of a decode for ImageNet's ~500x375 photos (bench/transforms.py).
+    """
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as opened:
+            return decode_uint8(opened, min_side)
+    if _is_unloaded(image) and image.format == "JPEG" and image.mode == "RGB":
+        _set_draft(image, min_side)
+        if _drafted_scale(image) == 1:
+            image.fp.seek(0)
+            try:
+                return decode_jpeg(image.fp.read(), mode="RGB")
+            except RuntimeError as e:  # TorchCodec's error for a corrupt or truncated file
+                raise OSError(str(e).split(", ")[-1]) from None
+    return to_uint8_tensor(load_rgb(image, min_side))
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -160,16 +195,21 @@ class TrainCrop(NamedTuple):
     alphas: torch.Tensor
 
 
-def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int) -> torch.Tensor:
+def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: int, crop_w: int, *,
+                  keep_decoded: bool = False) -> torch.Tensor:
     """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
+
+    keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
+    take several scales of one opened image (vgg.evaluation.MultiScaleTransform: decoded once);
+    otherwise `decode_uint8`, quicker for an image used once.
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
     source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
     nothing next to the 1x-2x scale jitter) and resized with antialiased bilinear interpolation, as
     PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
     """
-    image = load_rgb(image, min_side=min(new_h, new_w))
-    pixels = to_uint8_tensor(image)
+    min_side = min(new_h, new_w)
+    pixels = to_uint8_tensor(load_rgb(image, min_side)) if keep_decoded else decode_uint8(image, min_side)
     src_h, src_w = pixels.shape[1:]
     y0, y1 = _source_span(top, crop_h, src_h / new_h, src_h)
     x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
@@ -243,7 +283,8 @@ class EvalTransform:
     def __call__(self, image) -> torch.Tensor:
         width, height = image.size
         new_h, new_w = scaled_size(height, width, self.scale)
-        return _resized_crop(image, new_h, new_w, 0, 0, new_h, new_w)
+        # PIL's decode, kept in `image`: the evaluator takes several scales of one opened image.
+        return _resized_crop(image, new_h, new_w, 0, 0, new_h, new_w, keep_decoded=True)
 
     def __repr__(self) -> str:
         return f"EvalTransform(scale={self.scale})"
