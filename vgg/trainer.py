@@ -21,7 +21,8 @@ from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_check
                             save_checkpoint, set_rng_state)
 from vgg.config import Config
 from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object, cleanup_distributed, gather_objects,
-                             get_logger, init_distributed, is_main_process, main_process_first, shard_indices)
+                             get_logger, init_distributed, is_main_process, main_process_first, shard_indices,
+                             wrap_ddp)
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
 from vgg.models import build_vgg, warm_start
@@ -133,13 +134,26 @@ def build_train_loader(config: Config, train_set, sampler, batch_size: int, devi
 
 
 def build_optimizer(model, config: Config) -> torch.optim.SGD:
-    """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases is a config choice."""
+    """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases is a config choice.
+
+    Built after the model is on its device: the update is one fused kernel there (CUDA and CPU), or
+    one batched (foreach) update elsewhere; either is the same arithmetic as the plain per-tensor loop.
+    """
     decay = [p for n, p in model.named_parameters() if config.bias_decay or not n.endswith("bias")]
     no_decay = [p for n, p in model.named_parameters() if not config.bias_decay and n.endswith("bias")]
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                           **sgd_kernel(next(model.parameters()).device))
+
+
+FUSED_SGD_DEVICES = ("cuda", "cpu")  # where torch has a fused SGD kernel for float parameters
+
+
+def sgd_kernel(device: torch.device) -> dict:
+    """SGD's fused or foreach flag for parameters on `device` (kept across resume: see restore_training_state)."""
+    return {"fused": True} if device.type in FUSED_SGD_DEVICES else {"foreach": True}
 
 
 # How `--resume` treats a setting that differs from the checkpoint's config (see resume_changes).
@@ -198,8 +212,11 @@ def apply_resume_changes(changes, optimizer, scheduler, config: Config) -> None:
 def restore_training_state(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
     """Weights, optimizer and scheduler state and RNGs from a resume checkpoint; one line if they do not fit."""
     load_model_state(model, ckpt["model"], path)
+    kernel = sgd_kernel(next(model.parameters()).device)
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # (its saved groups carry the saving run's kernel flags)
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, **kernel})
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -357,7 +374,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
     raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
     if dist.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None)
+        model = wrap_ddp(model, dist)
     if on_cuda and config.compile:
         model = torch.compile(model)
 
