@@ -17,9 +17,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vgg import data as vdata
 from vgg import sample_data
-from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_checkpoint, load_model_state, rng_state,
-                            save_checkpoint, set_rng_state)
-from vgg.config import Config
+from vgg.checkpoint import (RESUME_KEYS, CheckpointWriter, build_model_from_checkpoint, load_checkpoint,
+                            load_model_state, rng_state, set_rng_state)
+from vgg.config import Config, speed_flag
 from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object, cleanup_distributed, gather_objects,
                              get_logger, init_distributed, is_main_process, main_process_first, shard_indices,
                              wrap_ddp)
@@ -282,15 +282,24 @@ def run(config: Config, resume: str = "") -> dict:
     """Train as the config says; returns the final validation metrics. Raises UserError on bad input."""
     dist = init_distributed(config.device)
     stop = StopFlag()
+    checkpoints = CheckpointWriter()
     try:
-        return _run(config, resume, dist, stop)
+        try:
+            return _run(config, resume, dist, stop, checkpoints)
+        finally:
+            checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
     finally:
         stop.restore()
         cleanup_distributed()
 
 
-def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
+def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoints: CheckpointWriter) -> dict:
     device, on_cuda = dist.device, dist.device.type == "cuda"
+    # "auto" turns each on for CUDA only (they pay off there); true turns it on for any device, so CI
+    # runs the CUDA configuration on its CPU.
+    bf16 = speed_flag(config.bf16, device)
+    channels_last = speed_flag(config.channels_last, device)
+    compile_net = speed_flag(config.compile, device)
     if config.batch_size % dist.world_size:
         raise UserError(f"the global batch {config.batch_size} does not split over {dist.world_size} processes")
     per_rank_batch = config.batch_size // dist.world_size
@@ -351,7 +360,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                       image_size=config.crop_size, dropout=config.dropout, init=config.init)
     # On the device before the optimizer exists: its loaded state (momentum) follows the parameters.
     model.to(device)
-    if on_cuda and config.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -375,7 +384,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
     if dist.distributed:
         model = wrap_ddp(model, dist)
-    if on_cuda and config.compile:
+    if compile_net:
         model = torch.compile(model)
 
     writer = None
@@ -398,6 +407,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         log.info(f"net {config.arch}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
                  f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
                  f"{steps_per_epoch} steps/epoch of {config.batch_size} on {dist.world_size} x {device.type}")
+        log.info(f"speed: bf16 autocast {_on_off(bf16)}, channels-last {_on_off(channels_last)}, "
+                 f"torch.compile {_on_off(compile_net)} (on {device.type})")
         log.info(f"run folder {run_dir}; TensorBoard: tensorboard --logdir {config.log_dir}")
 
     def checkpoint_state(epoch: int, step: int) -> dict:
@@ -410,7 +421,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     def save(name: str, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
         # epoch_sums: the metric sums of a part-done epoch's steps 0..step-1, so its row covers it all
         if is_main_process():
-            save_checkpoint(run_dir / name, **checkpoint_state(epoch, step), epoch_sums=epoch_sums)
+            checkpoints.save(run_dir / name, **checkpoint_state(epoch, step), epoch_sums=epoch_sums)
 
     val_metrics = {}
     epoch_sums = ckpt.get("epoch_sums") if ckpt else None  # None from an epoch boundary
@@ -418,13 +429,13 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)
         train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
                                           seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank, epoch=epoch)
-        augment = BatchAugment(stats, device, config.color_shift_std, channels_last=on_cuda and config.channels_last,
+        augment = BatchAugment(stats, device, config.color_shift_std, channels_last=channels_last,
                                generator=_epoch_generator(config, epoch, dist.rank))
         if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
             log_augmented_images(writer, train_loader, augment)
         train_metrics = train_one_epoch(
             model, train_loader, optimizer, augment, epoch=epoch, num_steps=steps_per_epoch,
-            start_step=start_step, bf16=config.bf16, log_every=config.log_every,
+            start_step=start_step, bf16=bf16, log_every=config.log_every,
             checkpoint_every=config.checkpoint_every, stop_requested=stop, writer=writer,
             on_checkpoint=lambda step, sums: save("last.pt", epoch, step, sums), carried_sums=epoch_sums,
             progress_every_s=config.progress_every_s)
@@ -436,7 +447,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                         f"continue with --resume (exit code {code})")
             raise SystemExit(code)
 
-        val_metrics = validate(model, val_loader, augment, bf16=config.bf16, progress_every_s=config.progress_every_s)
+        val_metrics = validate(model, val_loader, augment, bf16=bf16, progress_every_s=config.progress_every_s)
         epoch_lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
         scheduler.step(val_metrics["top1"])  # ÷10 when val accuracy stops improving (§3.1)
         next_lr = optimizer.param_groups[0]["lr"]
@@ -489,6 +500,10 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         where = f" (epoch {best['epoch']})" if best is not None else ""
         log.info(f"done: best val top-1 err {100 - best_top1:.1f}%{where}; checkpoints in {run_dir}")
     return val_metrics
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 # Per-epoch metrics that are no numbers for metrics.jsonl: loop state and the unreadable files' list.
