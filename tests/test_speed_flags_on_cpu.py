@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import ROOT, subprocess_env
@@ -40,6 +41,16 @@ def test_fused_sgd_steps_equal_the_plain_per_tensor_loop():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
         moved += not torch.equal(p, initial[name])
     assert moved == len(list(model.parameters()))  # every tensor took real steps
+
+
+@pytest.mark.xfail(strict=True, reason="engine.autocast_context (another branch's file) still turns autocast on "
+                                       "for CUDA only; with it calling config.speed_flag, remove this mark")
+def test_a_training_step_runs_in_bf16_on_the_cpu_when_asked():
+    model = small_net()
+    optimizer = vtrainer.build_optimizer(model, Config())
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    logits, _ = train_step(model, images, labels, optimizer, bf16=True)
+    assert logits.dtype == torch.bfloat16
 
 
 def run_cli(script: str, *args, env: dict) -> subprocess.CompletedProcess:
