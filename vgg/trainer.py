@@ -115,22 +115,23 @@ def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]
     return warm_start(model, source)
 
 
-def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int,
-                       epoch: int):
+def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int):
     """uint8 training crops, decoded and augmented by CPU workers (default) or on the GPU (TorchCodec).
 
-    Either way each sample's draws come from sample_generator(config.seed, epoch, index) (bit-exact
-    whatever the workers, processes or resume point); `seed` only seeds the loader's own generator.
+    Built once for the run, iterated once an epoch after `sampler.set_epoch(epoch, start)`. Either way
+    each sample's draws come from sample_generator(config.seed, epoch, index) (bit-exact whatever the
+    workers, processes or resume point); `seed` only seeds the loader's own generator. The CPU
+    workers persist across epochs with the dataset copy they started with, so each index brings its
+    epoch along (EpochTagged); the GPU loader is told it by `set_epoch`.
     """
     if config.data_path == "gpu":
         from vgg.gpu_data import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
 
         return build_gpu_train_loader(train_set, batch_size=batch_size, device=device, crop_size=config.crop_size,
                                       scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed,
-                                      epoch=epoch, workers=config.workers, sampler=sampler, drop_last=True)
-    train_set.transform.set_epoch(epoch)  # before the loader starts (and copies it into) its workers
-    return vdata.build_loader(train_set, batch_size=batch_size, sampler=sampler, workers=config.workers,
-                              collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
+                                      epoch=sampler.epoch, workers=config.workers, sampler=sampler, drop_last=True)
+    return vdata.build_loader(train_set, batch_size=batch_size, sampler=vdata.EpochTagged(sampler),
+                              workers=config.workers, collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
 
 
 def build_optimizer(model, config: Config) -> torch.optim.SGD:
@@ -425,10 +426,12 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
 
     val_metrics = {}
     epoch_sums = ckpt.get("epoch_sums") if ckpt else None  # None from an epoch boundary
+    train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
+                                      seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
     for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch, start=start_step * per_rank_batch)
-        train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
-                                          seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank, epoch=epoch)
+        sampler.set_epoch(epoch, start=start_step * per_rank_batch)  # (read by the loader's next pass)
+        if config.data_path == "gpu":
+            train_loader.set_epoch(epoch)
         augment = BatchAugment(stats, device, config.color_shift_std, channels_last=channels_last,
                                generator=_epoch_generator(config, epoch, dist.rank))
         if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
