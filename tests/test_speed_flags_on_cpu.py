@@ -79,7 +79,7 @@ def test_bf16_channels_last_and_compile_on_cpu_single_and_ddp_then_resume_and_ev
             "--steps-per-epoch", "2", "--run-name", "speed", *speed]
     first = run_cli("train.py", *args, "--epochs", "1", env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "speed: bf16 autocast on, channels-last on, torch.compile on (on cpu)" in first.stderr
+    assert "speed settings on cpu: bf16 autocast on, channels-last on, torch.compile on" in first.stderr
     assert any((tmp_path / "inductor").rglob("*.py"))  # inductor really compiled the net
     last = tmp_path / "checkpoints" / "speed" / "last.pt"
     raw = torch.load(last, weights_only=True)
@@ -90,7 +90,7 @@ def test_bf16_channels_last_and_compile_on_cpu_single_and_ddp_then_resume_and_ev
 
     second = run_cli("train.py", *args, "--epochs", "2", "--gpus", "2", "--resume", env=env)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "2 x cpu" in second.stderr and "torch.compile on (on cpu)" in second.stderr
+    assert "2 x cpu" in second.stderr and "channels-last on, torch.compile on" in second.stderr
     raw = torch.load(last, weights_only=True)
     assert (raw["epoch"], raw["world_size"]) == (2, 2)
     assert list(raw["model"]) == names  # nor "module." from DDP

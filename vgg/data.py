@@ -264,11 +264,15 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index):
-        """index: a sample's position, or (epoch, position) from an `EpochTagged` sampler."""
-        if isinstance(index, tuple):
-            epoch, index = index
-            self.transform.set_epoch(epoch)  # this process's copy (a persistent worker's own)
+    def __getitems__(self, indices: list) -> list:
+        """A batch's samples (the DataLoader's call). Indices from an `EpochTagged` sampler come as
+        (epoch, index): the epoch goes to this process's transform (a persistent worker's own copy)."""
+        if indices and isinstance(indices[0], tuple):
+            self.transform.set_epoch(indices[0][0])  # one epoch a pass, hence a batch
+            indices = [index for _, index in indices]
+        return [self[index] for index in indices]
+
+    def __getitem__(self, index: int):
         path, label = self.path(index), int(self.labels[index])
         try:
             with Image.open(path) as image:
@@ -294,7 +298,7 @@ class EpochTagged(Sampler):
 
     Persistent DataLoader workers keep the dataset copy they were started with, so a `set_epoch` on
     the main process's transform would never reach them: the epoch travels with each index instead
-    (ImageFolder.__getitem__ hands it to its TrainTransform, whose draws depend on it).
+    (ImageFolder.__getitems__ hands it to its TrainTransform, whose draws depend on it).
     """
 
     def __init__(self, sampler):

@@ -408,8 +408,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
         log.info(f"net {config.arch}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
                  f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
                  f"{steps_per_epoch} steps/epoch of {config.batch_size} on {dist.world_size} x {device.type}")
-        log.info(f"speed: bf16 autocast {_on_off(bf16)}, channels-last {_on_off(channels_last)}, "
-                 f"torch.compile {_on_off(compile_net)} (on {device.type})")
+        log.info(f"speed settings on {device.type}: bf16 autocast {_on_off(bf16)}, channels-last "
+                 f"{_on_off(channels_last)}, torch.compile {_on_off(compile_net)}")
         log.info(f"run folder {run_dir}; TensorBoard: tensorboard --logdir {config.log_dir}")
 
     def checkpoint_state(epoch: int, step: int) -> dict:
