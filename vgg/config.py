@@ -14,6 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from vgg.errors import UserError
@@ -71,12 +72,14 @@ class Config:
     steps_per_epoch: int = field(default=0, metadata={"help": "cap on steps per epoch (0: whole epoch)"})
     seed: int = field(default=0, metadata={"help": "seed for init, data order and augmentation"})
 
-    # --- Speed (CUDA only; each can be turned off) ---
+    # --- Speed (each "auto": on for CUDA, off for CPU; true/false force it on any device) ---
     device: str = field(default="auto", metadata={"help": "auto, cuda or cpu"})
     gpus: int = field(default=1, metadata={"help": "processes (GPUs) on this machine; >1 uses DDP"})
-    bf16: bool = field(default=True, metadata={"help": "bf16 autocast on CUDA"})
-    channels_last: bool = field(default=True, metadata={"help": "channels-last memory format on CUDA"})
-    compile: bool = field(default=True, metadata={"help": "torch.compile the net on CUDA"})
+    bf16: bool | str = field(default="auto", metadata={"help": "bf16 autocast: auto (on for CUDA), true or false"})
+    channels_last: bool | str = field(default="auto", metadata={
+        "help": "channels-last memory format: auto (on for CUDA), true or false"})
+    compile: bool | str = field(default="auto", metadata={"help": "torch.compile the net: auto (on for CUDA), "
+                                                                   "true or false"})
     cudnn_benchmark: bool = field(default=True, metadata={"help": "cuDNN autotuning on CUDA"})
 
     # --- Output ---
@@ -103,12 +106,25 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Settings that are "auto" (on for CUDA, off for CPU: what pays off there) unless set true or false.
+AUTO_FIELDS = ("bf16", "channels_last", "compile")
+
+
+def speed_flag(value: bool | str, device: torch.device) -> bool:
+    """An AUTO_FIELDS value on `device`: "auto" is on for CUDA only; true/false hold on any device."""
+    return device.type == "cuda" if value == "auto" else value
+
+
 CHOICES = {"arch": ARCH_NAMES, "init": ("normal", "xavier", "default"), "device": ("auto", "cuda", "cpu"),
            "data_path": ("cpu", "gpu")}
 
 
 def _check_type(key: str, value, source: str):
     """Return `value` as the field's type, or raise one clear UserError naming the key."""
+    if key in AUTO_FIELDS:
+        if not isinstance(value, bool) and value != "auto":
+            raise UserError(f"{source}: '{key}' must be auto, true or false, got {value!r}")
+        return value
     kind = type(FIELDS[key].default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
@@ -161,6 +177,15 @@ def _parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _parse_auto_bool(text: str) -> bool | str:
+    if text.lower() == "auto":
+        return "auto"
+    try:
+        return _parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {text!r}") from None
+
+
 # The flags evaluate.py shares with train.py: how to run, not what to train.
 RUNTIME_FIELDS = ("device", "gpus", "workers", "bf16", "channels_last", "progress_every_s")
 
@@ -188,7 +213,10 @@ def get_args_parser(add_help: bool = False, default_config: str = "demo",
         kind = type(f.default)
         flag = "--" + name.replace("_", "-")
         default_text = f" (default: {shown_defaults.get(name, f.default)!r})"
-        if kind is bool:
+        if name in AUTO_FIELDS:  # a bare `--bf16` is true, as for the other switches
+            group.add_argument(flag, type=_parse_auto_bool, nargs="?", const=True, metavar="auto|BOOL",
+                               help=f.metadata["help"] + default_text)
+        elif kind is bool:
             group.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="BOOL",
                                help=f.metadata["help"] + default_text)
         else:

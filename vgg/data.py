@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from vgg.distributed import progress_bar
 from vgg.errors import UserError
@@ -237,18 +237,43 @@ class ImageFolder(Dataset):
                             f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
         self.classes = list(classes)
         self.class_to_idx = {wnid: i for i, wnid in enumerate(self.classes)}
-        self.samples = [(str(self.root / wnid / name), self.class_to_idx[wnid])
-                        for wnid in self.classes for name in files.get(wnid, [])]
-        if not self.samples:
+        # The samples as three numpy arrays, not a list of (path, label) tuples: DataLoader workers see
+        # the dataset through fork's copy-on-write pages, and reading a Python object writes its
+        # reference count, which copies its page: a list of 1.28 M tuples grows each worker by some
+        # 250 MB over an epoch. The file names relative to the root, joined into one byte buffer, with
+        # offsets: names of any length cost their bytes only.
+        names = [os.fsencode(f"{wnid}/{name}") for wnid in self.classes for name in files.get(wnid, [])]
+        if not names:
             raise UserError(f"no images in the class folders of {self.root} "
                             f"(allowed extensions: {', '.join(IMG_EXTENSIONS)})")
+        self._names = np.frombuffer(b"".join(names), dtype=np.uint8)
+        self._offsets = np.cumsum([0] + [len(name) for name in names], dtype=np.int64)
+        self.labels = np.array([self.class_to_idx[wnid] for wnid in self.classes for _ in files.get(wnid, [])],
+                               dtype=np.int64)
         self.transform = transform
 
+    def path(self, index: int) -> str:
+        name = self._names[self._offsets[index]:self._offsets[index + 1]].tobytes()
+        return os.path.join(self.root, os.fsdecode(name))
+
+    @property
+    def samples(self) -> list[tuple[str, int]]:
+        """Every (path, class index), as a new list (for inspection; the loader reads the arrays)."""
+        return [(self.path(i), int(label)) for i, label in enumerate(self.labels)]
+
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.labels)
+
+    def __getitems__(self, indices: list) -> list:
+        """A batch's samples (the DataLoader's call). Indices from an `EpochTagged` sampler come as
+        (epoch, index): the epoch goes to this process's transform (a persistent worker's own copy)."""
+        if indices and isinstance(indices[0], tuple):
+            self.transform.set_epoch(indices[0][0])  # one epoch a pass, hence a batch
+            indices = [index for _, index in indices]
+        return [self[index] for index in indices]
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
+        path, label = self.path(index), int(self.labels[index])
         try:
             with Image.open(path) as image:
                 if self.transform is None:
@@ -260,13 +285,32 @@ class ImageFolder(Dataset):
             return None, label, Unreadable(path, " ".join(f"{type(e).__name__}: {e}".split()))
 
     def __repr__(self) -> str:
-        return (f"ImageFolder({str(self.root)!r}: {len(self.samples)} images, {len(self.classes)} classes, "
+        return (f"ImageFolder({str(self.root)!r}: {len(self)} images, {len(self.classes)} classes, "
                 f"transform={self.transform!r})")
 
 
 # --------------------------------------------------------------------------------------------------
 # Batching and loading
 # --------------------------------------------------------------------------------------------------
+
+class EpochTagged(Sampler):
+    """`sampler`'s indices as (epoch, index), the epoch read from `sampler.epoch` when a pass starts.
+
+    Persistent DataLoader workers keep the dataset copy they were started with, so a `set_epoch` on
+    the main process's transform would never reach them: the epoch travels with each index instead
+    (ImageFolder.__getitems__ hands it to its TrainTransform, whose draws depend on it).
+    """
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
 
 def split_unreadable(items) -> tuple[list, list[Unreadable]]:
     """ImageFolder items -> (the readable (image, label, ...) items, the Unreadable of the others)."""
@@ -332,7 +376,7 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool = False, workers: in
                       sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=torch.cuda.is_available(), drop_last=drop_last,
                       worker_init_fn=worker_init_fn, generator=generator,
-                      persistent_workers=False)
+                      persistent_workers=workers > 0)
 
 
 # --------------------------------------------------------------------------------------------------

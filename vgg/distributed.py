@@ -72,6 +72,13 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, torch_device, distributed)
 
 
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.parallel.DistributedDataParallel:
+    """DDP around `model` (already on this process's device). The gradients are views into DDP's
+    all-reduce buckets, so no copy into and out of the buckets is made each step."""
+    device_ids = [info.local_rank] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
 # The rendezvous port of a plain-`srun` job when MASTER_PORT is not set: torchrun's default plus the job
 # ID modulo 10000, so that two jobs sharing a node do not meet on one port.
 DEFAULT_MASTER_PORT = 29500

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from vgg.config import speed_flag
 from vgg.data import DatasetStats, warn_unreadable
 from vgg.distributed import all_reduce_sum, is_main_process, progress_bar
 from vgg.transforms import TrainCrop, color_shift, normalize
@@ -83,10 +84,11 @@ class BatchAugment:
         return images
 
 
-def autocast_context(device: torch.device, bf16: bool):
-    """bf16 autocast on CUDA (no loss scaling needed for bf16); plain fp32 elsewhere."""
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_context(device: torch.device, bf16: bool | str):
+    """bf16 autocast (no loss scaling needed for bf16) where `bf16` says so: "auto" on CUDA only,
+    true or false on any device (config.speed_flag); plain fp32 otherwise."""
+    if speed_flag(bf16, device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -98,9 +100,10 @@ def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Te
     return torch.stack([hits[:, : min(k, maxk)].any(dim=1) for k in ks])
 
 
-def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, bf16: bool = True,
+def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, bf16: bool | str = "auto",
                weight: float = 1.0):
-    """One SGD step (§3.1): forward (bf16 autocast on CUDA), fp32 cross-entropy, backward, update.
+    """One SGD step (§3.1): forward (bf16 autocast if asked, see autocast_context), fp32 cross-entropy,
+    backward, update.
 
     weight: multiplies the loss; 0 makes a zero-weight step (see train_one_epoch). Returns the
     detached logits and (unweighted) loss; nothing here waits for the GPU.
@@ -134,7 +137,7 @@ def _placeholder_batch(model, device: torch.device) -> tuple[TrainCrop, torch.Te
 
 
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
-                    start_step: int = 0, bf16: bool = True, log_every: int = 20,
+                    start_step: int = 0, bf16: bool | str = "auto", log_every: int = 20,
                     checkpoint_every: int = 0, on_checkpoint=None, stop_requested=lambda: False,
                     writer=None, carried_sums: list[float] | None = None, progress_every_s: float = 30.0) -> dict:
     """Run optimizer steps `start_step .. num_steps-1` of `epoch` (the loader starts at start_step).
@@ -263,7 +266,7 @@ def _train_metrics(sums: list[float]) -> dict:
 
 
 @torch.inference_mode()
-def validate(model, loader, augment: BatchAugment, *, bf16: bool = True, desc: str = "val",
+def validate(model, loader, augment: BatchAugment, *, bf16: bool | str = "auto", desc: str = "val",
              progress_every_s: float = 30.0) -> dict:
     """Single-scale, centre-crop validation (the plateau signal of §3.1), summed over all ranks.
 

@@ -18,11 +18,12 @@ from torch.utils.tensorboard import SummaryWriter
 from vgg import data as vdata
 from vgg import sample_data
 from vgg import shards as vshards
-from vgg.checkpoint import (RESUME_KEYS, build_model_from_checkpoint, load_checkpoint, load_model_state, rng_state,
-                            save_checkpoint, set_rng_state)
-from vgg.config import Config
+from vgg.checkpoint import (RESUME_KEYS, CheckpointWriter, build_model_from_checkpoint, load_checkpoint,
+                            load_model_state, rng_state, set_rng_state)
+from vgg.config import Config, speed_flag
 from vgg.distributed import (DistInfo, all_reduce_max, barrier, broadcast_object, cleanup_distributed, gather_objects,
-                             get_logger, init_distributed, is_main_process, main_process_first, shard_indices)
+                             get_logger, init_distributed, is_main_process, main_process_first, shard_indices,
+                             wrap_ddp)
 from vgg.engine import BatchAugment, train_one_epoch, validate
 from vgg.errors import UserError
 from vgg.models import warm_start
@@ -123,12 +124,14 @@ def init_from_checkpoint(model, source_ckpt: dict, path: str, classes: list[str]
     return warm_start(model, source)
 
 
-def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int,
-                       epoch: int):
+def build_train_loader(config: Config, train_set, sampler, batch_size: int, device: torch.device, *, seed: int):
     """uint8 training crops, decoded and augmented by CPU workers (default) or on the GPU (TorchCodec).
 
-    Either way each sample's draws come from sample_generator(config.seed, epoch, index) (bit-exact
-    whatever the workers, processes or resume point); `seed` only seeds the loader's own generator.
+    Built once for the run, iterated once an epoch after `sampler.set_epoch(epoch, start)`. Either way
+    each sample's draws come from sample_generator(config.seed, epoch, index) (bit-exact whatever the
+    workers, processes or resume point); `seed` only seeds the loader's own generator. The CPU
+    workers persist across epochs with the dataset copy they started with, so each index brings its
+    epoch along (EpochTagged); the GPU loader is told it by `set_epoch`.
     """
     if isinstance(train_set, vshards.ShardStream):  # this rank's batches of the epoch, from sampler.start on
         return train_set.loader(epoch=epoch, start_step=sampler.start // batch_size, seed=seed)
@@ -137,10 +140,9 @@ def build_train_loader(config: Config, train_set, sampler, batch_size: int, devi
 
         return build_gpu_train_loader(train_set, batch_size=batch_size, device=device, crop_size=config.crop_size,
                                       scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed,
-                                      epoch=epoch, workers=config.workers, sampler=sampler, drop_last=True)
-    train_set.transform.set_epoch(epoch)  # before the loader starts (and copies it into) its workers
-    return vdata.build_loader(train_set, batch_size=batch_size, sampler=sampler, workers=config.workers,
-                              collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
+                                      epoch=sampler.epoch, workers=config.workers, sampler=sampler, drop_last=True)
+    return vdata.build_loader(train_set, batch_size=batch_size, sampler=vdata.EpochTagged(sampler),
+                              workers=config.workers, collate_fn=vdata.collate_batch, seed=seed, drop_last=True)
 
 
 def _is_decayed(model, config: Config):
@@ -153,14 +155,27 @@ def _is_decayed(model, config: Config):
 
 def build_optimizer(model, config: Config) -> torch.optim.SGD:
     """SGD, momentum 0.9, weight decay 5e-4 (§3.1); decay on biases (and batch-norm parameters, for
-    the nets that have them) is a config choice."""
+    the nets that have them) is a config choice.
+
+    Built after the model is on its device: the update is one fused kernel there (CUDA and CPU), or
+    one batched (foreach) update elsewhere; either is the same arithmetic as the plain per-tensor loop.
+    """
     is_decayed = _is_decayed(model, config)
     decay = [p for n, p in model.named_parameters() if is_decayed(n, p)]
     no_decay = [p for n, p in model.named_parameters() if not is_decayed(n, p)]
     groups = [{"params": decay, "weight_decay": config.weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                           **sgd_kernel(next(model.parameters()).device))
+
+
+FUSED_SGD_DEVICES = ("cuda", "cpu")  # where torch has a fused SGD kernel for float parameters
+
+
+def sgd_kernel(device: torch.device) -> dict:
+    """SGD's fused or foreach flag for parameters on `device` (kept across resume: see restore_training_state)."""
+    return {"fused": True} if device.type in FUSED_SGD_DEVICES else {"foreach": True}
 
 
 # How `--resume` treats a setting that differs from the checkpoint's config (see resume_changes).
@@ -219,8 +234,11 @@ def apply_resume_changes(changes, optimizer, scheduler, config: Config) -> None:
 def restore_training_state(ckpt: dict, path: Path, model, optimizer, scheduler) -> None:
     """Weights, optimizer and scheduler state and RNGs from a resume checkpoint; one line if they do not fit."""
     load_model_state(model, ckpt["model"], path)
+    kernel = sgd_kernel(next(model.parameters()).device)
     try:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # (its saved groups carry the saving run's kernel flags)
+        for group in optimizer.param_groups:
+            group.update({"fused": None, "foreach": None, **kernel})
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
@@ -286,15 +304,24 @@ def run(config: Config, resume: str = "") -> dict:
     """Train as the config says; returns the final validation metrics. Raises UserError on bad input."""
     dist = init_distributed(config.device)
     stop = StopFlag()
+    checkpoints = CheckpointWriter()
     try:
-        return _run(config, resume, dist, stop)
+        try:
+            return _run(config, resume, dist, stop, checkpoints)
+        finally:
+            checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
     finally:
         stop.restore()
         cleanup_distributed()
 
 
-def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
+def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoints: CheckpointWriter) -> dict:
     device, on_cuda = dist.device, dist.device.type == "cuda"
+    # "auto" turns each on for CUDA only (they pay off there); true turns it on for any device, so CI
+    # runs the CUDA configuration on its CPU.
+    bf16 = speed_flag(config.bf16, device)
+    channels_last = speed_flag(config.channels_last, device)
+    compile_net = speed_flag(config.compile, device)
     if config.batch_size % dist.world_size:
         raise UserError(f"the global batch {config.batch_size} does not split over {dist.world_size} processes")
     per_rank_batch = config.batch_size // dist.world_size
@@ -362,7 +389,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
                       image_size=config.crop_size, dropout=config.dropout, init=config.init)
     # On the device before the optimizer exists: its loaded state (momentum) follows the parameters.
     model.to(device)
-    if on_cuda and config.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -385,8 +412,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
     raw_model = model  # checkpoints always hold the unwrapped, uncompiled net
     if dist.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dist.local_rank] if on_cuda else None)
-    if on_cuda and config.compile:
+        model = wrap_ddp(model, dist)
+    if compile_net:
         model = torch.compile(model)
 
     writer = None
@@ -409,6 +436,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         log.info(f"net {config.arch}: {sum(p.numel() for p in raw_model.parameters()):,} parameters, "
                  f"{len(classes)} classes, {len(train_set)} train / {len(val_set)} val images, "
                  f"{steps_per_epoch} steps/epoch of {config.batch_size} on {dist.world_size} x {device.type}")
+        log.info(f"speed settings on {device.type}: bf16 autocast {_on_off(bf16)}, channels-last "
+                 f"{_on_off(channels_last)}, torch.compile {_on_off(compile_net)}")
         log.info(f"run folder {run_dir}; TensorBoard: tensorboard --logdir {config.log_dir}")
 
     def checkpoint_state(epoch: int, step: int) -> dict:
@@ -421,21 +450,23 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
     def save(name: str, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
         # epoch_sums: the metric sums of a part-done epoch's steps 0..step-1, so its row covers it all
         if is_main_process():
-            save_checkpoint(run_dir / name, **checkpoint_state(epoch, step), epoch_sums=epoch_sums)
+            checkpoints.save(run_dir / name, **checkpoint_state(epoch, step), epoch_sums=epoch_sums)
 
     val_metrics = {}
     epoch_sums = ckpt.get("epoch_sums") if ckpt else None  # None from an epoch boundary
+    train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
+                                      seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
     for epoch in range(start_epoch, config.epochs):
-        sampler.set_epoch(epoch, start=start_step * per_rank_batch)
-        train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
-                                          seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank, epoch=epoch)
-        augment = BatchAugment(stats, device, config.color_shift_std, channels_last=on_cuda and config.channels_last,
+        sampler.set_epoch(epoch, start=start_step * per_rank_batch)  # (read by the loader's next pass)
+        if config.data_path == "gpu":
+            train_loader.set_epoch(epoch)
+        augment = BatchAugment(stats, device, config.color_shift_std, channels_last=channels_last,
                                generator=_epoch_generator(config, epoch, dist.rank))
         if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
             log_augmented_images(writer, train_loader, augment)
         train_metrics = train_one_epoch(
             model, train_loader, optimizer, augment, epoch=epoch, num_steps=steps_per_epoch,
-            start_step=start_step, bf16=config.bf16, log_every=config.log_every,
+            start_step=start_step, bf16=bf16, log_every=config.log_every,
             checkpoint_every=config.checkpoint_every, stop_requested=stop, writer=writer,
             on_checkpoint=lambda step, sums: save("last.pt", epoch, step, sums), carried_sums=epoch_sums,
             progress_every_s=config.progress_every_s)
@@ -449,7 +480,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
 
         # Nets with buffers (batch norm) validate unwrapped: DDP would broadcast them in every forward,
         # a collective the ranks' unequal validation shards could not match.
-        val_metrics = validate(raw_model if any(True for _ in raw_model.buffers()) else model, val_loader, augment, bf16=config.bf16, progress_every_s=config.progress_every_s)
+        eval_model = raw_model if any(True for _ in raw_model.buffers()) else model
+        val_metrics = validate(eval_model, val_loader, augment, bf16=bf16, progress_every_s=config.progress_every_s)
         epoch_lr = optimizer.param_groups[0]["lr"]  # the lr this epoch trained with
         scheduler.step(val_metrics["top1"])  # ÷10 when val accuracy stops improving (§3.1)
         next_lr = optimizer.param_groups[0]["lr"]
@@ -502,6 +534,10 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag) -> dict:
         where = f" (epoch {best['epoch']})" if best is not None else ""
         log.info(f"done: best val top-1 err {100 - best_top1:.1f}%{where}; checkpoints in {run_dir}")
     return val_metrics
+
+
+def _on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 # Per-epoch metrics that are no numbers for metrics.jsonl: loop state and the unreadable files' list.
