@@ -133,8 +133,6 @@ def build_train_loader(config: Config, train_set, sampler, batch_size: int, devi
     workers persist across epochs with the dataset copy they started with, so each index brings its
     epoch along (EpochTagged); the GPU loader is told it by `set_epoch`.
     """
-    if isinstance(train_set, vshards.ShardStream):  # this rank's batches of the epoch, from sampler.start on
-        return train_set.loader(epoch=epoch, start_step=sampler.start // batch_size, seed=seed)
     if config.data_path == "gpu":
         from vgg.gpu_data import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
 
@@ -454,10 +452,15 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
 
     val_metrics = {}
     epoch_sums = ckpt.get("epoch_sums") if ckpt else None  # None from an epoch boundary
-    train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
-                                      seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
+    streamed = isinstance(train_set, vshards.ShardStream)
+    if not streamed:
+        train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
+                                          seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)  # (read by the loader's next pass)
+        if streamed:  # a shard stream learns its epoch before its workers copy it: one loader an epoch
+            train_loader = train_set.loader(epoch=epoch, start_step=start_step,
+                                            seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank)
         if config.data_path == "gpu":
             train_loader.set_epoch(epoch)
         augment = BatchAugment(stats, device, config.color_shift_std, channels_last=channels_last,
