@@ -16,12 +16,13 @@ scale any net needs, in loader workers; a worker hands a whole batch over as one
 (`PackedImages`: one shared-memory transfer a batch, not one per image and scale). The main process
 groups the scaled images by (Q, H, W) over a large window (`_DenseBuckets`; ImageNet's photos come in
 a few sizes, so most groups fill) and runs each full group as one batch, dense and multi-crop alike:
-the 50 crops of equal-size images are cut from the whole batch at once. On CUDA the nets run in bf16
-autocast and channels-last.
+the 50 crops of equal-size images are cut from the whole batch at once. The nets run channels-last
+(on the CPU too, unless channels_last=False) and, on CUDA, in bf16 autocast.
 Distributed: each rank evaluates a disjoint shard (no padded repeats), and only per-class counts
 are summed across ranks, so every image is counted exactly once.
 """
 
+import copy
 import json
 import math
 import re
@@ -316,7 +317,9 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     several nets the fused rows (soft-max averaged over nets). Each row has top-1/top-5 error and
     per-class accuracy. `rank`/`world_size`: this process's shard of the images (every image is
     evaluated on exactly one rank). Keeps each net's soft-max for this rank's images in memory
-    (images x classes floats per net and method).
+    (images x classes floats per net and method). `bf16`: autocast on CUDA. `channels_last`: the nets
+    and batches in channels-last memory format, on any device (on the CPU too it runs these nets about
+    twice as fast as the plain layout, bench/evaluate.py); the nets in `nets` are left as they are.
     """
     methods = [m for m in (DENSE, MULTI_CROP) if m in methods]
     if not methods:
@@ -324,8 +327,6 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     if not nets:
         raise UserError("no net to evaluate")
     device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    channels_last = channels_last and on_cuda
     all_scales = sorted({q for net in nets for q in net.scales})
     dataset = open_val_set(nets, val_dir)
     val_dir, classes = Path(val_dir), dataset.classes
@@ -425,8 +426,9 @@ class _NetRunner:
     def __init__(self, net: EvalNet, device: torch.device, channels_last: bool):
         self.net, self.device, self.channels_last = net, device, channels_last
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = net.model.to(device, memory_format=memory_format).eval()
-        self.dense_model = to_dense(net.model).to(device, memory_format=memory_format).eval()
+        model = copy.deepcopy(net.model)  # the caller's net keeps its device and layout
+        self.model = model.to(device, memory_format=memory_format).eval()
+        self.dense_model = to_dense(model).to(device, memory_format=memory_format).eval()
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
