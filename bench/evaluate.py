@@ -4,12 +4,16 @@ tree's evaluator against an older revision's, side by side in one run.
 Each evaluation decodes the files in DataLoader workers, rescales them to every test scale Q, runs
 the net, and counts top-1/top-5 errors: what `python evaluate.py --dense`, `--multi-crop` and
 `--dense --multi-crop` do, timed from the call to evaluate_dataset to its result (worker start-up
-included; checkpoint loading and process start-up not). The baseline is the same function at
-`--baseline` (default ca798b9, the evaluator before issue 16), extracted with `git archive` into a
-temporary folder and run in its own process; so is this tree's. The two alternate, round after
-round (which goes first alternates too), and the figures are medians over the rounds. Each process
-first evaluates once untimed (file cache, allocator). Both must give the same top-1/top-5 errors: the
-script fails otherwise.
+included; checkpoint loading and process start-up not), with the CPU time of the process and its
+workers beside the wall-clock time. Three evaluators, each in its own process:
+  baseline   evaluate_dataset at `--baseline` (default ca798b9, before issue 16), extracted with
+             `git archive` into a temporary folder, called as evaluate.py called it (channels_last=True,
+             which it applied on CUDA only);
+  new        this tree's, called the same way (channels-last now applies on the CPU too);
+  new-plain  this tree's with channels_last=False: the batching alone, in the baseline's CPU layout.
+They take turns, round after round (the first of each round rotates), and the figures are medians
+over the rounds. Each process first evaluates once untimed (file cache, allocator). All must give the
+same top-1/top-5 errors: the script fails otherwise.
 
 The CPU demo net (train it first: `python train.py`, which also generates data/sample), as measured
 for docs/benchmarks.md:

@@ -23,6 +23,7 @@ are summed across ranks, so every image is counted exactly once.
 """
 
 import copy
+import functools
 import json
 import math
 import re
@@ -421,14 +422,20 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
 
 
 class _NetRunner:
-    """One net on the device: normalisation with its training mean RGB, its dense twin, its crop size."""
+    """One net on the device: normalisation with its training mean RGB, its dense twin, its crop size.
+
+    Works on copies of the net, so the caller's net keeps its device and layout.
+    """
 
     def __init__(self, net: EvalNet, device: torch.device, channels_last: bool):
         self.net, self.device, self.channels_last = net, device, channels_last
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        model = copy.deepcopy(net.model)  # the caller's net keeps its device and layout
-        self.model = model.to(device, memory_format=memory_format).eval()
-        self.dense_model = to_dense(model).to(device, memory_format=memory_format).eval()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.dense_model = to_dense(net.model).to(device, memory_format=self.memory_format).eval()  # a copy
+
+    @functools.cached_property
+    def model(self) -> nn.Module:
+        """The net as trained (multi-crop), copied on first use: a dense-only run does not pay for it."""
+        return copy.deepcopy(self.net.model).to(self.device, memory_format=self.memory_format).eval()
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
