@@ -59,16 +59,19 @@ def scaled_images(path, scales):
         return MultiScaleTransform(scales=scales)(image)
 
 
-@torch.no_grad()
-def per_image_reference(net, val_dir):
-    """Today's per-image path: each image's scaled copies through dense_probs / multi_crop_probs one
-    at a time, soft-max averaged over the scales."""
+@pytest.fixture(scope="module")
+def reference(checkpoint, val_dir):
+    """The per-image path (the evaluator before issue 16): each image's scaled copies through
+    dense_probs / multi_crop_probs one at a time, soft-max averaged over the scales."""
+    net = load_eval_net(checkpoint)
     dense = to_dense(net.model).eval()
     probs = {DENSE: [], MULTI_CROP: []}
     for path, _ in ImageFolder(val_dir).samples:
         images = [normalize(im, net.mean_rgb) for im in scaled_images(path, net.scales)]
-        probs[DENSE].append(torch.stack([dense_probs(dense, im[None])[0] for im in images]).mean(0))
-        probs[MULTI_CROP].append(torch.stack([multi_crop_probs(net.model, [im], CROP)[0] for im in images]).mean(0))
+        with torch.no_grad():
+            probs[DENSE].append(torch.stack([dense_probs(dense, im[None])[0] for im in images]).mean(0))
+            probs[MULTI_CROP].append(torch.stack([multi_crop_probs(net.model, [im], CROP)[0]
+                                                  for im in images]).mean(0))
     return {m: torch.stack(p) for m, p in probs.items()}
 
 
@@ -87,12 +90,12 @@ def evaluate_catching_probs(nets, val_dir, monkeypatch, **kwargs):
 
 
 @pytest.mark.parametrize("workers, channels_last", [(1, True), (0, False)])
-def test_batched_results_equal_the_per_image_path(checkpoint, val_dir, monkeypatch, workers, channels_last):
+def test_batched_results_equal_the_per_image_path(checkpoint, val_dir, reference, monkeypatch, workers,
+                                                  channels_last):
     net = load_eval_net(checkpoint)
     assert net.scales == [36, 42, 48]
     result, caught = evaluate_catching_probs([net], val_dir, monkeypatch, batch_size=3, workers=workers,
                                              channels_last=channels_last)
-    reference = per_image_reference(net, val_dir)
     labels = torch.tensor([label for _, label in ImageFolder(val_dir).samples])
     assert result["images"] == len(labels) == 12
     assert [row["method"] for row in result["rows"]] == [DENSE, MULTI_CROP, evaluation.BOTH]
