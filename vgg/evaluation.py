@@ -367,7 +367,7 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
         for positions, packed, batch_labels, unreadable in loader:
             vdata.warn_unreadable(unreadable)  # once per file, from this process (not the workers)
             skipped += len(unreadable)
-            bar.update(len(positions) + len(unreadable))
+            bar.update(len(positions) + len(unreadable))  # loaded; the net may run on them later
             if len(positions) == 0:
                 continue
             labels[positions] = batch_labels
