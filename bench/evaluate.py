@@ -163,7 +163,8 @@ def main(argv=None) -> str:
         within = {v: statistics.median(b / s for b, s in zip(seconds["baseline"][m], seconds[v][m]))
                   for v in ("new", "new-plain")}
         parts.append(f"{m}: {rate['new']:,.0f} img/s ({rate['new'] / rate['baseline']:.2f}x; {within['new']:.2f}x "
-                     f"within rounds), plain layout {rate['new-plain']:,.0f} ({rate['new-plain'] / rate['baseline']:.2f}x; "
+                     f"within rounds), plain layout {rate['new-plain']:,.0f} "
+                     f"({rate['new-plain'] / rate['baseline']:.2f}x; "
                      f"{within['new-plain']:.2f}x), baseline {rate['baseline']:,.0f}; per CPU-second "
                      f"{per_cpu['new']:,.0f} / {per_cpu['new-plain']:,.0f} / {per_cpu['baseline']:,.0f} img")
     figures = (f"evaluation end to end, {checkpoint}, {images[next(iter(methods))]} JPEGs of {val_dir}, "

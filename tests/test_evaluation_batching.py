@@ -111,7 +111,8 @@ def test_equal_sizes_from_different_loader_batches_fill_whole_batches(checkpoint
     net = load_eval_net(checkpoint)
     shapes = collections.Counter((q, *im.shape[1:]) for path, _ in ImageFolder(val_dir).samples
                                  for q, im in zip(net.scales, scaled_images(path, net.scales)))
-    assert all(n % 3 == 0 for n in shapes.values()) and len(shapes) == 9  # 3 sizes at each scale (64x48 and 200x150 agree)
+    # 3 sizes at each scale (64x48 and 200x150 rescale alike), each a multiple of 3 images.
+    assert all(n % 3 == 0 for n in shapes.values()) and len(shapes) == 9
     batches = []
     real_evaluate = evaluation._NetRunner.evaluate
 
@@ -175,5 +176,6 @@ def test_waiting_images_are_bounded_in_bytes_too():
     assert sorted(p for _, positions, _ in released for p in positions.tolist()) == [0, 1, 2]
     assert buckets.count == buckets.bytes == 0 and not buckets.pending
     packed = PackedImages.pack([torch.zeros(3, 2, 5, dtype=torch.uint8), torch.ones(3, 4, 1, dtype=torch.uint8)])
-    assert packed.pixels.shape == (3 * 2 * 5 + 3 * 4,) and [im.shape for im in packed.unpack()] == [(3, 2, 5), (3, 4, 1)]
+    assert packed.pixels.shape == (3 * 2 * 5 + 3 * 4,)
+    assert [im.shape for im in packed.unpack()] == [(3, 2, 5), (3, 4, 1)]
     assert np.array_equal(packed.unpack()[1].numpy(), np.ones((3, 4, 1)))
