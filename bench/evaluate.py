@@ -81,7 +81,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", default="checkpoints/demo/best.pt", help="the net to evaluate")
     parser.add_argument("--data", help="dataset root holding val/<wnid>/* (default: the checkpoint's training data)")
     parser.add_argument("--baseline", default="ca798b9", help="git revision of the evaluator to compare with")
-    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs both evaluators)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (each runs all three evaluators)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="DataLoader workers (evaluate.py's default: min(8, cores))")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (evaluate.py's default)")
