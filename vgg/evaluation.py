@@ -11,23 +11,30 @@ Per image and test scale Q (the smallest image side after isotropic rescaling, �
 Soft-max outputs (never logits) are then averaged over scales (Table 4 and 5), over both methods
 ("multi-crop & dense", Table 5) and over nets (ConvNet fusion, Table 6).
 
-Speed: each image is decoded once and rescaled to every scale any net needs, in loader workers.
-Dense images of equal size are grouped into buckets and run as one batch; the crops of several
-images go through the net together. On CUDA the nets run in bf16 autocast and channels-last.
+Speed (bench/evaluate.py, docs/benchmarks.md): each image is decoded once and rescaled to every
+scale any net needs, in loader workers; a worker hands a whole batch over as one flat uint8 tensor
+(`PackedImages`: one shared-memory transfer a batch, not one per image and scale). The main process
+groups the scaled images by (Q, H, W) over a large window (`_DenseBuckets`; ImageNet's photos come in
+a few sizes, so most groups fill) and runs each full group as one batch, dense and multi-crop alike:
+the 50 crops of equal-size images are cut from the whole batch at once. The nets run channels-last
+(on the CPU too, unless channels_last=False) and, on CUDA, in bf16 autocast.
 Distributed: each rank evaluates a disjoint shard (no padded repeats), and only per-class counts
 are summed across ranks, so every image is counted exactly once.
 """
 
+import copy
+import functools
 import json
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from vgg import data as vdata
 from vgg import shards as vshards
@@ -42,7 +49,10 @@ from vgg.transforms import EvalTransform, normalize
 GRID = 5  # a 5x5 grid of crops per scale (§4.2)
 SCALE_STEP = 32  # fixed-S nets are tested at Q = {S-32, S, S+32} (§4.2, Table 4)
 CROPS_PER_FORWARD = 250  # multi-crop: the 50 crops of 5 images per forward pass
-PENDING_LIMIT = 4  # dense: flush every bucket once this many batches' worth of images wait
+# Scaled images wait in buckets until `batch_size` of one size are there; once more than this many
+# batches' worth (or PENDING_BYTES) wait, every bucket is run as it is, so memory stays bounded.
+PENDING_LIMIT = 64
+PENDING_BYTES = 512 * 2**20
 DENSE, MULTI_CROP, BOTH = "dense", "multi-crop", "multi-crop & dense"
 
 
@@ -91,29 +101,41 @@ def crop_grid_positions(h: int, w: int, crop: int, n: int = GRID) -> list[tuple[
 
 
 def multi_crops(image: torch.Tensor, crop: int, n: int = GRID, flip: bool = True) -> torch.Tensor:
-    """[C,H,W] image -> [n*n (*2 with flips), C, crop, crop]: the grid crops, then their mirror images."""
-    crops = torch.stack([image[:, top:top + crop, left:left + crop]
-                         for top, left in crop_grid_positions(image.shape[1], image.shape[2], crop, n)])
+    """[C,H,W] image -> [n*n (*2 with flips), C, crop, crop]: the grid crops, then their mirror images.
+
+    A batch of equal-size images [B,C,H,W] -> [B, n*n (*2), C, crop, crop], the same crops per image.
+    """
+    crops = torch.stack([image[..., top:top + crop, left:left + crop]
+                         for top, left in crop_grid_positions(image.shape[-2], image.shape[-1], crop, n)], dim=-4)
     if flip:
-        crops = torch.cat([crops, crops.flip(-1)])
+        crops = torch.cat([crops, crops.flip(-1)], dim=-4)
     return crops
 
 
-def multi_crop_probs(model: nn.Module, images: list[torch.Tensor], crop: int, *, n: int = GRID,
+def multi_crop_probs(model: nn.Module, images, crop: int, *, n: int = GRID,
                      flip: bool = True, max_batch: int = CROPS_PER_FORWARD,
                      channels_last: bool = False) -> torch.Tensor:
-    """Soft-max averaged over each image's grid crops and flips (§4.2): float images [3,H,W] -> [B, classes].
+    """Soft-max averaged over each image's grid crops and flips (§4.2): float images -> [B, classes].
 
-    The images may differ in size; their crops all have the net's input size, so the crops of
-    several images are batched together, `max_batch` crops per forward pass.
+    `images`: a list of [3,H,W] images, which may differ in size (their crops all have the net's
+    input size, so the crops of several images are batched together), or a batch [B,3,H,W] of
+    equal-size images (cropped all at once, a few images at a time). `max_batch` crops per forward pass.
     """
-    crops = torch.cat([multi_crops(image, crop, n, flip) for image in images])
+    per_image = n * n * (2 if flip else 1)
+
+    def chunks():
+        if torch.is_tensor(images) and images.dim() == 4:
+            for group in images.split(max(1, max_batch // per_image)):
+                yield from multi_crops(group, crop, n, flip).flatten(0, 1).split(max_batch)
+        else:
+            yield from torch.cat([multi_crops(image, crop, n, flip) for image in images]).split(max_batch)
+
     probs = []
-    for chunk in crops.split(max_batch):
+    for chunk in chunks():
         if channels_last:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
         probs.append(F.softmax(model(chunk).float(), dim=1))
-    return torch.cat(probs).view(len(images), -1, probs[0].shape[1]).mean(dim=1)
+    return torch.cat(probs).view(len(images), per_image, -1).mean(dim=1)
 
 
 # --- Dense ---------------------------------------------------------------------------------------
@@ -265,13 +287,40 @@ class ShardDataset(Dataset):
         return i, *self.dataset[self.indices[i]]  # (i, images, label) or (i, None, label, Unreadable)
 
 
+class PackedImages(NamedTuple):
+    """uint8 images of any sizes in one flat tensor, and their shapes.
+
+    A loader worker hands each tensor of a batch over through shared memory, and each transfer has
+    a fixed cost: one flat tensor a batch crosses 2.4-3x faster than one tensor per image and scale
+    (issue 16). In a worker the flat tensor is written straight into shared memory (as default_collate does).
+    """
+
+    pixels: torch.Tensor  # uint8 [sum of the images' sizes]
+    shapes: list[tuple[int, ...]]  # each image's (C, H, W), in order
+
+    @classmethod
+    def pack(cls, images: list[torch.Tensor]) -> "PackedImages":
+        numel = sum(image.numel() for image in images)
+        out = None
+        if get_worker_info() is not None and images:
+            out = images[0].new(images[0]._typed_storage()._new_shared(numel, device=images[0].device))
+        flat = [image.reshape(-1) for image in images]
+        pixels = torch.cat(flat, out=out) if flat else torch.empty(0, dtype=torch.uint8)
+        return cls(pixels, [tuple(image.shape) for image in images])
+
+    def unpack(self) -> list[torch.Tensor]:
+        """The images again: views into `pixels`."""
+        sizes = [math.prod(shape) for shape in self.shapes]
+        return [flat.view(shape) for flat, shape in zip(self.pixels.split(sizes), self.shapes)]
+
+
 def collate_shard(items):
-    """-> (positions [B], per-image lists of uint8 images, labels [B], list of Unreadable); unreadable
-    images dropped (see vgg.data.collate_batch)."""
+    """-> (positions [B], PackedImages of each readable image's scaled copies, image by image and
+    scale by scale, labels [B], list of Unreadable); unreadable images dropped (see vgg.data.collate_batch)."""
     kept, unreadable = vdata.split_unreadable([item[1:] for item in items])
     positions = torch.tensor([item[0] for item in items if item[1] is not None], dtype=torch.int64)
     labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
-    return positions, [images for images, _ in kept], labels, unreadable
+    return positions, PackedImages.pack([image for images, _ in kept for image in images]), labels, unreadable
 
 
 # --- The evaluation loop -------------------------------------------------------------------------
@@ -286,7 +335,9 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     several nets the fused rows (soft-max averaged over nets). Each row has top-1/top-5 error and
     per-class accuracy. `rank`/`world_size`: this process's shard of the images (every image is
     evaluated on exactly one rank). Keeps each net's soft-max for this rank's images in memory
-    (images x classes floats per net and method).
+    (images x classes floats per net and method). `bf16`: autocast on CUDA. `channels_last`: the nets
+    and batches in channels-last memory format, on any device (on the CPU too it runs these nets about
+    twice as fast as the plain layout, bench/evaluate.py); the nets in `nets` are left as they are.
     """
     methods = [m for m in (DENSE, MULTI_CROP) if m in methods]
     if not methods:
@@ -294,8 +345,6 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     if not nets:
         raise UserError("no net to evaluate")
     device = torch.device(device)
-    on_cuda = device.type == "cuda"
-    channels_last = channels_last and on_cuda
     all_scales = sorted({q for net in nets for q in net.scales})
     dataset = open_val_set(nets, val_dir)
     val_dir, classes = Path(val_dir), dataset.classes
@@ -317,38 +366,38 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
         probs[net_i][method].index_add_(0, positions.to(device), p / len(nets[net_i].scales))
         filed[net_i][method].index_add_(0, positions, torch.ones_like(positions))
 
+    # Scaled images wait in buckets by (Q, H, W) until a batch of one size is full: each batch then
+    # goes through the net at once, for both methods (crops are cut from the whole batch).
     buckets = _DenseBuckets()
+    limit = PENDING_LIMIT * batch_size
 
-    def run_dense(key, positions, images) -> None:
+    def run(key, positions, images) -> None:
         q = key[0]
         for net_i, runner in enumerate(runners):
             if q in nets[net_i].scales:
-                file(net_i, DENSE, positions, runner.dense(images))
+                for method, p in runner.evaluate(images, methods).items():
+                    file(net_i, method, positions, p)
 
     # A with-block closes the bar on an error too, so an error line starts on a line of its own.
     with progress_bar(total=len(indices), unit="img", desc="evaluate", every_s=progress_every_s,
                       enabled=progress) as bar, torch.inference_mode(), autocast_context(device, bf16):
-        for positions, per_image, batch_labels, unreadable in loader:
+        for positions, packed, batch_labels, unreadable in loader:
             vdata.warn_unreadable(unreadable)  # once per file, from this process (not the workers)
             skipped += len(unreadable)
-            bar.update(len(positions) + len(unreadable))
+            bar.update(len(positions) + len(unreadable))  # loaded; the net may run on them later
             if len(positions) == 0:
                 continue
             labels[positions] = batch_labels
-            for scale_i, q in enumerate(all_scales):
-                images = [scaled[scale_i] for scaled in per_image]
-                if MULTI_CROP in methods:
-                    for net_i, runner in enumerate(runners):
-                        if q in nets[net_i].scales:
-                            file(net_i, MULTI_CROP, positions, runner.multi_crop(images))
-                if DENSE in methods:
-                    for pos, image in zip(positions.tolist(), images):
-                        buckets.add((q, *image.shape[1:]), pos, image)
-                    for key, pos, batch in buckets.pop_full(batch_size, PENDING_LIMIT * batch_size):
-                        run_dense(key, pos, batch)
-        if DENSE in methods:
-            for key, pos, batch in buckets.pop_all():
-                run_dense(key, pos, batch)
+            scaled = iter(packed.unpack())  # image by image, each at every scale in all_scales' order
+            for pos in positions.tolist():
+                for q in all_scales:
+                    image = next(scaled)
+                    # A copy, so that the worker's shared buffer is freed once this batch is done.
+                    buckets.add((q, *image.shape[1:]), pos, image.clone())
+            for key, pos, batch in buckets.pop_full(batch_size, limit, PENDING_BYTES):
+                run(key, pos, batch)
+        for key, pos, batch in buckets.pop_all():
+            run(key, pos, batch)
 
     readable = labels >= 0
     for net_i, net in enumerate(nets):
@@ -390,13 +439,20 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
 
 
 class _NetRunner:
-    """One net on the device: normalisation with its training mean RGB, its dense twin, its crop size."""
+    """One net on the device: normalisation with its training mean RGB, its dense twin, its crop size.
+
+    Works on copies of the net, so the caller's net keeps its device and layout.
+    """
 
     def __init__(self, net: EvalNet, device: torch.device, channels_last: bool):
         self.net, self.device, self.channels_last = net, device, channels_last
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = net.model.to(device, memory_format=memory_format).eval()
-        self.dense_model = to_dense(net.model).to(device, memory_format=memory_format).eval()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.dense_model = to_dense(net.model).to(device, memory_format=self.memory_format).eval()  # a copy
+
+    @functools.cached_property
+    def model(self) -> nn.Module:
+        """The net as trained (multi-crop), copied on first use: a dense-only run does not pay for it."""
+        return copy.deepcopy(self.net.model).to(self.device, memory_format=self.memory_format).eval()
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -404,43 +460,59 @@ class _NetRunner:
             images = images.contiguous(memory_format=torch.channels_last)
         return normalize(images, self.net.mean_rgb)  # no colour shift at test time
 
-    def multi_crop(self, images: list[torch.Tensor]) -> torch.Tensor:
-        return multi_crop_probs(self.model, [self.prepare(im) for im in images], self.net.crop_size,
-                                channels_last=self.channels_last)
+    def multi_crop(self, images) -> torch.Tensor:
+        """uint8 images: a list of [3,H,W] of any sizes, or an equal-size batch [B,3,H,W]."""
+        images = self.prepare(images) if torch.is_tensor(images) else [self.prepare(im) for im in images]
+        return multi_crop_probs(self.model, images, self.net.crop_size, channels_last=self.channels_last)
 
     def dense(self, images: torch.Tensor) -> torch.Tensor:
         return dense_probs(self.dense_model, self.prepare(images))
 
+    def evaluate(self, images: torch.Tensor, methods) -> dict[str, torch.Tensor]:
+        """An equal-size uint8 batch [B,3,H,W] -> {method: soft-max [B, classes]}, normalised once for both."""
+        x = self.prepare(images)
+        out = {}
+        if DENSE in methods:
+            out[DENSE] = dense_probs(self.dense_model, x)
+        if MULTI_CROP in methods:
+            out[MULTI_CROP] = multi_crop_probs(self.model, x, self.net.crop_size, channels_last=self.channels_last)
+        return out
+
 
 class _DenseBuckets:
-    """Images waiting for dense evaluation, grouped by (Q, H, W) so that each batch has one size."""
+    """Scaled images waiting to be evaluated, grouped by (Q, H, W) so that each batch has one size."""
 
     def __init__(self):
         self.pending: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+        self.count = self.bytes = 0
 
     def add(self, key: tuple, position: int, image: torch.Tensor) -> None:
         self.pending.setdefault(key, []).append((position, image))
+        self.count += 1
+        self.bytes += image.numel() * image.element_size()
 
-    def pop_full(self, batch_size: int, limit: int):
-        """Yield the full batches; if more than `limit` images still wait, everything (bounds memory)."""
-        flush_all = sum(len(items) for items in self.pending.values()) > limit
+    def pop_full(self, batch_size: int, limit: int, max_bytes: int | None = None):
+        """Yield the full batches; if more than `limit` images (or `max_bytes`) still wait, everything
+        (bounds memory)."""
+        flush_all = self.count > limit or (max_bytes is not None and self.bytes > max_bytes)
         for key in list(self.pending):
             items = self.pending[key]
             while len(items) >= batch_size or (flush_all and items):
                 batch, items = items[:batch_size], items[batch_size:]
-                yield self._stack(key, batch)
+                yield self._take(key, batch)
             if items:
                 self.pending[key] = items
             else:
                 del self.pending[key]
 
     def pop_all(self):
-        for key, items in self.pending.items():
-            yield self._stack(key, items)
-        self.pending = {}
+        pending, self.pending = self.pending, {}
+        for key, items in pending.items():
+            yield self._take(key, items)
 
-    @staticmethod
-    def _stack(key, items):
+    def _take(self, key, items):
+        self.count -= len(items)
+        self.bytes -= sum(im.numel() * im.element_size() for _, im in items)
         return key, torch.tensor([p for p, _ in items], dtype=torch.int64), torch.stack([im for _, im in items])
 
 
