@@ -77,7 +77,7 @@ class Config:
     gpus: int = field(default=1, metadata={"help": "processes (GPUs) on this machine; >1 uses DDP"})
     bf16: bool | str = field(default="auto", metadata={"help": "bf16 autocast: auto (on for CUDA), true or false"})
     channels_last: bool | str = field(default="auto", metadata={
-        "help": "channels-last memory format: auto (on for CUDA), true or false"})
+        "help": "channels-last memory format: auto (on for CUDA and the CPU), true or false"})
     compile: bool | str = field(default="auto", metadata={"help": "torch.compile the net: auto (on for CUDA), "
                                                                    "true or false"})
     cudnn_benchmark: bool = field(default=True, metadata={"help": "cuDNN autotuning on CUDA"})
@@ -106,13 +106,18 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-# Settings that are "auto" (on for CUDA, off for CPU: what pays off there) unless set true or false.
+# Settings that are "auto" (what pays off on the device) unless set true or false: bf16 and compile on
+# CUDA only; channels-last on the CPU too, where it was measured faster for these nets (bench/channels_last.py
+# and bench/evaluate.py, docs/benchmarks.md).
 AUTO_FIELDS = ("bf16", "channels_last", "compile")
 
 
-def speed_flag(value: bool | str, device: torch.device) -> bool:
-    """An AUTO_FIELDS value on `device`: "auto" is on for CUDA only; true/false hold on any device."""
-    return device.type == "cuda" if value == "auto" else value
+def speed_flag(value: bool | str, device: torch.device, *, auto_on_cpu: bool = False) -> bool:
+    """An AUTO_FIELDS value on `device`: "auto" is on for CUDA (and for the CPU if `auto_on_cpu`);
+    true/false hold on any device."""
+    if value == "auto":
+        return device.type == "cuda" or (auto_on_cpu and device.type == "cpu")
+    return value
 
 
 CHOICES = {"arch": ARCH_NAMES, "init": ("normal", "xavier", "default"), "device": ("auto", "cuda", "cpu"),

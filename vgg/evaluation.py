@@ -17,7 +17,7 @@ scale any net needs, in loader workers; a worker hands a whole batch over as one
 groups the scaled images by (Q, H, W) over a large window (`_DenseBuckets`; ImageNet's photos come in
 a few sizes, so most groups fill) and runs each full group as one batch, dense and multi-crop alike:
 the 50 crops of equal-size images are cut from the whole batch at once. The nets run channels-last
-(on the CPU too, unless channels_last=False) and, on CUDA, in bf16 autocast.
+(on the CPU too, unless channels_last=False) and, on CUDA, in bf16 autocast (unless bf16=False).
 Distributed: each rank evaluates a disjoint shard (no padded repeats), and only per-class counts
 are summed across ranks, so every image is counted exactly once.
 """
@@ -39,6 +39,7 @@ from torch.utils.data import Dataset, get_worker_info
 from vgg import data as vdata
 from vgg import shards as vshards
 from vgg.checkpoint import EVAL_KEYS, build_model_from_checkpoint, load_checkpoint
+from vgg.config import speed_flag
 from vgg.distributed import all_reduce_sum, progress_bar, shard_indices
 from vgg.engine import autocast_context, topk_hits
 from vgg.errors import UserError
@@ -326,7 +327,7 @@ def collate_shard(items):
 # --- The evaluation loop -------------------------------------------------------------------------
 
 def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=torch.device("cpu"),
-                     batch_size: int = 32, workers: int = 4, bf16: bool = True, channels_last: bool = True,
+                     batch_size: int = 32, workers: int = 4, bf16: bool | str = "auto", channels_last: bool | str = "auto",
                      rank: int = 0, world_size: int = 1, progress: bool = True,
                      progress_every_s: float = 30.0) -> dict:
     """Test `nets` on the images under `val_dir` with the given methods; returns the results, summed over ranks.
@@ -335,9 +336,9 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     several nets the fused rows (soft-max averaged over nets). Each row has top-1/top-5 error and
     per-class accuracy. `rank`/`world_size`: this process's shard of the images (every image is
     evaluated on exactly one rank). Keeps each net's soft-max for this rank's images in memory
-    (images x classes floats per net and method). `bf16`: autocast on CUDA. `channels_last`: the nets
-    and batches in channels-last memory format, on any device (on the CPU too it runs these nets about
-    twice as fast as the plain layout, bench/evaluate.py); the nets in `nets` are left as they are.
+    (images x classes floats per net and method). `bf16`, `channels_last`: config.speed_flag values
+    ("auto": bf16 on CUDA; channels-last on CUDA and the CPU, where it runs these nets about twice as
+    fast as the plain layout, bench/evaluate.py); the nets in `nets` are left as they are.
     """
     methods = [m for m in (DENSE, MULTI_CROP) if m in methods]
     if not methods:
@@ -353,7 +354,7 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     loader = vdata.build_loader(ShardDataset(dataset, indices), batch_size=batch_size, shuffle=False,
                                 workers=workers, collate_fn=collate_shard)
 
-    runners = [_NetRunner(net, device, channels_last) for net in nets]
+    runners = [_NetRunner(net, device, speed_flag(channels_last, device, auto_on_cpu=True)) for net in nets]
     # probs[net index][method]: this rank's images x classes, summed over that net's scales; kept on
     # the device so the loop never waits for a copy back to the host.
     probs = [{m: torch.zeros(len(indices), num_classes, device=device) for m in methods} for _ in nets]

@@ -318,7 +318,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
     # "auto" turns each on for CUDA only (they pay off there); true turns it on for any device, so CI
     # runs the CUDA configuration on its CPU.
     bf16 = speed_flag(config.bf16, device)
-    channels_last = speed_flag(config.channels_last, device)
+    channels_last = speed_flag(config.channels_last, device, auto_on_cpu=True)
     compile_net = speed_flag(config.compile, device)
     if config.batch_size % dist.world_size:
         raise UserError(f"the global batch {config.batch_size} does not split over {dist.world_size} processes")
