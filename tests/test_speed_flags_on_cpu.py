@@ -61,7 +61,7 @@ def tiny_dataset(sample_root, root):
     """3 classes of the sample dataset's readable JPEGs, 8 train and 8 val images each: every batch below
     is full, so the compiled net sees one input shape for training and one for validation."""
     for split in ("train", "val"):
-        for class_dir in sorted((sample_root / split).iterdir())[:3]:
+        for class_dir in sorted(p for p in (sample_root / split).iterdir() if p.is_dir())[:3]:
             (root / split / class_dir.name).mkdir(parents=True)
             for path in sorted(p for p in class_dir.iterdir() if "awkward" not in p.name)[:8]:
                 shutil.copy(path, root / split / class_dir.name / path.name)

@@ -26,7 +26,7 @@ def tiny_root(sample_root, tmp_path_factory):
     """3 classes of the sample set, 4 training and 2 validation JPEGs each (sorted, so the same files every run)."""
     root = tmp_path_factory.mktemp("zoo") / "tiny"
     for split, count in (("train", 4), ("val", 2)):
-        for wnid in sorted(p.name for p in (sample_root / split).iterdir())[5:8]:  # classes without awkward files
+        for wnid in sorted(p.name for p in (sample_root / split).iterdir() if p.is_dir())[5:8]:  # classes without awkward files
             (root / split / wnid).mkdir(parents=True)
             for path in sorted((sample_root / split / wnid).glob("*.JPEG"))[:count]:
                 shutil.copy(path, root / split / wnid / path.name)
