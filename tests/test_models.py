@@ -403,6 +403,8 @@ def test_every_refusal_is_one_exact_line():
          "net A takes 32x32 inputs, got (64, 32); use to_dense(net) for other sizes (§3.2)"),
         (lambda: to_dense(small("C"))(torch.zeros(1, 3, 31, 64)),
          "dense net C needs inputs of at least 32x32 (its training crop), got (31, 64)"),
+        (lambda: to_dense(small("C"))(torch.zeros(3, 16, 64)),  # an unbatched image, as torch's convs allow
+         "dense net C needs inputs of at least 32x32 (its training crop), got (16, 64)"),
         (lambda: warm_start(small("D"), small("B")), "warm start takes net A as its source, got net B"),
         (lambda: warm_start(small("D"), nn.Identity()), "warm start takes net A as its source, got net Identity()"),
         (lambda: warm_start(small("D"), small("A", width=1 / 8)),
