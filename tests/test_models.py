@@ -8,7 +8,7 @@ import torch.nn as nn
 import torchvision
 
 from vgg.errors import UserError
-from vgg.models import (CFGS, VGG, build_vgg, from_torchvision_state_dict, init_weights, to_dense,
+from vgg.models import (CFGS, VGG, build_vgg, from_torchvision_state_dict, init_weights, make_layers, to_dense,
                         to_torchvision_state_dict, warm_start)
 
 PARAMS = {"A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
@@ -329,6 +329,19 @@ def test_defaults_are_the_papers_net():
     assert meta("D").arch_kwargs() == paper
     with torch.device("meta"):
         assert build_vgg("D").arch_kwargs() == paper
+        features, _, channels = make_layers(CFGS["A"])  # full width unless told
+    assert channels == 512 and [m.out_channels for m in features if isinstance(m, nn.Conv2d)][:2] == [64, 128]
+    torch.manual_seed(0)
+    fc = nn.Linear(1000, 1000)
+    init_weights(fc)  # N(0, 0.01^2) unless told (§3.1)
+    assert abs(fc.weight.std().item() - 0.01) < 2e-4 and (fc.bias == 0).all()
+
+
+def test_the_smallest_allowed_nets_build():
+    """One class, one hidden unit, the 32-pixel crop and no dropout are all allowed."""
+    net = meta("A", num_classes=1, fc_width=1, image_size=32, dropout=0.0)
+    assert [(m.in_features, m.out_features) for m in net.classifier if isinstance(m, nn.Linear)] == [
+        (512, 1), (1, 1), (1, 1)]
 
 
 def test_build_vgg_initialises_with_the_scheme_asked_for():
@@ -400,6 +413,8 @@ def test_every_refusal_is_one_exact_line():
         (lambda: build_vgg("A", init="kaiming"), "unknown init 'kaiming'; allowed: normal, xavier"),
         (lambda: init_weights(nn.Linear(2, 2), "Normal"), "unknown init 'Normal'; allowed: normal, xavier"),
         (lambda: small("A")(torch.zeros(1, 3, 64, 32)),
+         "net A takes 32x32 inputs, got (64, 32); use to_dense(net) for other sizes (§3.2)"),
+        (lambda: small("A")(torch.zeros(3, 64, 32)),  # an unbatched image
          "net A takes 32x32 inputs, got (64, 32); use to_dense(net) for other sizes (§3.2)"),
         (lambda: to_dense(small("C"))(torch.zeros(1, 3, 31, 64)),
          "dense net C needs inputs of at least 32x32 (its training crop), got (31, 64)"),
