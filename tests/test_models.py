@@ -93,8 +93,8 @@ def test_small_nets_forward_backward_every_parameter_gets_a_gradient(name):
 def test_torchvision_weights_move_both_ways_with_the_same_logits():
     torch.manual_seed(0)
     theirs = torchvision.models.vgg16(weights=None).eval()  # torchvision's own (Kaiming) init
-    ours = VGG("D").eval()
-    ours.load_state_dict(from_torchvision_state_dict(theirs.state_dict()), strict=True)
+    ours = meta("D").eval()  # no init of its own: it takes torchvision's tensors
+    ours.load_state_dict(from_torchvision_state_dict(theirs.state_dict()), strict=True, assign=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         logits = ours(x)
