@@ -133,7 +133,7 @@ def test_tensorboard_section_beside_the_training_curves(tmp_path, monkeypatch):
     """The table as text and each row's per-class top-1 accuracy (classes with images only) as a
     histogram, in <log_dir>/<run_name>, under tags that keep several evaluations apart."""
     result = json.loads(json.dumps(RESULT))
-    result["rows"].append({**result["rows"][0], "net": "(x) ", "method": DENSE})  # a label to tidy
+    result["rows"].append({**result["rows"][0], "net": "(X) ", "method": DENSE})  # a label to tidy
     result["rows"].append({**result["rows"][0], "net": "empty", "per_class_top1_acc": [None] * 5})
     net = eval_net(tmp_path / "checkpoints" / "ckdir" / "best.pt",
                    {"log_dir": str(tmp_path / "logs"), "run_name": "run7"})
@@ -147,7 +147,7 @@ def test_tensorboard_section_beside_the_training_curves(tmp_path, monkeypatch):
         "nets: D (`checkpoints/D/best.pt`), E (`checkpoints/E/best.pt`)")
     prefix = "evaluation/q256/per_class_top1_acc/"
     assert sorted(events.Tags()["histograms"]) == sorted(
-        prefix + label for label in ("D_dense", "E_multi-crop", "fusion_D_+_E_multi-crop_&_dense", "x_dense"))
+        prefix + label for label in ("D_dense", "E_multi-crop", "fusion_D_+_E_multi-crop_&_dense", "X_dense"))
     for label, row in (("D_dense", 0), ("E_multi-crop", 1), ("fusion_D_+_E_multi-crop_&_dense", 2)):
         (event,) = events.Histograms(prefix + label)
         scored = [a for a in result["rows"][row]["per_class_top1_acc"] if a is not None]
