@@ -1,5 +1,6 @@
 """Dense and multi-crop evaluation (paper §3.2, §4): crops, scales, fusion, top-k error, exact counting."""
 
+import re
 import shutil
 
 import pytest
@@ -296,3 +297,117 @@ def test_results_table_and_files(checkpoint, val_dir, tmp_path):
     saved = json.loads(json_path.read_text())
     assert len(saved["rows"][0]["per_class_top1_acc"]) == len(saved["classes"])
     assert saved["images"] + saved["skipped"] == len(ImageFolder(val_dir, transform=None).samples)
+
+
+# --- Protocol details a user relies on (issue 18's mutation audit) ----------------------------------
+
+def exactly(text):
+    """A UserError's whole message, as one line."""
+    return "^" + re.escape(text) + "$"
+
+
+def test_test_scales_are_whole_pixels_even_for_an_odd_jitter_range():
+    for scales in (eval_scales(256, 513, 224), eval_scales(256, 513, 224, single_scale=True),
+                   eval_scales(255, 255, 224)):
+        assert all(type(q) is int for q in scales)
+    assert eval_scales(256, 513, 224) == [256, 384, 513]
+    assert eval_scales(256, 513, 224, single_scale=True) == [384]
+
+
+def test_crop_grid_rounds_its_spacing_and_centres_a_single_crop():
+    assert [t for t, _ in crop_grid_positions(227, 224, 224)[::5]] == [0, 1, 2, 2, 3]  # 3/4 apart, rounded
+    assert crop_grid_positions(41, 36, 32, n=1) == [(4, 2)]
+    assert crop_grid_positions(34, 33, 32, n=2) == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert all(type(v) is int for pos in crop_grid_positions(41, 36, 32, n=1) for v in pos)
+    assert len(multi_crops(torch.zeros(3, 40, 40), 32, n=2, flip=False)) == 4
+    assert len(multi_crops(torch.zeros(3, 40, 40), 32)) == 50  # 5x5 and their flips by default
+    for h, w in ((223, 300), (300, 223)):
+        with pytest.raises(UserError, match=exactly(f"image {h}x{w} is smaller than the 224x224 crop: "
+                                                    "test scales must be >= 224")):
+            crop_grid_positions(h, w, 224)
+    with pytest.raises(UserError, match=exactly("the crop grid needs n >= 1, got 0")):
+        crop_grid_positions(40, 40, 32, n=0)
+
+
+class Bf16Logits(nn.Module):
+    """Stand-in for a net under CUDA's bf16 autocast: bf16 logits (a class score map for 4-d inputs)."""
+
+    def forward(self, x):
+        scores = x[:, :4] * torch.tensor([1.0, 1.01, 1.02, 1.03]).view(1, 4, 1, 1)
+        return (scores if x.shape[-1] > 32 else scores[:, :, 0, 0]).to(torch.bfloat16)
+
+
+def test_soft_max_is_taken_in_float32_even_from_bf16_scores():
+    torch.manual_seed(0)
+    images = torch.rand(2, 4, 36, 40) * 3
+    for probs in (dense_probs(Bf16Logits(), images), multi_crop_probs(Bf16Logits(), list(images), 32)):
+        assert probs.dtype == torch.float32
+        torch.testing.assert_close(probs.sum(dim=1), torch.ones(2), rtol=0, atol=1e-6)
+
+
+def test_load_eval_net_reads_how_the_net_was_trained(checkpoint, classes, tmp_path):
+    net = load_eval_net(checkpoint.parent)  # a run folder means its best.pt
+    assert net.path == checkpoint and not net.model.training
+    assert (net.name, net.classes, net.crop_size, net.scale_min, net.scale_max, net.scales, net.train_s) == (
+        "A (tiny)", classes, CROP, 36, 48, [36, 42, 48], "[36;48]")
+    assert net.mean_rgb == list(IMAGENET_STATS.mean_rgb) and net.config["run_name"] == "tiny"
+    assert load_eval_net(checkpoint, single_scale=True).scales == [42]
+    given = load_eval_net(checkpoint, scales=[48, 32, 48])  # Q = the crop size is allowed
+    assert (given.scales, given.scale_min, given.scale_max) == ([32, 48], 36, 48)
+    with pytest.raises(UserError, match=exactly("--scales 16, 31 below the net's crop size 32: every Q must be >= 32")):
+        load_eval_net(checkpoint, scales=[16, 40, 31])
+    # Fixed S (only scale_min recorded), a run named after its net, no run name (the folder's).
+    fixed = write_tiny_checkpoint(tmp_path / "fixed" / "best.pt", classes, scale_max=None)
+    state = torch.load(fixed, weights_only=True)
+    del state["config"]["scale_max"]
+    state["config"]["run_name"] = "A"
+    torch.save(state, fixed)
+    net = load_eval_net(fixed)
+    assert (net.name, net.scale_min, net.scale_max, net.scales, net.train_s) == ("A", 36, 36, [32, 36, 68], "36")
+    del state["config"]["run_name"]
+    torch.save(state, fixed)
+    assert load_eval_net(fixed).name == "A (fixed)"
+
+
+def test_a_checkpoint_without_its_training_scale_needs_scales(classes, tmp_path):
+    path = write_tiny_checkpoint(tmp_path / "noscale" / "best.pt", classes)
+    state = torch.load(path, weights_only=True)
+    for config in ({"run_name": "x"}, None):
+        if config is None:
+            del state["config"]
+        else:
+            state["config"] = config
+        torch.save(state, path)
+        with pytest.raises(UserError, match=exactly(f"{path} does not record its training scale "
+                                                    "(config 'scale_min'): pass --scales")):
+            load_eval_net(path)
+        net = load_eval_net(path, scales=[40])
+        assert (net.scales, net.scale_min, net.scale_max) == ([40], 0, 0)
+
+
+def test_result_names_the_set_the_methods_and_the_nets(checkpoint, val_dir):
+    net = load_eval_net(checkpoint, single_scale=True)
+    result = evaluate([net], val_dir, methods=(MULTI_CROP, DENSE))
+    assert result["methods"] == [DENSE, MULTI_CROP]  # in the paper's order, whatever the order asked
+    assert (result["val_dir"], result["world_size"]) == (str(val_dir), 1)
+    assert result["nets"] == [{"name": "A (tiny)", "checkpoint": str(checkpoint), "train_s": "[36;48]",
+                               "test_q": [42]}]
+    assert [row["images"] for row in result["rows"]] == [result["images"]] * 3
+    assert result["images"] == sum(result["class_images"]) and result["images"] > 0
+    with pytest.raises(UserError, match=exactly(f"validation folder {val_dir / 'nope'} not found: --data must be "
+                                                "a root holding val/<wnid>/*")):
+        evaluate([net], val_dir / "nope")
+
+
+def test_a_class_without_readable_images_has_no_accuracy(checkpoint, val_dir, tmp_path):
+    copy = tmp_path / "val"
+    shutil.copytree(val_dir, copy)
+    folders = sorted(p for p in copy.iterdir() if p.is_dir())
+    for f in folders[1].iterdir():
+        f.unlink()
+    (folders[1] / "broken.JPEG").write_bytes(b"not a jpeg")
+    result = evaluate([load_eval_net(checkpoint, single_scale=True)], copy)
+    assert result["class_images"][1] == 0 and result["class_images"][0] > 0
+    for key in ("per_class_top1_acc", "per_class_top5_acc"):
+        accuracy = result["rows"][0][key]
+        assert accuracy[1] is None and all(a is not None for i, a in enumerate(accuracy) if i != 1)

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from vgg.errors import UserError
-from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, default_checkpoint, format_markdown, format_per_class,
-                            format_report, format_table, fuse, topk_errors, train_scale_text, write_results)
+from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, EvalNet, default_checkpoint, format_markdown, format_per_class,
+                            format_report, format_table, fuse, topk_errors, train_scale_text, write_results,
+                            write_tensorboard)
 
 RESULT = {
     "val_dir": "data/val", "images": 4, "skipped": 1, "world_size": 1, "methods": [DENSE, MULTI_CROP],
@@ -114,3 +115,52 @@ def test_scoring_one_image_and_nothing():
         topk_errors(scores[:0], torch.tensor([], dtype=torch.int64))
     with pytest.raises(UserError, match="^nothing to fuse$"):
         fuse([])
+
+
+def tensorboard_events(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+def eval_net(path, config):
+    return EvalNet(name="D", path=Path(path), model=None, classes=RESULT["classes"], mean_rgb=[0.0] * 3,
+                   crop_size=224, scale_min=256, scale_max=256, scales=[224, 256, 288], config=config)
+
+
+def test_tensorboard_section_beside_the_training_curves(tmp_path, monkeypatch):
+    """The table as text and each row's per-class top-1 accuracy (classes with images only) as a
+    histogram, in <log_dir>/<run_name>, under tags that keep several evaluations apart."""
+    result = json.loads(json.dumps(RESULT))
+    result["rows"].append({**result["rows"][0], "net": "(X) ", "method": DENSE})  # a label to tidy
+    result["rows"].append({**result["rows"][0], "net": "empty", "per_class_top1_acc": [None] * 5})
+    net = eval_net(tmp_path / "checkpoints" / "ckdir" / "best.pt",
+                   {"log_dir": str(tmp_path / "logs"), "run_name": "run7"})
+    folder = write_tensorboard(result, net, "q256")
+    assert folder == tmp_path / "logs" / "run7"
+    events = tensorboard_events(folder)
+    (text,) = events.Tensors("evaluation/q256/table/text_summary")
+    table = format_table(result["rows"], markdown=True)
+    assert text.step == 0 and text.tensor_proto.string_val[0].decode() == (
+        f"{table}\n\n4 images of `data/val` evaluated, 1 unreadable skipped; "
+        "nets: D (`checkpoints/D/best.pt`), E (`checkpoints/E/best.pt`)")
+    prefix = "evaluation/q256/per_class_top1_acc/"
+    assert sorted(events.Tags()["histograms"]) == sorted(
+        prefix + label for label in ("D_dense", "E_multi-crop", "fusion_D_+_E_multi-crop_&_dense", "X_dense"))
+    for label, row in (("D_dense", 0), ("E_multi-crop", 1), ("fusion_D_+_E_multi-crop_&_dense", 2)):
+        (event,) = events.Histograms(prefix + label)
+        scored = [a for a in result["rows"][row]["per_class_top1_acc"] if a is not None]
+        h = event.histogram_value
+        assert event.step == 0
+        assert (h.num, h.min, h.max, h.sum) == (len(scored), min(scored), max(scored), sum(scored))
+
+
+def test_tensorboard_folder_defaults_to_runs_and_the_checkpoints_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for config, expected in (({}, "runs/ckdir"), ({"log_dir": "", "run_name": "r"}, "runs/r"),
+                             ({"log_dir": None}, "runs/ckdir"), ({"log_dir": "tb"}, "tb/ckdir")):
+        net = eval_net(tmp_path / "checkpoints" / "ckdir" / "best.pt", config)
+        folder = write_tensorboard(RESULT, net, "e")
+        assert folder == Path(expected)
+        assert len(tensorboard_events(folder).Tags()["histograms"]) == 3

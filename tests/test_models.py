@@ -1,12 +1,14 @@
 """The nets of Table 1: structure, parameter counts (Table 2), torchvision interop, init, warm start, dense."""
 
+import re
+
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
 
 from vgg.errors import UserError
-from vgg.models import (CFGS, VGG, build_vgg, from_torchvision_state_dict, init_weights, to_dense,
+from vgg.models import (CFGS, VGG, build_vgg, from_torchvision_state_dict, init_weights, make_layers, to_dense,
                         to_torchvision_state_dict, warm_start)
 
 PARAMS = {"A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
@@ -91,8 +93,8 @@ def test_small_nets_forward_backward_every_parameter_gets_a_gradient(name):
 def test_torchvision_weights_move_both_ways_with_the_same_logits():
     torch.manual_seed(0)
     theirs = torchvision.models.vgg16(weights=None).eval()  # torchvision's own (Kaiming) init
-    ours = VGG("D").eval()
-    ours.load_state_dict(from_torchvision_state_dict(theirs.state_dict()), strict=True)
+    ours = meta("D").eval()  # no init of its own: it takes torchvision's tensors
+    ours.load_state_dict(from_torchvision_state_dict(theirs.state_dict()), strict=True, assign=True)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         logits = ours(x)
@@ -317,3 +319,119 @@ def test_dense_score_map_covers_the_whole_image_at_any_q(q, positions):
         touched[..., -1, -1] += 100.0  # the bottom-right pixel alone
         changed = (dense(touched) - score_map).abs().amax(dim=1)[0]
     assert changed[-1, -1] > 0  # the last position sees the border pixel
+
+
+# --- Protocol details a user relies on (issue 18's mutation audit) ----------------------------------
+
+def test_defaults_are_the_papers_net():
+    """VGG and build_vgg default to Table 1's full-size net for ILSVRC: 1000 classes, FC-4096, 224 crop, dropout 0.5."""
+    paper = {"name": "D", "num_classes": 1000, "width": 1.0, "fc_width": 4096, "image_size": 224, "dropout": 0.5}
+    assert meta("D").arch_kwargs() == paper
+    with torch.device("meta"):
+        assert build_vgg("D").arch_kwargs() == paper
+        features, _, channels = make_layers(CFGS["A"])  # full width unless told
+    assert channels == 512 and [m.out_channels for m in features if isinstance(m, nn.Conv2d)][:2] == [64, 128]
+    torch.manual_seed(0)
+    fc = nn.Linear(1000, 1000)
+    init_weights(fc)  # N(0, 0.01^2) unless told (§3.1)
+    assert abs(fc.weight.std().item() - 0.01) < 2e-4 and (fc.bias == 0).all()
+
+
+def test_the_smallest_allowed_nets_build():
+    """One class, one hidden unit, the 32-pixel crop and no dropout are all allowed."""
+    net = meta("A", num_classes=1, fc_width=1, image_size=32, dropout=0.0)
+    assert [(m.in_features, m.out_features) for m in net.classifier if isinstance(m, nn.Linear)] == [
+        (512, 1), (1, 1), (1, 1)]
+
+
+def test_build_vgg_initialises_with_the_scheme_asked_for():
+    torch.manual_seed(0)
+    default = build_vgg("A", num_classes=10, width=0.5, fc_width=512, image_size=64)  # N(0, 0.01^2) (§3.1)
+    assert abs(default.classifier[0].weight.std().item() - 0.01) < 2e-4
+    xavier = build_vgg("A", num_classes=10, width=0.5, fc_width=512, image_size=64, init="xavier")
+    conv = xavier.features[0].weight  # fan_in 27, fan_out 32 * 9
+    bound = (6 / (27 + 32 * 9)) ** 0.5
+    assert 0.9 * bound < conv.abs().max() <= bound
+    assert all((m.bias == 0).all() for m in xavier.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+
+
+def test_dropout_acts_in_training_only_with_the_rate_asked_for():
+    torch.manual_seed(0)
+    model = small("A", dropout=0.25, init="xavier")
+    assert [m.p for m in model.classifier if isinstance(m, nn.Dropout)] == [0.25, 0.25]
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.equal(model(x), model(x))  # a fresh dropout mask each forward
+    model.eval()
+    torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
+    no_dropout = small("A", dropout=0.0)  # 0 is allowed: no dropout at all
+    no_dropout.train()
+    train_out = no_dropout(x)
+    no_dropout.eval()
+    torch.testing.assert_close(train_out, no_dropout(x))
+
+
+def test_dense_net_keeps_the_nets_dtype_and_facts():
+    torch.manual_seed(0)
+    model = small("B", init="xavier").double().eval()
+    dense = to_dense(model).eval()
+    assert (dense.arch_name, dense.num_classes, dense.min_input_size) == ("B", 10, 32)
+    assert all(p.dtype == torch.float64 for p in dense.parameters())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x).flatten(1), model(x))
+
+
+def test_state_dict_conversion_returns_a_copy_of_the_mapping():
+    state = meta("A").state_dict()
+    for convert in (from_torchvision_state_dict, to_torchvision_state_dict):
+        converted = convert(state)
+        assert converted == state and converted is not state
+
+
+def message(text):
+    """A UserError's whole message, as one line."""
+    return "^" + re.escape(text) + "$"
+
+
+def test_every_refusal_is_one_exact_line():
+    cases = [
+        (lambda: build_vgg("F"), "unknown VGG configuration 'F'; allowed: A, A-LRN, B, C, D, E"),
+        (lambda: meta("F"), "unknown VGG configuration 'F'; allowed: A, A-LRN, B, C, D, E"),
+        (lambda: meta("A", image_size=100),
+         "image_size must be a multiple of 32 (five 2x2 max-pools) and at least 32, got 100"),
+        (lambda: meta("A", image_size=64.0),
+         "image_size must be a multiple of 32 (five 2x2 max-pools) and at least 32, got 64.0"),
+        (lambda: meta("A", width=0), "width must be a positive channel multiplier (1.0 is the paper's), got 0"),
+        (lambda: meta("A", width=-1.0), "width must be a positive channel multiplier (1.0 is the paper's), got -1.0"),
+        (lambda: meta("A", fc_width=0), "fc_width must be a positive integer (4096 is the paper's), got 0"),
+        (lambda: meta("A", fc_width=64.0), "fc_width must be a positive integer (4096 is the paper's), got 64.0"),
+        (lambda: meta("A", num_classes=0), "num_classes must be a positive integer, got 0"),
+        (lambda: meta("A", num_classes=10.0), "num_classes must be a positive integer, got 10.0"),
+        (lambda: meta("A", dropout=1.0), "dropout must be in [0, 1) (0.5 is the paper's), got 1.0"),
+        (lambda: meta("A", dropout=-0.1), "dropout must be in [0, 1) (0.5 is the paper's), got -0.1"),
+        (lambda: build_vgg("A", init="kaiming"), "unknown init 'kaiming'; allowed: normal, xavier"),
+        (lambda: init_weights(nn.Linear(2, 2), "Normal"), "unknown init 'Normal'; allowed: normal, xavier"),
+        (lambda: small("A")(torch.zeros(1, 3, 64, 32)),
+         "net A takes 32x32 inputs, got (64, 32); use to_dense(net) for other sizes (§3.2)"),
+        (lambda: small("A")(torch.zeros(3, 64, 32)),  # an unbatched image
+         "net A takes 32x32 inputs, got (64, 32); use to_dense(net) for other sizes (§3.2)"),
+        (lambda: to_dense(small("C"))(torch.zeros(1, 3, 31, 64)),
+         "dense net C needs inputs of at least 32x32 (its training crop), got (31, 64)"),
+        (lambda: to_dense(small("C"))(torch.zeros(3, 16, 64)),  # an unbatched image, as torch's convs allow
+         "dense net C needs inputs of at least 32x32 (its training crop), got (16, 64)"),
+        (lambda: warm_start(small("D"), small("B")), "warm start takes net A as its source, got net B"),
+        (lambda: warm_start(small("D"), nn.Identity()), "warm start takes net A as its source, got net Identity()"),
+        (lambda: warm_start(small("D"), small("A", width=1 / 8)),
+         "warm start: features.0.weight of net A has shape (8, 3, 3, 3), features.0.weight of net D (4, 3, 3, 3) "
+         "(same width, fc_width, image_size and num_classes needed)"),
+        (lambda: from_torchvision_state_dict({k: torch.zeros(1) for k in "abcde"}),
+         "not a state dict of VGG net A, A-LRN, B, C, D or E (keys: a, b, c, d, ...)"),
+        (lambda: to_torchvision_state_dict(meta("C").state_dict()),
+         "net C has no torchvision counterpart; only A (vgg11), B (vgg13), D (vgg16), E (vgg19) do"),
+        (lambda: from_torchvision_state_dict(meta("B").state_dict(), "D"),
+         "not a state dict of net D / torchvision vgg16"),
+    ]
+    for call, text in cases:
+        with pytest.raises(UserError, match=message(text)):
+            call()
