@@ -3,12 +3,15 @@ hand-computed results: the batch's colour shift, top-k hits, the weighted SGD st
 sums and syncs (logging, checkpoints, stop requests, a resumed epoch's start), NaN detection and
 validation's counting."""
 
+import logging
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from test_hardening_ddp_data import LogLines
 from vgg.data import DatasetStats, Unreadable
 from vgg.engine import BatchAugment, NonFiniteLossError, topk_hits, train_one_epoch, train_step, validate
 from vgg.models import build_vgg
@@ -314,7 +317,7 @@ def test_a_nonfinite_loss_stops_at_the_sync_and_names_the_step():
     model = net()
     with torch.no_grad():
         model.classifier[-1].bias[0] = math.inf  # inf - inf in the softmax: a NaN loss
-    with pytest.raises(NonFiniteLossError, match="in epoch 3 before step 2"):
+    with pytest.raises(NonFiniteLossError, match="NaN/inf in epoch 3 before step 2; stopping. The last good"):
         train_one_epoch(model, [labelled(2, 70 + k) for k in range(4)], torch.optim.SGD(model.parameters(), lr=0.0),
                         BatchAugment(STATS, CPU), epoch=3, num_steps=4, log_every=2, bf16=False)
     # A placeholder step's loss is checked too (0 * NaN would still reach the weights).
@@ -338,3 +341,94 @@ def test_validate_counts_a_single_image_and_an_empty_set():
     empty = validate(model, [empty_batch(3)], BatchAugment(STATS, CPU), bf16=False)
     assert (empty["images"], empty["skipped"], empty["loss"], empty["top1"]) == (0, 3, 0.0, 0.0)
     assert [f.path for f in empty["unreadable"]] == [f"/data/train/n0/empty{k}.JPEG" for k in range(3)]
+
+
+# --- More of the epoch: the whole SGD update, a NaN in one step, progress lines, defaults --------------
+
+def crops(n: int, seed: int):
+    """A training batch as the loader hands it on: uint8 crops with their alphas, and labels."""
+    g = torch.Generator().manual_seed(seed + 2000)
+    return TrainCrop(images(n, seed), torch.randn(n, 3, generator=g)), torch.randint(0, 7, (n,), generator=g), []
+
+
+def test_an_epoch_is_one_sgd_step_per_batch_on_its_colour_shifted_crops():
+    """Momentum SGD over two batches equals train_step on each batch, mean-subtracted and shifted by
+    each crop's own alphas (std 0.1) by hand; the loss sum is kept in float64, exactly."""
+    batches = [crops(5, 90), crops(3, 91)]
+    model, reference = net(), net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    metrics = train_one_epoch(model, batches, optimizer, BatchAugment(STATS, CPU), epoch=0, num_steps=2,
+                              log_every=1, bf16=False)
+    ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9)
+    loss_sum = 0.0
+    for (x, alphas), y, _ in batches:
+        inputs = x.float() - torch.tensor(STATS.mean_rgb).view(1, 3, 1, 1) + hand_shift(alphas, 0.1).view(-1, 3, 1, 1)
+        _, loss = train_step(reference, inputs, y, ref_optimizer, bf16=False)
+        loss_sum += loss.double().item() * len(y)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), net().parameters()))
+    assert metrics["images"] == 8 and metrics["sums"][0] == pytest.approx(loss_sum, rel=1e-5)
+
+
+class NanOnce(torch.nn.Module):
+    """The net, with NaN logits in its first forward pass only."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.inner(x)
+        return out * math.nan if self.calls == 1 else out
+
+
+class NoStep:
+    """An optimizer that never changes the weights, so one NaN loss cannot spread to later steps."""
+
+    param_groups = [{"lr": 0.0}]
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+    def step(self):
+        pass
+
+
+def test_one_nonfinite_step_between_syncs_is_enough_to_stop():
+    model = NanOnce(net())
+    with pytest.raises(NonFiniteLossError, match=r"in epoch 0 before step 2; stopping\. The last good checkpoint "
+                                                 r"is untouched; try a lower --lr"):
+        train_one_epoch(model, [labelled(2, 95 + k) for k in range(3)], NoStep(), BatchAugment(STATS, CPU),
+                        epoch=0, num_steps=3, log_every=2, bf16=False)
+    assert model.calls == 2  # it stopped at the first sync after the NaN
+
+
+def test_progress_lines_count_the_steps_and_show_the_running_metrics(capsys, caplog):
+    """A log that is a file gets plain lines (every update with progress_every_s=0): steps done of the
+    epoch's (a resumed epoch counts from its start step), then the running loss, top-1 error and speed."""
+    caplog.set_level(logging.INFO, logger="vgg")  # (as the CLIs set it)
+    model = net()
+    batches = [labelled(4, 100 + k) for k in range(2)]
+    with LogLines("vgg") as lines:
+        metrics = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0),
+                                  BatchAugment(STATS, CPU, color_shift_std=0.0), epoch=3, num_steps=3, start_step=1,
+                                  log_every=1, bf16=False, progress_every_s=0)
+    first = brute_force(model, batches[:1])
+    assert len(lines) == 2
+    assert re.fullmatch(r"epoch 3: 2/3 steps, \d+ s", lines[0]), lines
+    expected = (f"loss {first[0] / first[3]:.3f}, top1_err {100 * (1 - first[1] / first[3]):.1f}%, img_s ")
+    assert re.fullmatch(r"epoch 3: 3/3 steps, \d+ s, " + re.escape(expected) + r"\d+", lines[1]), lines
+    assert metrics["step"] == 3
+
+
+def test_by_default_an_epoch_syncs_every_20_steps_and_never_checkpoints():
+    model = net()
+    writer, saved = Recorder(), []
+    metrics = train_one_epoch(model, [labelled(1, 110 + k) for k in range(21)], torch.optim.SGD(model.parameters(),
+                              lr=0.0), BatchAugment(STATS, CPU), epoch=0, num_steps=21, bf16=False, writer=writer,
+                              on_checkpoint=lambda step, sums: saved.append(step))
+    assert writer.steps("train/loss") == [20, 21] and saved == [] and metrics["images"] == 21
+    # The epoch's speed is its images over its time.
+    assert metrics["images_per_s"] == pytest.approx(metrics["images"] / metrics["epoch_time_s"], rel=1e-6)
