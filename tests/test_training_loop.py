@@ -113,6 +113,12 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
         assert vtrainer.run(longer, resume=str(run_dir)) == {}
     assert lines[-1] == f"done: best val top-1 err {100 - ckpt['best_top1']:.1f}%; checkpoints in {run_dir}"
     assert len(metrics_rows(run_dir)) == 2
+    # `if-exists` outside SLURM: the plain line.
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with LogLines("vgg") as lines:
+        vtrainer.run(longer, resume="if-exists")
+    assert f"resuming {run_dir / 'last.pt'}" in lines
 
 
 # --- Steps per epoch, the mid-epoch checkpoint, refusals ---------------------------------------------
