@@ -401,3 +401,18 @@ def test_transform_benchmark_runs(tmp_path):
                             capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ours" in result.stdout and "torchvision v2" in result.stdout and len(list(tmp_path.glob("*.JPEG"))) == 4
+
+
+def test_32_bit_grey_is_clipped_to_16_bits_before_scaling_to_8():
+    """Mode "I" holds 32-bit values: below 0 reads as black, above 65535 as white, not wrapped around."""
+    image = Image.fromarray(np.array([[-5, 0, 257 * 7, 65535, 70000]], dtype=np.int32))
+    assert image.mode == "I"
+    assert np.asarray(load_rgb(image))[0, :, 0].tolist() == [0, 0, 7, 255, 255]
+
+
+def test_sample_seeds_are_64_bit():
+    """Each sample's generator gets a full 64-bit seed (with 32-bit ones, about 190 pairs of ImageNet's
+    1.28 M training images would share their draws in every epoch)."""
+    seeds = [sample_generator(seed, epoch, index).initial_seed() for seed in (0, 1) for epoch in (0, 7)
+             for index in (0, 1, 1_281_166)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) >= 2**32
