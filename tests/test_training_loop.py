@@ -143,16 +143,25 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
     """12 training images, batch 4, no step limit: 3 steps; checkpoint_every 2: last.pt at step 2."""
     root = small_dataset(tmp_path / "small")
     config = tiny_config(root, tmp_path, run_name="full", epochs=1, batch_size=4, steps_per_epoch=0, workers=0,
-                         stats="imagenet", log_every=100, checkpoint_every=2)
-    on_disk = []
-    real_validate = vtrainer.validate
+                         stats="imagenet", log_every=100, checkpoint_every=2, color_shift_std=0.25)
+    on_disk, augments = [], []
+    real_validate, real_train_one_epoch = vtrainer.validate, vtrainer.train_one_epoch
+
+    def spying_train_one_epoch(model, loader, optimizer, augment, **kwargs):
+        augments.append(augment)
+        return real_train_one_epoch(model, loader, optimizer, augment, **kwargs)
 
     def spying_validate(*args, **kwargs):
         on_disk.append(load_checkpoint(tmp_path / "checkpoints" / "full" / "last.pt"))
         return {**real_validate(*args, **kwargs), "top1": 0.0}  # no image right: still the best so far
 
     monkeypatch.setattr(vtrainer, "validate", spying_validate)
+    monkeypatch.setattr(vtrainer, "train_one_epoch", spying_train_one_epoch)
     vtrainer.run(config)
+    # The configured colour shift; a placeholder batch's alphas come from a generator of their own,
+    # not from torch's global RNG (dropout's).
+    ((augment,),) = [augments]
+    assert augment.color_shift_std == 0.25 and augment.generator is not None
     (row,) = metrics_rows(tmp_path / "checkpoints" / "full")
     assert row["train_images"] == 12 and row["val_images"] == 4
     (mid,) = on_disk
