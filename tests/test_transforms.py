@@ -417,3 +417,20 @@ def test_sample_seeds_are_64_bit():
     seeds = [sample_generator(seed, epoch, index).initial_seed() for seed in (0, 1) for epoch in (0, 7)
              for index in (0, 1, 1_281_166)]
     assert len(set(seeds)) == len(seeds) and max(seeds) >= 2**32
+
+
+def test_a_samples_crop_and_alphas_come_from_its_own_generator():
+    """TrainTransform draws S, the crop, the flip, then the three alphas from sample_generator(seed,
+    epoch, index), whatever torch's global RNG holds; the default seed is 0."""
+    image = Image.fromarray(skdata.chelsea()).resize((90, 60))  # width 90, height 60
+    transform = TrainTransform(crop_size=32, scale_min=36, scale_max=48)
+    transform.set_epoch(2)
+    torch.manual_seed(1)
+    first = transform(image, index=5)
+    torch.manual_seed(2)
+    again = transform(image, index=5)
+    assert torch.equal(first.image, again.image) and torch.equal(first.alphas, again.alphas)
+    g = sample_generator(0, 2, 5)
+    draw_train_crop(60, 90, crop_size=32, scale_min=36, scale_max=48, generator=g)
+    expected = draw_alphas(g)
+    assert expected.shape == (3,) and torch.equal(first.alphas, expected)
