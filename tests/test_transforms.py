@@ -406,9 +406,9 @@ def test_transform_benchmark_runs(tmp_path):
 def test_32_bit_grey_is_clipped_to_16_bits_before_scaling_to_8():
     """Mode "I" holds 32-bit values: below 0 reads as black, above 65535 as white, not wrapped around;
     in between, v * 255 / 65535 rounded to the nearest 8-bit value."""
-    image = Image.fromarray(np.array([[-5, 0, 128, 129, 257 * 7, 65406, 65535, 70000]], dtype=np.int32))
+    image = Image.fromarray(np.array([[-1000, 0, 128, 129, 257 * 7, 32768, 65406, 65535, 70000]], dtype=np.int32))
     assert image.mode == "I"
-    assert np.asarray(load_rgb(image))[0, :, 0].tolist() == [0, 0, 0, 1, 7, 254, 255, 255]
+    assert np.asarray(load_rgb(image))[0, :, 0].tolist() == [0, 0, 0, 1, 7, 128, 254, 255, 255]
 
 
 def test_sample_seeds_are_64_bit():
