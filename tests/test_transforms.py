@@ -401,3 +401,36 @@ def test_transform_benchmark_runs(tmp_path):
                             capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ours" in result.stdout and "torchvision v2" in result.stdout and len(list(tmp_path.glob("*.JPEG"))) == 4
+
+
+def test_32_bit_grey_is_clipped_to_16_bits_before_scaling_to_8():
+    """Mode "I" holds 32-bit values: below 0 reads as black, above 65535 as white, not wrapped around;
+    in between, v * 255 / 65535 rounded to the nearest 8-bit value."""
+    image = Image.fromarray(np.array([[-1000, 0, 128, 129, 257 * 7, 32768, 65406, 65535, 70000]], dtype=np.int32))
+    assert image.mode == "I"
+    assert np.asarray(load_rgb(image))[0, :, 0].tolist() == [0, 0, 0, 1, 7, 128, 254, 255, 255]
+
+
+def test_sample_seeds_are_64_bit():
+    """Each sample's generator gets a full 64-bit seed (with 32-bit ones, about 190 pairs of ImageNet's
+    1.28 M training images would share their draws in every epoch)."""
+    seeds = [sample_generator(seed, epoch, index).initial_seed() for seed in (0, 1) for epoch in (0, 7)
+             for index in (0, 1, 1_281_166)]
+    assert len(set(seeds)) == len(seeds) and max(seeds) >= 2**32
+
+
+def test_a_samples_crop_and_alphas_come_from_its_own_generator():
+    """TrainTransform draws S, the crop, the flip, then the three alphas from sample_generator(seed,
+    epoch, index), whatever torch's global RNG holds; the default seed is 0."""
+    image = Image.fromarray(skdata.chelsea()).resize((90, 60))  # width 90, height 60
+    transform = TrainTransform(crop_size=32, scale_min=36, scale_max=48)
+    transform.set_epoch(2)
+    torch.manual_seed(1)
+    first = transform(image, index=5)
+    torch.manual_seed(2)
+    again = transform(image, index=5)
+    assert torch.equal(first.image, again.image) and torch.equal(first.alphas, again.alphas)
+    g = sample_generator(0, 2, 5)
+    draw_train_crop(60, 90, crop_size=32, scale_min=36, scale_max=48, generator=g)
+    expected = draw_alphas(g)
+    assert expected.shape == (3,) and torch.equal(first.alphas, expected)
