@@ -306,9 +306,9 @@ def test_an_unreadable_batch_is_a_black_placeholder_of_the_nets_size(attribute):
     metrics = train_one_epoch(model, [empty_batch(4)], torch.optim.SGD(model.parameters(), lr=0.1),
                               BatchAugment(STATS, CPU, color_shift_std=0.0), epoch=0, num_steps=1, bf16=False)
     assert metrics["images"] == 0 and metrics["skipped"] == 4 and metrics["sums"][:3] == [0.0, 0.0, 0.0]
-    # One black image (0 minus the mean), at the net's input size.
-    assert model.seen.shape == (1, 3, 32, 32)
-    torch.testing.assert_close(model.seen, normalize(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), STATS.mean_rgb))
+    # Two black images (0 minus the mean; two, for batch norm), at the net's input size.
+    assert model.seen.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(model.seen, normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), STATS.mean_rgb))
 
 
 # --- NaN/inf -----------------------------------------------------------------------------------------

@@ -190,11 +190,11 @@ def test_auxiliary_losses_are_weighted_as_their_papers_say():
     main, aux2, aux1 = torch.randn(3, 2, 4).unbind(0)
     outputs = torchvision.models.GoogLeNetOutputs(main, aux2, aux1)
     expected = F.cross_entropy(main, labels) + 0.3 * (F.cross_entropy(aux2, labels) + F.cross_entropy(aux1, labels))
-    assert torch.allclose(zoo.training_loss(outputs, labels, "googlenet"), expected)
+    assert torch.allclose(zoo.training_loss(outputs, labels), expected)
     outputs = torchvision.models.InceptionOutputs(main, aux1)
     expected = F.cross_entropy(main, labels) + 0.4 * F.cross_entropy(aux1, labels)
-    assert torch.allclose(zoo.training_loss(outputs, labels, "inception_v3"), expected)
-    assert torch.equal(zoo.training_loss(main, labels, "resnet18"), F.cross_entropy(main, labels))
+    assert torch.allclose(zoo.training_loss(outputs, labels), expected)
+    assert torch.equal(zoo.training_loss(main, labels), F.cross_entropy(main, labels))
     assert zoo.main_logits(outputs) is main
 
 

@@ -111,7 +111,7 @@ def train_step(model, images: torch.Tensor, labels: torch.Tensor, optimizer, *, 
     with autocast_context(images.device, bf16):
         outputs = model(images)
     # fp32 cross-entropy, plus the auxiliary heads' of GoogLeNet and Inception-v3 (vgg.zoo)
-    loss = training_loss(outputs, labels, _net(model).arch_name)
+    loss = training_loss(outputs, labels)
     logits = main_logits(outputs)
     optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()

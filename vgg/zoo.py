@@ -148,15 +148,20 @@ def main_logits(outputs) -> torch.Tensor:
     return outputs if isinstance(outputs, torch.Tensor) else outputs[0]
 
 
-def training_loss(outputs, labels: torch.Tensor, arch_name: str) -> torch.Tensor:
+# The named tuples torchvision's nets return in training mode with their auxiliary heads.
+AUX_OUTPUTS = {"GoogLeNetOutputs": "googlenet", "InceptionOutputs": "inception_v3"}
+
+
+def training_loss(outputs, labels: torch.Tensor) -> torch.Tensor:
     """fp32 soft-max cross-entropy of the main classifier, plus each auxiliary classifier's weighted by
     AUX_LOSS_WEIGHT for the nets that have them (their auxiliary heads only train; testing uses the main)."""
     loss = F.cross_entropy(main_logits(outputs).float(), labels)
     if isinstance(outputs, torch.Tensor):
         return loss
+    weight = AUX_LOSS_WEIGHT[AUX_OUTPUTS[type(outputs).__name__]]
     for aux in outputs[1:]:
         if aux is not None:
-            loss = loss + AUX_LOSS_WEIGHT[arch_name] * F.cross_entropy(aux.float(), labels)
+            loss = loss + weight * F.cross_entropy(aux.float(), labels)
     return loss
 
 
