@@ -270,3 +270,22 @@ def test_devkit_unpacked_and_copies(sample_root, tmp_path):
     counts = prepare("kaggle", tmp_path / "kaggle", tmp_path / "copied", copy=True)
     assert counts["copied"] == len(CLASSES) * (TRAIN_PER_CLASS + VAL_PER_CLASS) and "linked" not in counts
     assert next((tmp_path / "copied" / "train" / CLASSES[0]).iterdir()).stat().st_nlink == 1
+
+
+def test_a_flat_val_folder_is_checked_before_anything_is_linked(tmp_path):
+    """Kaggle's and the devkit's val/ are flat: class folders there, or a labelled image missing, is one line."""
+    from vgg.errors import UserError
+    from vgg.prepare import flat_val_files
+
+    val = tmp_path / "val"
+    (val / "n01440764").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"holds class folders: Kaggle's val/ is flat \(already sorted\?"):
+        flat_val_files(val, {}, "LOC_val_solution.csv", "Kaggle's")
+    (val / "n01440764").rmdir()
+    (val / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
+    labels = {"ILSVRC2012_val_00000001.JPEG": "n01440764", "ILSVRC2012_val_00000002.JPEG": "n01443537"}
+    with pytest.raises(UserError, match=r"^1 images named in truth.txt are not in .*val \(first: ILSVRC2012_val_00000002"):
+        flat_val_files(val, labels, "truth.txt", "the release's")
+    del labels["ILSVRC2012_val_00000002.JPEG"]
+    assert flat_val_files(val, labels, "truth.txt", "the release's") == {
+        "ILSVRC2012_val_00000001.JPEG": val / "ILSVRC2012_val_00000001.JPEG"}

@@ -151,6 +151,19 @@ class Writer:
         (self.dest / DONE_NAME).write_text(json.dumps(done, indent=1, sort_keys=True))
 
 
+def flat_val_files(val_dir: Path, labels: dict[str, str], labels_file: str, whose: str) -> dict[str, Path]:
+    """name -> path of a flat val/ folder's images, every image `labels` names among them (one line if not)."""
+    val_classes, val_files = split_layout(val_dir)
+    if val_classes:
+        raise UserError(f"{val_dir} holds class folders: {whose} val/ is flat (already sorted? then "
+                        "point train.py at a root holding train/ and val/ directly)")
+    present = {p.name: p for p in val_files}
+    missing = sorted(set(labels) - set(present))
+    if missing:
+        raise UserError(f"{len(missing)} images named in {labels_file} are not in {val_dir} (first: {missing[0]})")
+    return present
+
+
 def link_all(writer: Writer, split: str, files: list[tuple[str, Path]], every_s: float) -> None:
     """(wnid, file) pairs -> DEST/split/wnid/file, with a progress bar."""
     with progress_bar(total=len(files), desc=f"{split}: linking", unit="img", every_s=every_s) as bar:
@@ -232,14 +245,7 @@ def prepare_kaggle(src: Path, writer: Writer, every_s: float) -> None:
     if unknown:
         raise UserError(f"{csv} labels images with wnids not among the {len(classes)} training classes: "
                         f"{', '.join(unknown[:5])}")
-    val_classes, val_files = split_layout(loc / "val")
-    if val_classes:
-        raise UserError(f"{loc / 'val'} holds class folders: Kaggle's val/ is flat (already sorted? then "
-                        "point train.py at a root holding train/ and val/ directly)")
-    present = {p.name: p for p in val_files}
-    missing = sorted(set(labels) - set(present))
-    if missing:
-        raise UserError(f"{len(missing)} images named in {csv} are not in {loc / 'val'} (first: {missing[0]})")
+    present = flat_val_files(loc / "val", labels, str(csv), "Kaggle's")
     link_all(writer, "train", [(w, p) for w in classes for p in train[w]], every_s)
     link_all(writer, "val", [(labels[name], present[name]) for name in sorted(labels)], every_s)
     if len(present) > len(labels):
@@ -356,14 +362,7 @@ def prepare_devkit(src: Path, writer: Writer, every_s: float) -> None:
 
     val_dir, val_tar = src / "val", src / DEVKIT_ARCHIVES["val"]
     if val_dir.is_dir():
-        val_classes, val_files = split_layout(val_dir)
-        if val_classes:
-            raise UserError(f"{val_dir} holds class folders: the release's val/ is flat (already sorted? then point "
-                            "train.py at a root holding train/ and val/ directly)")
-        present = {p.name: p for p in val_files}
-        missing = sorted(set(labels) - set(present))
-        if missing:
-            raise UserError(f"{len(missing)} images named in {truth.name} are not in {val_dir} (first: {missing[0]})")
+        present = flat_val_files(val_dir, labels, truth.name, "the release's")
         link_all(writer, "val", [(labels[name], present[name]) for name in sorted(labels)], every_s)
     elif val_tar.is_file():
         def val_label(name: str) -> tuple[str, str]:
