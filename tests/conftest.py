@@ -39,3 +39,21 @@ def assert_one_line_error(result, *fragments):
     assert [line for line in lines if "error" in line] == [lines[-1]] and lines[-1].startswith("error: "), lines
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
+
+
+def evaluate_catching_probs(nets, val_dir, monkeypatch, **kwargs):
+    """evaluate_dataset (dense and multi-crop) and the soft-max of every row, caught on their way to the table."""
+    from vgg import evaluation
+
+    caught = []
+    real_rows = evaluation._result_rows
+
+    def catching_rows(*args, **kw):
+        rows = real_rows(*args, **kw)
+        caught.extend(row["probs"].clone() for row in rows)
+        return rows
+
+    monkeypatch.setattr(evaluation, "_result_rows", catching_rows)
+    result = evaluation.evaluate_dataset(nets, val_dir, methods=(evaluation.DENSE, evaluation.MULTI_CROP),
+                                         progress=False, **kwargs)
+    return result, caught

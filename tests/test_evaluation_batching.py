@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFile
 from skimage import data as skdata
 
+from conftest import evaluate_catching_probs
 from vgg import evaluation
 from vgg.checkpoint import save_checkpoint
 from vgg.data import ImageFolder
@@ -73,20 +74,6 @@ def reference(checkpoint, val_dir):
             probs[MULTI_CROP].append(torch.stack([multi_crop_probs(net.model, [im], CROP)[0]
                                                   for im in images]).mean(0))
     return {m: torch.stack(p) for m, p in probs.items()}
-
-
-def evaluate_catching_probs(nets, val_dir, monkeypatch, **kwargs):
-    caught = []
-    real_rows = evaluation._result_rows
-
-    def catching_rows(*args, **kw):
-        rows = real_rows(*args, **kw)
-        caught.extend(row["probs"].clone() for row in rows)
-        return rows
-
-    monkeypatch.setattr(evaluation, "_result_rows", catching_rows)
-    result = evaluate_dataset(nets, val_dir, methods=(DENSE, MULTI_CROP), progress=False, **kwargs)
-    return result, caught
 
 
 @pytest.mark.parametrize("workers, channels_last", [(1, True), (0, False)])

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 from skimage import data as skdata
 
+from conftest import evaluate_catching_probs
 from vgg import evaluation
 from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
 from vgg.data import ImageFolder
@@ -113,18 +114,8 @@ def evaluated(nets, val_dir, monkeypatch):
     Run again for each test (about a second): mutmut only runs, against a mutant, the tests during
     which the mutated function ran, and a module-scoped fixture runs during the first test alone.
     """
-    caught = []
-    real_rows = evaluation._result_rows
-
-    def catching_rows(*args, **kwargs):
-        rows = real_rows(*args, **kwargs)
-        caught.extend(row["probs"].clone() for row in rows)
-        return rows
-
-    monkeypatch.setattr(evaluation, "_result_rows", catching_rows)
-    result = evaluate_dataset(nets, val_dir, methods=(DENSE, MULTI_CROP), batch_size=2, workers=0,
-                              bf16=False, channels_last=False, progress=False)
-    return result, caught
+    return evaluate_catching_probs(nets, val_dir, monkeypatch, batch_size=2, workers=0, bf16=False,
+                                   channels_last=False)
 
 
 @pytest.fixture(scope="module")
