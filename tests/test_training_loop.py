@@ -157,6 +157,14 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
 
     monkeypatch.setattr(vtrainer, "validate", spying_validate)
     monkeypatch.setattr(vtrainer, "train_one_epoch", spying_train_one_epoch)
+    # Checkpoints are written by a background thread (tests/test_checkpoint_writer.py); here each save is
+    # waited for, so that validation, which reads last.pt, finds the step-2 file the run wrote.
+    real_save = vtrainer.CheckpointWriter.save
+
+    def save_and_wait(writer, path, **state):
+        real_save(writer, path, **state)
+        writer.wait()
+    monkeypatch.setattr(vtrainer.CheckpointWriter, "save", save_and_wait)
     vtrainer.run(config)
     # The configured colour shift; a placeholder batch's alphas come from a generator of their own,
     # not from torch's global RNG (dropout's).
