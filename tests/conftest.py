@@ -57,3 +57,26 @@ def evaluate_catching_probs(nets, val_dir, monkeypatch, **kwargs):
     result = evaluation.evaluate_dataset(nets, val_dir, methods=(evaluation.DENSE, evaluation.MULTI_CROP),
                                          progress=False, **kwargs)
     return result, caught
+
+
+def wait_for_each_checkpoint(monkeypatch):
+    """Make every checkpoint save of a run wait for its background write (vgg.checkpoint.CheckpointWriter),
+    for tests that read last.pt / best.pt while the run is still going."""
+    from vgg.checkpoint import CheckpointWriter
+
+    real_save = CheckpointWriter.save
+
+    def save_and_wait(writer, path, **state):
+        real_save(writer, path, **state)
+        writer.wait()
+    monkeypatch.setattr(CheckpointWriter, "save", save_and_wait)
+
+
+def wait_for_the_next_second():
+    """TensorBoard reads a run's event files in name order: whole seconds, host, pid, then a per-process
+    counter, so two writers opened in one second by one process sort wrongly once the counter crosses a
+    digit boundary (9 -> 10). Real resumes are separate processes seconds apart; a test that runs a
+    resume in-process right after the first run waits for the next second first."""
+    import time
+
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)

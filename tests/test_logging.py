@@ -13,14 +13,13 @@ import struct
 import subprocess
 import sys
 import termios
-import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env, wait_for_the_next_second
 from test_hardening_ddp_data import LogLines, metrics_rows
 from test_train import common_cli_args, tiny_config
 import vgg.trainer
@@ -235,11 +234,7 @@ def test_resume_from_an_earlier_checkpoint_logs_no_step_twice(sample_root, tmp_p
     run(tiny_config(sample_root, tmp_path, workers=0, run_name="twice", epochs=1))
     shutil.copy(run_dir / "last.pt", tmp_path / "after-epoch-0.pt")
     run(config, resume="auto")  # epoch 1 logged ...
-    # TensorBoard reads a run's event files in name order: whole seconds, host, pid, then a per-process
-    # counter, so two writers opened in one second by one process sort wrongly once the counter
-    # crosses a digit boundary (9 -> 10, as the full suite reaches here). Real resumes are separate
-    # processes seconds apart; here the next second is waited for.
-    time.sleep(1.0 - time.time() % 1.0 + 0.01)
+    wait_for_the_next_second()  # (an in-process resume: see conftest)
     run(config, resume=str(tmp_path / "after-epoch-0.pt"))  # ... and logged again, from the older checkpoint
     tb = events(tmp_path / "runs" / "twice")
     per_epoch = config.steps_per_epoch

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import wait_for_each_checkpoint
 from test_train import tiny_config
 from vgg import data as vdata
 from vgg import trainer as vtrainer
@@ -131,6 +132,7 @@ def scripted_run(sample_root, tmp, epochs: int) -> dict:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(vtrainer, "build_optimizer", spy_build_optimizer)
         mp.setattr(vtrainer, "validate", scripted_validate)
+        wait_for_each_checkpoint(mp)  # validation reads best.pt / last.pt, written by a background thread
         final = vtrainer.run(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     return {**seen, "rows": rows, "final": final, "run_dir": run_dir}

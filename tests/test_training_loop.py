@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import wait_for_each_checkpoint, wait_for_the_next_second
 from test_hardening_ddp_data import LogLines, metrics_rows
 from test_train import tiny_config
 from vgg import data as vdata
@@ -90,6 +91,7 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     longer = tiny_config(sample_root, tmp_path, run_name="whole", epochs=2, batch_size=8, steps_per_epoch=2,
                          workers=0, stats="imagenet", log_every=1)
     with LogLines("vgg") as lines:
+        wait_for_the_next_second()  # (an in-process resume: see conftest)
         vtrainer.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job 77, restart 2)" in lines
     assert "epochs 1 -> 2 on resume" in lines
@@ -157,14 +159,7 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
 
     monkeypatch.setattr(vtrainer, "validate", spying_validate)
     monkeypatch.setattr(vtrainer, "train_one_epoch", spying_train_one_epoch)
-    # Checkpoints are written by a background thread (tests/test_checkpoint_writer.py); here each save is
-    # waited for, so that validation, which reads last.pt, finds the step-2 file the run wrote.
-    real_save = vtrainer.CheckpointWriter.save
-
-    def save_and_wait(writer, path, **state):
-        real_save(writer, path, **state)
-        writer.wait()
-    monkeypatch.setattr(vtrainer.CheckpointWriter, "save", save_and_wait)
+    wait_for_each_checkpoint(monkeypatch)  # validation reads the step-2 last.pt the background thread writes
     vtrainer.run(config)
     # The configured colour shift; a placeholder batch's alphas come from a generator of their own,
     # not from torch's global RNG (dropout's).
