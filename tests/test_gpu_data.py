@@ -122,6 +122,21 @@ def test_loader_skips_the_same_files_as_the_cpu_path(awkward_dir):
     assert named == {path for i, (path, _) in enumerate(cpu_set.samples) if cpu_set[i][0] is None}
 
 
+def test_loader_workers_persist_across_epochs_and_draws_follow_the_epoch(awkward_dir):
+    """Workers are started once for the run (they only read files); each epoch's draws still follow
+    the epoch set on the loader (the main process draws them)."""
+    folder = vdata.ImageFolder(awkward_dir, None)
+    loader = build_gpu_train_loader(folder, batch_size=4, device="cpu", crop_size=CROP, scale_min=S_MIN,
+                                    scale_max=S_MAX, workers=1, drop_last=False, prefetch=False)
+    pids, epochs = [], []
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        epochs.append(torch.cat([images for (images, _), _, _ in loader]))
+        pids.append({w.pid for w in loader.loader._iterator._workers})
+    assert pids[0] == pids[1] == pids[2] and len(pids[0]) == 1
+    assert torch.equal(epochs[0], epochs[2]) and not torch.equal(epochs[0], epochs[1])
+
+
 def crop_statistics(crops: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per crop of the coordinate image: centre (x, y), covered fraction of the height, flipped?"""
     r, g = crops[:, 0].float() / 255, crops[:, 1].float() / 255

@@ -1,9 +1,12 @@
 """Persistent DataLoader workers and the samples kept in numpy arrays: a worker's private memory stays
 flat over epochs (a list of (path, label) tuples is copied page by page into every worker that reads it)."""
 
+import pathlib
+
 import torch
 
 from vgg import data as vdata
+from vgg.gpu_data import EncodedImages
 
 NUM_SAMPLES, CLASSES = 1_000_000, 1000
 
@@ -40,9 +43,9 @@ def private_mb(pid: int) -> float:
     return sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty")) / 1024
 
 
-def worker_growth_mb(dataset, epochs: int) -> tuple[float, set[int]]:
+def worker_growth_mb(dataset, epochs: int, collate_fn=torch.utils.data.default_collate) -> tuple[float, set[int]]:
     """Private memory a worker gains from its first batch to the end of `epochs` epochs; the worker pids seen."""
-    loader = vdata.build_loader(dataset, batch_size=8192, workers=1, collate_fn=torch.utils.data.default_collate)
+    loader = vdata.build_loader(dataset, batch_size=8192, workers=1, collate_fn=collate_fn)
     pids, start, total = set(), None, 0
     for _ in range(epochs):
         batches = iter(loader)
@@ -62,4 +65,21 @@ def test_worker_memory_stays_flat_over_three_epochs_of_a_million_samples(tmp_pat
     assert growth < 32, growth  # (a few MB of allocator noise; the control below gains ~180 MB)
     # the control: the measurement sees what the former tuple list costs in a single epoch
     growth, _ = worker_growth_mb(TupleList(root), epochs=1)
+    assert growth > 100, growth
+
+
+def path_lengths_and_labels(items):
+    """EncodedImages items -> one small tensor a batch (what the bytes are does not matter here)."""
+    return torch.tensor([len(path) + label for _, label, path, _ in items])
+
+
+def test_gpu_path_reads_the_folder_arrays_with_flat_worker_memory(tmp_path, monkeypatch):
+    """data_path: gpu's dataset (vgg.gpu_data.EncodedImages) reads the ImageFolder's arrays, not a list."""
+    root = fake_files(tmp_path, monkeypatch)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: b"x")  # no files: every read returns 1 byte
+    growth, pids = worker_growth_mb(EncodedImages(LabelsOnly(root)), epochs=3, collate_fn=path_lengths_and_labels)
+    assert len(pids) == 1
+    assert growth < 32, growth
+    # the control: a list of (path, label) pairs handed to EncodedImages grows the worker as before
+    growth, _ = worker_growth_mb(EncodedImages(LabelsOnly(root).samples), epochs=1, collate_fn=path_lengths_and_labels)
     assert growth > 100, growth

@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import decode_jpeg
 
-from vgg.data import DECODE_ERRORS, Unreadable, split_unreadable
+from vgg.data import DECODE_ERRORS, ImageFolder, Unreadable, split_unreadable
 from vgg.errors import UserError
 from vgg.transforms import TrainCrop, draw_alphas, draw_train_crop, load_rgb, sample_generator, to_uint8_tensor
 
@@ -52,21 +52,27 @@ _SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 # --------------------------------------------------------------------------------------------------
 
 class EncodedImages(Dataset):
-    """(path, label) samples -> (encoded file bytes, label, path, index), or (None, label,
-    Unreadable(path, reason), index) for a file that cannot be read (silently: this runs in
-    DataLoader workers). The index picks the sample's random draws (`sample_generator`).
+    """Samples -> (encoded file bytes, label, path, index), or (None, label, Unreadable(path, reason),
+    index) for a file that cannot be read (silently: this runs in DataLoader workers). The index picks
+    the sample's random draws (`sample_generator`).
 
-    Only reads the file; decoding happens batched on the device.
+    `samples`: a vgg.data.ImageFolder, read through its numpy arrays (`path(i)`, `labels`) as the CPU
+    path reads it, so persistent workers' memory stays flat over epochs (tests/test_loader_memory.py);
+    or a list of (path, label) pairs. Only reads the file; decoding happens batched on the device.
     """
 
     def __init__(self, samples):
-        self.samples = list(samples)
+        self.folder = samples if isinstance(samples, ImageFolder) else None
+        self.pairs = None if self.folder is not None else list(samples)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.folder) if self.folder is not None else len(self.pairs)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
+        if self.folder is not None:
+            path, label = self.folder.path(index), int(self.folder.labels[index])
+        else:
+            path, label = self.pairs[index]
         try:
             return Path(path).read_bytes(), label, str(path), index
         except OSError as e:
@@ -445,12 +451,13 @@ def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, 
     sampler / shuffle / drop_last / workers mean what they mean for a DataLoader; `seed` seeds the
     shuffle, and with `epoch` the augmentation draws (see GpuTrainLoader).
     """
-    samples = dataset.samples if hasattr(dataset, "samples") else dataset
-    loader = DataLoader(EncodedImages(samples), batch_size=batch_size, sampler=sampler,
+    # Workers persist across epochs: they only read files (every draw happens in this process, from
+    # the epoch set on the GpuTrainLoader), so the copy of the dataset they started with stays right.
+    loader = DataLoader(EncodedImages(dataset), batch_size=batch_size, sampler=sampler,
                         shuffle=shuffle if sampler is None else False, num_workers=workers,
                         collate_fn=collate_encoded, drop_last=drop_last,
                         generator=torch.Generator().manual_seed(seed),
-                        persistent_workers=False, prefetch_factor=4 if workers > 0 else None)
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     return GpuTrainLoader(loader, device=device, crop_size=crop_size, scale_min=scale_min,
                           scale_max=scale_max, seed=seed, epoch=epoch,
                           channels_last=channels_last, prefetch=prefetch)
