@@ -72,8 +72,9 @@ class StepRecorder(TorchDispatchMode):
                 and torch.device(kwargs.get("device") or args[0].device).type == "cpu":
             step.device_to_host += 1
             return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
-        if func is aten._to_copy.default and isinstance(args[0], torch.Tensor) and args[0].device.type == "cpu" \
-                and torch.device(kwargs.get("device") or "cpu").type == self.device.type:
+        # (under inference_mode, Tensor.to reaches the dispatcher as aten.to.dtype_layout, not _to_copy)
+        if func in (aten._to_copy.default, aten.to.dtype_layout) and isinstance(args[0], torch.Tensor) \
+                and args[0].device.type == "cpu" and torch.device(kwargs.get("device") or "cpu").type == self.device.type:
             step.host_to_device.append((args[0], bool(kwargs.get("non_blocking", False))))
         if func is aten.copy_.default and self._on_device(args[0]) and args[1].device.type == "cpu":
             step.host_to_device.append((args[1], bool(args[2] if len(args) > 2 else kwargs.get("non_blocking"))))
@@ -154,3 +155,32 @@ def test_no_constant_is_sent_to_the_device_each_step(recorded):
     assert recorded.steps[0].from_nowhere  # the weights, first seen in step 1: the recorder tracks them
     for k, step in enumerate(recorded.steps[1:], start=1):
         assert step.from_nowhere == [], (k, [(tuple(t.shape), t.dtype) for t in step.from_nowhere])
+
+
+def test_the_evaluator_sends_each_batch_and_nothing_else():
+    """The evaluator's per-batch work (vgg.evaluation._NetRunner.evaluate: normalise once, dense and
+    multi-crop) copies the batch to the device and nothing else: the mean RGB goes there once, when
+    the runner is built, not as a list of numbers on every batch."""
+    from pathlib import Path
+
+    from vgg.evaluation import DENSE, MULTI_CROP, EvalNet, _NetRunner
+
+    torch.manual_seed(0)
+    model = build_vgg("A", num_classes=5, width=1 / 16, fc_width=32, image_size=32).eval()
+    net = EvalNet(name="A", path=Path("a.pt"), model=model, classes=list("abcde"), mean_rgb=[120.0, 110.0, 100.0],
+                  crop_size=32, scale_min=36, scale_max=36, scales=[36], config={})
+    recorder = StepRecorder(DEVICE)
+    with recorder, torch.inference_mode():
+        runner = _NetRunner(net, DEVICE, channels_last=True)
+        for _ in range(3):
+            batch = torch.zeros(2, 3, 36, 48, dtype=torch.uint8)
+            recorder.begin_step([batch])
+            runner.evaluate(batch, [DENSE, MULTI_CROP])
+    assert len(recorder.steps) == 3
+    # (the first batch also copies the multi-crop net's weights over: it is made on first use)
+    assert any(source is recorder.steps[0].batch[0] for source, _ in recorder.steps[0].host_to_device)
+    for step in recorder.steps[1:]:
+        assert [(source is step.batch[0], non_blocking) for source, non_blocking in step.host_to_device] \
+            == [(True, True)]
+    assert all(step.scalar_reads == 0 and step.device_to_host == 0 for step in recorder.steps)
+    assert [len(step.from_nowhere) for step in recorder.steps[1:]] == [0, 0]  # no constant re-sent

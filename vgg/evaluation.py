@@ -369,7 +369,7 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
 
     # Scaled images wait in buckets by (Q, H, W) until a batch of one size is full: each batch then
     # goes through the net at once, for both methods (crops are cut from the whole batch).
-    buckets = _DenseBuckets()
+    buckets = _DenseBuckets(pin_memory=device.type == "cuda")
     limit = PENDING_LIMIT * batch_size
 
     def run(key, positions, images) -> None:
@@ -449,6 +449,8 @@ class _NetRunner:
         self.net, self.device, self.channels_last = net, device, channels_last
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dense_model = to_dense(net.model).to(device, memory_format=self.memory_format).eval()  # a copy
+        # On the device once: a list of numbers would be copied to it on every batch (blocking on CUDA).
+        self.mean_rgb = torch.tensor(net.mean_rgb, dtype=torch.float32, device=device)
 
     @functools.cached_property
     def model(self) -> nn.Module:
@@ -459,7 +461,7 @@ class _NetRunner:
         images = images.to(self.device, non_blocking=True)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        return normalize(images, self.net.mean_rgb)  # no colour shift at test time
+        return normalize(images, self.mean_rgb)  # no colour shift at test time
 
     def multi_crop(self, images) -> torch.Tensor:
         """uint8 images: a list of [3,H,W] of any sizes, or an equal-size batch [B,3,H,W]."""
@@ -483,9 +485,10 @@ class _NetRunner:
 class _DenseBuckets:
     """Scaled images waiting to be evaluated, grouped by (Q, H, W) so that each batch has one size."""
 
-    def __init__(self):
+    def __init__(self, pin_memory: bool = False):
         self.pending: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
         self.count = self.bytes = 0
+        self.pin_memory = pin_memory  # batches stacked into page-locked memory: their copy to CUDA does not block
 
     def add(self, key: tuple, position: int, image: torch.Tensor) -> None:
         self.pending.setdefault(key, []).append((position, image))
@@ -514,7 +517,9 @@ class _DenseBuckets:
     def _take(self, key, items):
         self.count -= len(items)
         self.bytes -= sum(im.numel() * im.element_size() for _, im in items)
-        return key, torch.tensor([p for p, _ in items], dtype=torch.int64), torch.stack([im for _, im in items])
+        images = [im for _, im in items]
+        batch = torch.empty((len(images), *images[0].shape), dtype=images[0].dtype, pin_memory=self.pin_memory)
+        return key, torch.tensor([p for p, _ in items], dtype=torch.int64), torch.stack(images, out=batch)
 
 
 def _result_rows(nets: list[EvalNet], methods: list[str], probs: list[dict]) -> list[dict]:
