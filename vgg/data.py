@@ -450,13 +450,21 @@ def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | N
     dataset = ImageFolder(train_dir, EvalTransform(scale=STATS_SIDE))
     count = min(_check_positive("num_images", num_images), len(dataset))
     chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
+    return stats_of_images(torch.utils.data.Subset(dataset, chosen.tolist()), where=f"the {count} sampled images in "
+                           f"{train_dir}", seed=seed, workers=workers, progress_every_s=progress_every_s)
+
+
+def stats_of_images(dataset, *, where: str, seed: int = 0, workers: int | None = None,
+                    progress_every_s: float = 30.0) -> tuple[DatasetStats, int, int]:
+    """The statistics of every image of `dataset` ((uint8 [3,H,W], label) items; unreadable ones
+    skipped with one warning each) -> (stats, images used, images skipped). `where` names the
+    images in the progress bar and the error raised when none can be decoded."""
     workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    loader = build_loader(torch.utils.data.Subset(dataset, chosen.tolist()), batch_size=32, workers=workers,
-                          collate_fn=collate_list, seed=seed)
+    loader = build_loader(dataset, batch_size=32, workers=workers, collate_fn=collate_list, seed=seed)
     total = np.zeros(3)
     outer = np.zeros((3, 3))
-    pixels, skipped = 0, 0
-    with progress_bar(total=count, desc=f"dataset statistics ({train_dir})", unit="img",
+    pixels, used, skipped = 0, 0, 0
+    with progress_bar(total=len(dataset), desc=f"dataset statistics ({where})", unit="img",
                       every_s=progress_every_s) as bar:
         for images, _, unreadable in loader:
             warn_unreadable(unreadable)
@@ -465,10 +473,10 @@ def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | N
                 total += x.sum(axis=1)
                 outer += x @ x.T
                 pixels += x.shape[1]
-            skipped += len(unreadable)
+            used, skipped = used + len(images), skipped + len(unreadable)
             bar.update(len(images) + len(unreadable))
     if pixels == 0:
-        raise UserError(f"none of the {count} sampled images in {train_dir} could be decoded")
+        raise UserError(f"none of {where} could be decoded")
     mean = total / pixels
     cov = outer / pixels - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov)  # ascending
@@ -476,7 +484,7 @@ def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | N
     eigvec = eigvec * np.where(eigvec[0] < 0, -1.0, 1.0)  # a fixed sign: first component >= 0
     stats = DatasetStats(mean_rgb=tuple((255.0 * mean).tolist()), eigval=tuple(eigval.tolist()),
                          eigvec=tuple(tuple(row) for row in eigvec.tolist()))
-    return stats, count - skipped, skipped
+    return stats, used, skipped
 
 
 def _check_positive(name: str, value) -> int:

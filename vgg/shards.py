@@ -420,28 +420,9 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     if cached is not None:
         return vdata.DatasetStats.from_dict(cached)
     dataset = ShardImages(open_split(root, SPLITS["train"]), EvalTransform(scale=vdata.STATS_SIDE), limit=num_images)
-    workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    loader = vdata.build_loader(dataset, batch_size=32, workers=workers, collate_fn=vdata.collate_list, seed=seed)
-    total, outer, pixels, skipped = np.zeros(3), np.zeros((3, 3)), 0, 0
-    # The same sums as vgg.data.compute_stats, over this dataset (that function opens class folders).
-    with progress_bar(total=len(dataset), desc=f"dataset statistics ({root})", unit="img",
-                      every_s=progress_every_s) as bar:
-        for images, _, unreadable in loader:
-            vdata.warn_unreadable(unreadable)
-            for image in images:
-                x = image.reshape(3, -1).double().numpy() / 255.0
-                total, outer, pixels = total + x.sum(axis=1), outer + x @ x.T, pixels + x.shape[1]
-            skipped += len(unreadable)
-            bar.update(len(images) + len(unreadable))
-    if pixels == 0:
-        raise UserError(f"none of the first {len(dataset)} training images in {root} could be decoded")
-    mean = total / pixels
-    eigval, eigvec = np.linalg.eigh(outer / pixels - np.outer(mean, mean))
-    eigval, eigvec = eigval[::-1].clip(min=0), eigvec[:, ::-1]
-    eigvec = eigvec * np.where(eigvec[0] < 0, -1.0, 1.0)
-    stats = vdata.DatasetStats(mean_rgb=tuple((255.0 * mean).tolist()), eigval=tuple(eigval.tolist()),
-                               eigvec=tuple(tuple(row) for row in eigvec.tolist()))
+    stats, used, skipped = vdata.stats_of_images(dataset, where=f"the first {len(dataset)} training images in {root}",
+                                                 seed=seed, workers=workers, progress_every_s=progress_every_s)
     vdata._write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
                               "train_dir": str(root), "skipped": skipped})
-    log.info(f"dataset statistics from the first {len(dataset) - skipped} training images of {root}")
+    log.info(f"dataset statistics from the first {used} training images of {root}")
     return stats
