@@ -311,6 +311,26 @@ def test_an_unreadable_batch_is_a_black_placeholder_of_the_nets_size(attribute):
     torch.testing.assert_close(model.seen, normalize(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), STATS.mean_rgb))
 
 
+def test_a_placeholder_step_leaves_batch_norms_running_statistics_alone():
+    """The black placeholder images of an all-unreadable batch must not move batch norm's running
+    mean, variance or count (ResNet-18 here); a readable batch does (the control)."""
+    from vgg.zoo import build_net
+
+    torch.manual_seed(0)
+    model = build_net("resnet18", num_classes=7, image_size=32, init="default")
+    buffers = lambda: {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "tracked" in k}
+    before = buffers()
+    momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_one_epoch(model, [empty_batch(3)], optimizer, BatchAugment(STATS, CPU), epoch=0, num_steps=1, bf16=False)
+    after = buffers()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)] == momenta == [0.1] * 20
+    train_one_epoch(model, [labelled(2, 5)], optimizer, BatchAugment(STATS, CPU), epoch=0, num_steps=1, bf16=False)
+    after = buffers()
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
 # --- NaN/inf -----------------------------------------------------------------------------------------
 
 def test_a_nonfinite_loss_stops_at_the_sync_and_names_the_step():

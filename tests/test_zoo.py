@@ -217,3 +217,20 @@ def test_lenet5_is_lecuns_layout():
     assert conv.weight.abs().max() <= 2.4 / 75 and conv.weight.abs().max() > 2.0 / 75  # +-2.4 / fan-in
     activation = zoo.ScaledTanh()
     assert torch.allclose(activation(torch.tensor([1.0, -1.0])), torch.tensor([1.0, -1.0]), atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "googlenet", "alexnet"])
+@pytest.mark.parametrize("scheme", ["normal", "xavier"])
+def test_the_papers_init_schemes_apply_to_every_family(name, scheme):
+    """--init normal/xavier (§3.1) on nets whose convs have no bias (ResNet, GoogLeNet) as on those that do."""
+    torch.manual_seed(0)
+    model = zoo.build_net(name, num_classes=5, image_size=224 if name != "googlenet" else 64, init=scheme)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert any(m.bias is None for m in layers) == (name != "alexnet")
+    for m in layers:
+        bound = 0.01 if scheme == "normal" else (6 / (m.weight[0].numel() + m.weight.shape[0] * m.weight[0, 0].numel())) ** 0.5
+        if scheme == "normal" and m.weight.numel() > 1000:
+            assert abs(m.weight.std().item() - 0.01) < 0.002
+        if scheme == "xavier":
+            assert m.weight.abs().max().item() <= bound + 1e-6
+        assert m.bias is None or not m.bias.any()

@@ -136,6 +136,24 @@ def _placeholder_batch(model, device: torch.device) -> tuple[TrainCrop, torch.Te
             torch.zeros(2, dtype=torch.int64, device=device))
 
 
+@contextlib.contextmanager
+def _norm_stats_frozen(model):
+    """Batch norm's running statistics (and its batch count) left as they are for one forward: a
+    placeholder's black images must not move them, as its zero weight keeps them out of the update.
+    Momentum 0 keeps the running mean and variance; the count is put back on the device (no sync)."""
+    norms = [m for m in model.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
                     start_step: int = 0, bf16: bool | str = "auto", log_every: int = 20,
                     checkpoint_every: int = 0, on_checkpoint=None, stop_requested=lambda: False,
@@ -205,7 +223,8 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
                 weight = 0.0
             images = augment(images, train=True)
             labels = labels.to(device, non_blocking=True)
-            logits, loss = train_step(model, images, labels, optimizer, bf16=bf16, weight=weight)
+            with _norm_stats_frozen(model) if n == 0 else contextlib.nullcontext():
+                logits, loss = train_step(model, images, labels, optimizer, bf16=bf16, weight=weight)
             if n:  # (a placeholder counts for nothing)
                 top1, top5 = topk_hits(logits, labels).sum(dim=1)
                 device_sums[:3] += torch.stack([loss.double() * n, top1.double(), top5.double()])

@@ -124,7 +124,8 @@ def init_weights(model: nn.Module, scheme: str = "normal") -> None:
                 nn.init.normal_(module.weight, mean=0.0, std=0.01)
             else:
                 nn.init.xavier_uniform_(module.weight)
-            nn.init.zeros_(module.bias)
+            if module.bias is not None:  # (ResNets' and GoogLeNet's convs, followed by batch norm, have none)
+                nn.init.zeros_(module.bias)
 
 
 def build_vgg(name: str, num_classes: int = 1000, *, width: float = 1.0, fc_width: int = 4096,
