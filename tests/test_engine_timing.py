@@ -1,0 +1,136 @@
+"""The engine's speed figures, bf16 autocast and edge cases of its syncs (mutation testing of
+vgg/engine.py found them unpinned, issue 18): figures against a scripted clock, autocast seen from
+inside the net, checkpoint_every 1, and the NaN message of a step after the last log point."""
+
+import pytest
+import torch
+
+from test_engine import CPU, STATS, Recorder, labelled, net
+from vgg import engine
+from vgg.engine import BatchAugment, NonFiniteLossError, train_one_epoch, train_step
+
+
+class Clock:
+    """time.perf_counter for vgg.engine: moves only when told (starts at 1000 s, not 0)."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedLoader:
+    """Each batch takes `wait` seconds to arrive."""
+
+    def __init__(self, clock: Clock, batches, wait: float):
+        self.clock, self.batches, self.wait = clock, batches, wait
+
+    def __iter__(self):
+        for batch in self.batches:
+            self.clock.now += self.wait
+            yield batch
+
+
+class TimedNet(torch.nn.Module):
+    """Each forward takes `compute` seconds; records whether autocast was on."""
+
+    def __init__(self, clock: Clock, compute: float):
+        super().__init__()
+        self.inner, self.clock, self.compute = net(), clock, compute
+        self.image_size = self.inner.image_size
+        self.autocast = []
+
+    def forward(self, x):
+        self.clock.now += self.compute
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        return self.inner(x)
+
+
+def test_speed_figures_follow_the_clock(monkeypatch):
+    """Batches arrive after 2 s and each step computes for 3 s: a data-wait fraction of 2/5; 4 images a
+    step, so 0.8 img/s, per sync window and for the epoch."""
+    clock = Clock()
+    monkeypatch.setattr(engine.time, "perf_counter", clock)
+    model = TimedNet(clock, compute=3.0)
+    writer = Recorder()
+    loader = TimedLoader(clock, [labelled(4, 60 + k) for k in range(6)], wait=2.0)
+    metrics = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), BatchAugment(STATS, CPU),
+                              epoch=0, num_steps=6, log_every=2, writer=writer, bf16=False)
+    assert writer.values("speed/images_per_s") == pytest.approx([0.8] * 3)
+    assert writer.values("speed/data_wait_fraction") == pytest.approx([0.4] * 3)
+    assert metrics["epoch_time_s"] == pytest.approx(30.0)
+    assert metrics["images_per_s"] == pytest.approx(0.8) and metrics["data_wait_fraction"] == pytest.approx(0.4)
+
+
+def test_speed_figures_of_a_window_count_only_its_own_images_and_time(monkeypatch):
+    """The second window is twice as slow as the first: the logged rates are per window, not running."""
+    clock = Clock()
+    monkeypatch.setattr(engine.time, "perf_counter", clock)
+    model = TimedNet(clock, compute=1.0)
+    batches = [labelled(4, 70 + k) for k in range(4)]
+
+    def loader():
+        for k, batch in enumerate(batches):
+            clock.now += 1.0 if k < 2 else 5.0
+            yield batch
+
+    writer = Recorder()
+    train_one_epoch(model, loader(), torch.optim.SGD(model.parameters(), lr=0.0), BatchAugment(STATS, CPU), epoch=0,
+                    num_steps=4, log_every=2, writer=writer, bf16=False)
+    assert writer.values("speed/images_per_s") == pytest.approx([8 / 4, 8 / 12])
+    assert writer.values("speed/data_wait_fraction") == pytest.approx([2 / 4, 12 / 16])
+
+
+def test_bf16_autocast_is_on_when_asked_and_off_by_default_on_the_cpu():
+    clock = Clock()
+    model = TimedNet(clock, compute=0.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    images = torch.randn(2, 3, 32, 32) * 50
+    labels = torch.tensor([1, 2])
+    logits, _ = train_step(model, images, labels, optimizer)
+    assert model.autocast == [False] and logits.dtype == torch.float32  # "auto": bf16 on CUDA only
+    previous = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)  # so that autocast's own default is not bf16
+    try:
+        logits, loss = train_step(model, images, labels, optimizer, bf16=True)
+    finally:
+        torch.set_autocast_dtype("cpu", previous)
+    assert model.autocast[-1] is True and logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    # and through an epoch: the flag reaches every step; by default it is off on the CPU
+    model.autocast.clear()
+    train_one_epoch(model, [labelled(2, 80), labelled(2, 81)], optimizer, BatchAugment(STATS, CPU), epoch=0,
+                    num_steps=2, bf16=True)
+    train_one_epoch(model, [labelled(2, 82)], optimizer, BatchAugment(STATS, CPU), epoch=0, num_steps=1)
+    assert model.autocast == [True, True, False]
+
+
+def test_checkpoint_every_step():
+    model = net()
+    saved = []
+    train_one_epoch(model, [labelled(2, 90 + k) for k in range(3)], torch.optim.SGD(model.parameters(), lr=0.0),
+                    BatchAugment(STATS, CPU), epoch=0, num_steps=3, log_every=100, checkpoint_every=1, bf16=False,
+                    on_checkpoint=lambda step, sums: saved.append(step))
+    assert saved == [1, 2, 3]
+
+
+def test_a_nonfinite_loss_after_the_last_log_point_names_its_step():
+    """The loader runs out at step 3 of 5, past the sync of step 2: the closing sync names step 3."""
+    model = net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = [labelled(2, 100), labelled(2, 101), labelled(2, 102)]
+    hook = model.register_forward_hook(lambda m, i, out: out * float("nan") if len(calls) == 3 else out)
+    calls = []
+    model.register_forward_pre_hook(lambda m, i: calls.append(1))
+    with pytest.raises(NonFiniteLossError, match="in epoch 0 before step 3; stopping"):
+        train_one_epoch(model, batches, optimizer, BatchAugment(STATS, CPU), epoch=0, num_steps=5, log_every=2,
+                        bf16=False)
+    hook.remove()
+    assert len(calls) == 3
+
+
+def test_an_uninterrupted_epoch_says_so_with_false():
+    model = net()
+    metrics = train_one_epoch(model, [labelled(2, 110)], torch.optim.SGD(model.parameters(), lr=0.0),
+                              BatchAugment(STATS, CPU), epoch=0, num_steps=1, bf16=False)
+    assert metrics["interrupted"] is False
