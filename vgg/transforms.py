@@ -31,6 +31,7 @@ Transforms take a PIL image. Handed one straight from `Image.open` (not yet load
 an already loaded image is used as it is.
 """
 
+import functools
 import math
 import warnings
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchcodec.decoders import decode_jpeg
 
+from vgg import jpeg as vjpeg
 from vgg.errors import UserError
 
 # Decoding. PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays at its default, False, on purpose: a truncated
@@ -109,15 +111,28 @@ def decode_uint8(image, min_side: int | None = None) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         with Image.open(image) as opened:
             return decode_uint8(opened, min_side)
-    if _is_unloaded(image) and image.format == "JPEG" and image.mode == "RGB":
-        _set_draft(image, min_side)
-        if _drafted_scale(image) == 1:
-            image.fp.seek(0)
-            try:
-                return decode_jpeg(image.fp.read(), mode="RGB")
-            except RuntimeError as e:  # TorchCodec's error for a corrupt or truncated file
-                raise OSError(str(e).split(", ")[-1]) from None
-    return to_uint8_tensor(load_rgb(image, min_side))
+    data = _full_size_jpeg_bytes(image, min_side)
+    return _decode_jpeg_file(data) if data is not None else to_uint8_tensor(load_rgb(image, min_side))
+
+
+def _decode_jpeg_file(data: bytes) -> torch.Tensor:
+    """A colour JPEG file's bytes -> uint8 [3, H, W], by TorchCodec; OSError for a damaged file."""
+    try:
+        return decode_jpeg(data, mode="RGB")
+    except RuntimeError as e:  # TorchCodec's error for a corrupt or truncated file
+        raise OSError(str(e).split(", ")[-1]) from None
+
+
+def _full_size_jpeg_bytes(image: Image.Image, min_side: int | None) -> bytes | None:
+    """The file's bytes if `image` (fresh from Image.open) is a colour JPEG that PIL would decode at
+    full size for min_side (no 1/2^k reduction fits); else None, and `image` is left for load_rgb."""
+    if not (_is_unloaded(image) and image.format == "JPEG" and image.mode == "RGB"):
+        return None
+    _set_draft(image, min_side)
+    if _drafted_scale(image) != 1:
+        return None
+    image.fp.seek(0)
+    return image.fp.read()
 
 
 def _to_8_bit(image: Image.Image) -> Image.Image:
@@ -201,7 +216,8 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
 
     keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
     take several scales of one opened image (vgg.evaluation.MultiScaleTransform: decoded once);
-    otherwise `decode_uint8`, quicker for an image used once.
+    otherwise the box only of a full-size colour JPEG (vgg.jpeg, where it could be built; the same
+    pixels, about a fifth faster than decoding the whole file), and `decode_uint8` for the others.
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
     source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
@@ -209,11 +225,22 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
     """
     min_side = min(new_h, new_w)
-    pixels = to_uint8_tensor(load_rgb(image, min_side)) if keep_decoded else decode_uint8(image, min_side)
-    src_h, src_w = pixels.shape[1:]
+    data = None if keep_decoded else _full_size_jpeg_bytes(image, min_side)
+    if data is not None and data.endswith(b"\xff\xd9") and vjpeg.available():
+        # A whole colour JPEG file (one truncated before its end marker goes to the full decoder,
+        # which refuses it as before): decode the box only, the same pixels as a full decode.
+        src_h, src_w = image.height, image.width
+        decode_box = functools.partial(vjpeg.decode_crop, data)
+    else:
+        if keep_decoded:
+            pixels = to_uint8_tensor(load_rgb(image, min_side))
+        else:
+            pixels = _decode_jpeg_file(data) if data is not None else decode_uint8(image, min_side)
+        src_h, src_w = pixels.shape[1:]
+        decode_box = lambda y, x, h, w: pixels[:, y:y + h, x:x + w]  # noqa: E731
     y0, y1 = _source_span(top, crop_h, src_h / new_h, src_h)
     x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
-    region = pixels[:, y0:y1, x0:x1]
+    region = decode_box(y0, x0, y1 - y0, x1 - x0)
     if region.shape[1:] == (crop_h, crop_w):
         return region.clone(memory_format=torch.contiguous_format)  # a copy: `pixels` may be read-only
     return F.interpolate(region[None], size=(crop_h, crop_w), mode="bilinear", antialias=True,
@@ -256,6 +283,7 @@ class TrainTransform:
         _check_size("scale_max", scale_max, scale_min)
         self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
         self.seed, self.epoch = seed, 0
+        vjpeg.available()  # built and loaded here, so DataLoader workers inherit it rather than each build it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -1,0 +1,128 @@
+"""vgg.jpeg: libjpeg-turbo's cropped decode gives exactly the pixels of a full decode, refuses damaged
+files, and the training transform makes the same crops with it as without it (issue 16)."""
+
+import logging
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from vgg import jpeg as vjpeg
+from vgg import transforms
+from vgg.transforms import TrainTransform
+
+# (photo, size, JPEG options): chroma subsampling 4:2:0 (PIL's default), 4:2:2 and 4:4:4, a progressive
+# file, and sizes that are not whole MCUs (16 px).
+FILES = [("astronaut", (500, 375), {}), ("coffee", (333, 500), {"subsampling": 1}),
+         ("chelsea", (451, 300), {"subsampling": 0}), ("rocket", (427, 640), {"progressive": True}),
+         ("astronaut", (257, 259), {"quality": 75})]
+
+
+@pytest.fixture(scope="module")
+def jpeg_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jpegs")
+    paths = []
+    for k, (photo, size, options) in enumerate(FILES):
+        path = folder / f"{k}_{photo}.JPEG"
+        Image.fromarray(getattr(skdata, photo)()[..., :3]).resize(size).save(path, "JPEG", **options)
+        paths.append(path)
+    return paths
+
+
+def full_decode(path) -> torch.Tensor:
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+
+def test_the_cropped_decoder_is_built_here():
+    """CI and the README's setup have a C compiler and libjpeg's headers: the fast path is what runs."""
+    assert vjpeg.available()
+
+
+def test_any_box_has_the_pixels_of_a_full_decode(jpeg_files):
+    rng = random.Random(0)
+    for path in jpeg_files:
+        data, full = path.read_bytes(), full_decode(path)
+        height, width = full.shape[1:]
+        assert vjpeg.jpeg_size(data) == (height, width, True)
+        boxes = [(0, 0, height, width), (height - 1, width - 1, 1, 1), (0, width - 17, height, 17),
+                 (height - 40, 0, 40, width)]
+        boxes += [(rng.randint(0, height - h), rng.randint(0, width - w), h, w)
+                  for h, w in ((rng.randint(1, height), rng.randint(1, width)) for _ in range(40))]
+        for top, left, h, w in boxes:
+            crop = vjpeg.decode_crop(data, top, left, h, w)
+            assert crop.dtype == torch.uint8 and crop.shape == (3, h, w)
+            assert torch.equal(crop, full[:, top:top + h, left:left + w]), (path.name, top, left, h, w)
+
+
+def test_damaged_files_and_boxes_outside_the_image_are_refused(jpeg_files):
+    data = jpeg_files[0].read_bytes()
+    height, width, _ = vjpeg.jpeg_size(data)
+    # cut in the middle, end marker put back: libjpeg's "premature end" warning is an error here
+    cut = data[:len(data) // 2] + b"\xff\xd9"
+    with pytest.raises(OSError):
+        vjpeg.decode_crop(cut, height - 10, 0, 10, width)
+    with pytest.raises(OSError, match="Not a JPEG file"):
+        vjpeg.jpeg_size(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    with pytest.raises(OSError, match="outside the 500x375 image"):
+        vjpeg.decode_crop(data, 300, 0, 76, 10)
+    with pytest.raises(OSError, match="outside"):
+        vjpeg.decode_crop(data, 0, -1, 10, 10)
+
+
+@pytest.mark.parametrize("scale_min, scale_max", [(256, 256), (256, 512), (384, 384)])
+def test_training_crops_are_the_same_with_and_without_the_cropped_decoder(jpeg_files, monkeypatch, scale_min,
+                                                                          scale_max):
+    transform = TrainTransform(crop_size=224, scale_min=scale_min, scale_max=scale_max, seed=3)
+    crops = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(vjpeg, "available", lambda: enabled)
+        calls = []
+        monkeypatch.setattr(vjpeg, "decode_crop", lambda *a, f=vjpeg.decode_crop: calls.append(1) or f(*a))
+        out = []
+        for index, path in enumerate(jpeg_files * 3):
+            with Image.open(path) as image:
+                out.append(transform(image, index).image)
+        crops[enabled] = torch.stack(out)
+        assert len(calls) == (len(out) if enabled else 0)
+    assert torch.equal(crops[True], crops[False])
+
+
+def test_a_truncated_file_is_still_refused(jpeg_files, tmp_path):
+    """The cropped decode stops after the box's last row, so it would not notice a file cut after
+    it: such a file (no end marker) goes to the full decoder, which refuses it as before."""
+    cut = tmp_path / "cut.JPEG"
+    cut.write_bytes(jpeg_files[0].read_bytes()[:-2000])
+    transform = TrainTransform(crop_size=32, scale_min=256, scale_max=256)
+    with Image.open(cut) as image, pytest.raises(OSError):
+        transform(image, 0)
+
+
+def test_without_a_compiler_the_whole_file_is_decoded(jpeg_files, tmp_path, monkeypatch, caplog):
+    """No C compiler: one log line, and the transform decodes whole files, with the same crops."""
+    monkeypatch.setattr(vjpeg, "_library", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="vgg.jpeg"):
+        transform = TrainTransform(crop_size=224, scale_min=256, scale_max=300, seed=1)
+        assert not vjpeg.available()
+    assert "decoding whole JPEG files: the cropped decoder is not available" in caplog.text
+    with Image.open(jpeg_files[1]) as image:
+        without = transform(image, 5).image
+    monkeypatch.setattr(vjpeg, "_library", None)
+    monkeypatch.delenv("CC")
+    assert vjpeg.available()  # built again, into the new cache folder
+    assert list((tmp_path / "cache" / "vgg-imagenet").glob("jpeg_crop-*.so"))
+    with Image.open(jpeg_files[1]) as image:
+        assert torch.equal(transform(image, 5).image, without)
+
+
+def test_the_decoder_is_loaded_once_the_transform_is_built(monkeypatch):
+    """In the main process, before DataLoader workers fork: they inherit it instead of each building it."""
+    monkeypatch.setattr(vjpeg, "_library", None)
+    TrainTransform(crop_size=224, scale_min=256, scale_max=256)
+    assert vjpeg._library
+    assert transforms.vjpeg is vjpeg

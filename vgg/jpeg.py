@@ -1,0 +1,101 @@
+"""Decoding only the crop box of a JPEG file (issue 16): libjpeg-turbo's cropped decode, called
+through ctypes.
+
+A training crop (paper §3.1) covers a third to a half of the decoded image; libjpeg-turbo can skip
+the inverse DCT and colour conversion of the columns outside it and of the rows above it, and stop
+after its last row (only the entropy decoding of those rows remains). The pixels are those of a full
+decode (vgg/jpeg_crop.c says how; tests/test_crop_decode.py checks it), so the training images are
+the same as before, about a fifth faster to make (bench/transforms.py).
+
+No Python package exposes that part of libjpeg-turbo, so vgg/jpeg_crop.c is compiled on first use
+with the system's C compiler against its libjpeg(-turbo) headers (`cc`, and Debian's
+libjpeg62-turbo-dev), into the user's cache folder. Where that is impossible, `available()` is false
+and vgg.transforms decodes whole files as before (one line in the log says so).
+"""
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SOURCE = Path(__file__).with_name("jpeg_crop.c")
+MESSAGE_SIZE = 200  # libjpeg's JMSG_LENGTH_MAX
+log = logging.getLogger(__name__)
+
+_library = None  # the loaded library; False once building it failed (never retried in this process)
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vgg-imagenet"
+
+
+def _build() -> Path:
+    """Compile jpeg_crop.c into <cache>/jpeg_crop-<hash of source>.so (atomically: DataLoader
+    workers may build it at the same time); reuse it if there."""
+    source = SOURCE.read_bytes()
+    target = _cache_dir() / f"jpeg_crop-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler (cc) found")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-ljpeg"],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise OSError(f"compiling {SOURCE.name} failed: {result.stderr.strip().splitlines()[-1:]}")
+        os.replace(built, target)
+    return target
+
+
+def _load():
+    global _library
+    if _library is None:
+        try:
+            library = ctypes.CDLL(str(_build()))
+        except OSError as e:
+            log.info(f"decoding whole JPEG files: the cropped decoder is not available ({e})")
+            _library = False
+            return _library
+        buffer, size, ints = ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int
+        library.vgg_jpeg_size.argtypes = [buffer, size, *[ctypes.POINTER(ints)] * 3, ctypes.c_char_p]
+        library.vgg_jpeg_decode_crop.argtypes = [buffer, size, ints, ints, ints, ints, ctypes.c_void_p,
+                                                 ctypes.c_char_p]
+        _library = library
+    return _library
+
+
+def available() -> bool:
+    """Whether the cropped decoder could be built and loaded here (built on the first call)."""
+    return bool(_load())
+
+
+def jpeg_size(data: bytes) -> tuple[int, int, bool]:
+    """(height, width, decodes to RGB) from a JPEG file's header; OSError for a damaged header."""
+    width, height, is_rgb = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    message = ctypes.create_string_buffer(MESSAGE_SIZE)
+    if _load().vgg_jpeg_size(data, len(data), width, height, is_rgb, message) != 0:
+        raise OSError(message.value.decode(errors="replace"))
+    return height.value, width.value, bool(is_rgb.value)
+
+
+def decode_crop(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor:
+    """Rows top..top+height-1 and columns left..left+width-1 of the full-size RGB decode of a colour
+    JPEG file -> uint8 [3, height, width] (a CHW view of HWC pixels, as vgg.transforms.to_uint8_tensor).
+
+    OSError for a damaged file: libjpeg's errors and its warnings (corrupt data, premature end).
+    """
+    pixels = np.empty((height, width, 3), dtype=np.uint8)
+    message = ctypes.create_string_buffer(MESSAGE_SIZE)
+    if _load().vgg_jpeg_decode_crop(data, len(data), top, left, height, width, pixels.ctypes.data, message) != 0:
+        raise OSError(message.value.decode(errors="replace"))
+    return torch.from_numpy(pixels).permute(2, 0, 1)

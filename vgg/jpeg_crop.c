@@ -1,0 +1,115 @@
+/* Decode one rectangle of a JPEG file with libjpeg-turbo, skipping the IDCT and colour conversion of
+ * everything outside it (jpeg_crop_scanline, jpeg_skip_scanlines) and stopping after its last row.
+ * vgg/jpeg.py compiles this file on first use and calls it through ctypes (issue 16: the training
+ * transform only needs the crop box of each image, paper §3.1).
+ *
+ * Near the edges of a cropped or skipped region libjpeg-turbo's fancy (smooth) chroma upsampling sees
+ * different neighbours than in a full decode, which moves a few pixels by 1-4 grey levels. So the
+ * rectangle is widened by MARGIN pixels on each side (more than an MCU, 16) and cut out afterwards:
+ * the pixels returned are those of a full decode (tests/test_crop_decode.py checks this).
+ */
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jpeglib.h>
+
+#define MARGIN 16
+
+struct error_handler {
+    struct jpeg_error_mgr mgr;
+    jmp_buf jump;
+    char *message;
+    int message_size;
+};
+
+static void on_error(j_common_ptr cinfo) {
+    struct error_handler *handler = (struct error_handler *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, handler->message);
+    longjmp(handler->jump, 1);
+}
+
+/* Warnings (corrupt data, premature end of file) are errors here: a damaged file is skipped, as the
+ * full decoders skip it, rather than trained on with grey filling. */
+static void on_message(j_common_ptr cinfo, int level) {
+    if (level < 0) on_error(cinfo);
+}
+
+/* The image's width and height, and whether it decodes to RGB here (3 components, YCbCr or RGB).
+ * Returns 0, or -1 with a message. */
+int vgg_jpeg_size(const unsigned char *data, unsigned long size, int *width, int *height, int *is_rgb,
+                  char *message) {
+    struct jpeg_decompress_struct cinfo;
+    struct error_handler handler;
+    cinfo.err = jpeg_std_error(&handler.mgr);
+    handler.mgr.error_exit = on_error;
+    handler.mgr.emit_message = on_message;
+    handler.message = message;
+    if (setjmp(handler.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, data, size);
+    jpeg_read_header(&cinfo, TRUE);
+    *width = (int)cinfo.image_width;
+    *height = (int)cinfo.image_height;
+    *is_rgb = cinfo.num_components == 3 && (cinfo.jpeg_color_space == JCS_YCbCr || cinfo.jpeg_color_space == JCS_RGB);
+    jpeg_destroy_decompress(&cinfo);
+    return 0;
+}
+
+/* Rows [top, top + height) and columns [left, left + width) of the full-size RGB decode, into `out`
+ * (height x width x 3 bytes, row-major). Returns 0, or -1 with a message (JMSG_LENGTH_MAX bytes). */
+int vgg_jpeg_decode_crop(const unsigned char *data, unsigned long size, int top, int left, int height,
+                         int width, unsigned char *out, char *message) {
+    struct jpeg_decompress_struct cinfo;
+    struct error_handler handler;
+    unsigned char *volatile row = NULL;
+    cinfo.err = jpeg_std_error(&handler.mgr);
+    handler.mgr.error_exit = on_error;
+    handler.mgr.emit_message = on_message;
+    handler.message = message;
+    if (setjmp(handler.jump)) {
+        free(row);
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, data, size);
+    jpeg_read_header(&cinfo, TRUE);
+    cinfo.out_color_space = JCS_RGB;
+    jpeg_start_decompress(&cinfo);
+    int image_w = (int)cinfo.output_width, image_h = (int)cinfo.output_height;
+    if (top < 0 || left < 0 || height < 1 || width < 1 || top + height > image_h || left + width > image_w) {
+        snprintf(message, JMSG_LENGTH_MAX, "crop %dx%d at (%d, %d) outside the %dx%d image", width, height, left,
+                 top, image_w, image_h);
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    int x0 = left > MARGIN ? left - MARGIN : 0;
+    int x1 = left + width + MARGIN < image_w ? left + width + MARGIN : image_w;
+    int y0 = top > MARGIN ? top - MARGIN : 0;
+    JDIMENSION crop_x = (JDIMENSION)x0, crop_w = (JDIMENSION)(x1 - x0);
+    jpeg_crop_scanline(&cinfo, &crop_x, &crop_w);  /* widened to iMCU boundaries: crop_x <= x0 */
+    row = malloc((size_t)crop_w * 3);
+    if (row == NULL) {
+        snprintf(message, JMSG_LENGTH_MAX, "out of memory");
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    if (y0 > 0) jpeg_skip_scanlines(&cinfo, (JDIMENSION)y0);
+    size_t offset = (size_t)(left - (int)crop_x) * 3, row_bytes = (size_t)width * 3;
+    while ((int)cinfo.output_scanline < top + height) {
+        int y = (int)cinfo.output_scanline;
+        JSAMPROW rows[1] = {row};
+        jpeg_read_scanlines(&cinfo, rows, 1);
+        if (y >= top) memcpy(out + (size_t)(y - top) * row_bytes, row + offset, row_bytes);
+    }
+    free(row);
+    row = NULL;
+    jpeg_abort_decompress(&cinfo);  /* the rows below are not needed */
+    jpeg_destroy_decompress(&cinfo);
+    return 0;
+}
