@@ -134,3 +134,32 @@ def test_an_uninterrupted_epoch_says_so_with_false():
     metrics = train_one_epoch(model, [labelled(2, 110)], torch.optim.SGD(model.parameters(), lr=0.0),
                               BatchAugment(STATS, CPU), epoch=0, num_steps=1, bf16=False)
     assert metrics["interrupted"] is False
+
+
+def test_speed_figures_of_windows_under_a_second(monkeypatch):
+    """A fast machine's windows last milliseconds: the figures divide by them as they are."""
+    clock = Clock()
+    monkeypatch.setattr(engine.time, "perf_counter", clock)
+    model = TimedNet(clock, compute=0.003)
+    writer = Recorder()
+    loader = TimedLoader(clock, [labelled(4, 120 + k) for k in range(4)], wait=0.001)
+    metrics = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), BatchAugment(STATS, CPU),
+                              epoch=0, num_steps=4, log_every=2, writer=writer, bf16=False)
+    assert writer.values("speed/images_per_s") == pytest.approx([1000.0] * 2)
+    assert writer.values("speed/data_wait_fraction") == pytest.approx([0.25] * 2)
+    assert metrics["images_per_s"] == pytest.approx(1000.0) and metrics["data_wait_fraction"] == pytest.approx(0.25)
+
+
+def test_the_epoch_sums_are_kept_in_float64():
+    """An epoch sums over a million images: the loss sum is kept in float64 (float32 keeps 7 digits)."""
+    model = net()
+    batches = [labelled(3 + k, 130 + k) for k in range(5)]
+    expected = 0.0
+    with torch.no_grad():
+        for images, labels, _ in batches:
+            x = BatchAugment(STATS, CPU, color_shift_std=0.0)(images, train=False)
+            expected += torch.nn.functional.cross_entropy(model(x), labels).double().item() * len(labels)
+    metrics = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0),
+                              BatchAugment(STATS, CPU, color_shift_std=0.0), epoch=0, num_steps=5, log_every=100,
+                              bf16=False)
+    assert metrics["sums"][0] == pytest.approx(expected, rel=1e-13, abs=0)
