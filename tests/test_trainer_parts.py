@@ -1,0 +1,107 @@
+"""Parts of vgg/trainer.py that mutation testing found unpinned (issue 18): the kernel flags a resume
+sets, the file named by a checkpoint that does not fit, skipped.txt paths with spaces, the speed-settings
+words, and the GPU data path's loader as the trainer builds it."""
+
+import torch
+from PIL import Image
+
+from vgg import data as vdata
+from vgg import trainer as vtrainer
+from vgg.config import Config
+from vgg.errors import UserError
+from vgg.models import build_vgg
+from vgg.transforms import TrainTransform
+
+
+def tiny(num_classes: int = 3):
+    torch.manual_seed(0)
+    return build_vgg("A", num_classes=num_classes, width=1 / 16, fc_width=16, image_size=32, init="xavier")
+
+
+def test_a_resume_runs_this_machines_sgd_kernel_whatever_the_checkpoints():
+    """A checkpoint saved on a GPU (fused) resumed on another device: its groups get this device's flag."""
+    model = tiny()
+    config = Config()
+    saved = vtrainer.build_optimizer(model, config)
+    for group in saved.param_groups:
+        group.update({"fused": None, "foreach": None, "differentiable": False})
+        group["foreach"] = "from the saving run"
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(saved)
+    ckpt = {"model": model.state_dict(), "optimizer": saved.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": vtrainer.rng_state()}
+    optimizer = vtrainer.build_optimizer(model, config)
+    fresh_keys = [set(group) for group in optimizer.param_groups]
+    vtrainer.restore_training_state(ckpt, "last.pt", model, optimizer,
+                                    torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
+    kernel = vtrainer.sgd_kernel(torch.device("cpu"))
+    for group, keys in zip(optimizer.param_groups, fresh_keys):
+        assert set(group) == keys
+        assert group["fused"] == kernel.get("fused") and group["foreach"] == kernel.get("foreach")
+
+
+def test_state_that_does_not_fit_names_its_file(tmp_path):
+    model = tiny()
+    other = tiny(num_classes=5)
+    optimizer = vtrainer.build_optimizer(model, Config())
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+    try:
+        vtrainer.restore_training_state({"model": other.state_dict()}, tmp_path / "last.pt", model, optimizer, scheduler)
+    except UserError as e:
+        assert str(e).startswith(f"{tmp_path / 'last.pt'}: its weights do not fit net A")
+    else:
+        raise AssertionError("no error")
+    source = {"arch": other.arch_kwargs(), "model": other.state_dict(), "classes": ["a", "b", "c", "d", "e"]}
+    source["arch"]["num_classes"] = 3  # names 3 classes but holds weights for 5
+    try:
+        vtrainer.init_from_checkpoint(model, {**source, "classes": ["a", "b", "c"]}, "a.pt", ["a", "b", "c"])
+    except UserError as e:
+        assert str(e).startswith("a.pt: its weights do not fit net A")
+    else:
+        raise AssertionError("no error")
+    same_kind = {"arch": model.arch_kwargs(), "model": {**tiny().state_dict()}, "classes": ["a", "b", "c"]}
+    bad = tiny(num_classes=5).state_dict()
+    loaded = vtrainer.init_from_checkpoint(tiny(), same_kind, "b.pt", ["a", "b", "c"])
+    assert loaded == list(model.state_dict())
+    same_kind["model"] = {k: v for k, v in bad.items()}
+    try:
+        vtrainer.init_from_checkpoint(tiny(), same_kind, "c.pt", ["a", "b", "c"])
+    except UserError as e:
+        assert str(e).startswith("c.pt: its weights do not fit net A")
+    else:
+        raise AssertionError("no error")
+
+
+def test_skipped_list_keeps_paths_with_spaces(tmp_path):
+    path = tmp_path / "skipped.txt"
+    path.write_text("/data/train/n01/a file.JPEG\tOSError: truncated\n/data/x.JPEG\tempty file\n\n")
+    assert vtrainer.read_skipped_list(path) == {"/data/train/n01/a file.JPEG": "OSError: truncated",
+                                                "/data/x.JPEG": "empty file"}
+
+
+def test_speed_settings_read_on_and_off():
+    assert [vtrainer._on_off(flag) for flag in (True, False)] == ["on", "off"]
+
+
+def test_the_gpu_data_paths_loader_as_built_for_the_run(tmp_path):
+    """data_path: gpu, built by the trainer: the run's sampler and epoch, whole batches only, and the
+    same crops, alphas and labels as the CPU path's loader (on the CPU here)."""
+    root = tmp_path / "train"
+    for c in range(2):
+        (root / f"n{c}").mkdir(parents=True)
+        for k in range(5):
+            Image.new("RGB", (40 + 7 * k, 36 + 3 * c), (30 * k, 90 * c, 60)).save(root / f"n{c}" / f"{k}.JPEG")
+    config = Config(crop_size=32, scale_min=36, scale_max=48, workers=1, seed=5)
+    sampler = vtrainer.EpochSampler(10, seed=5, rank=0, world_size=1)
+    sampler.set_epoch(2)
+    batches = {}
+    for path in ("cpu", "gpu"):
+        config.data_path = path
+        folder = vdata.ImageFolder(root, TrainTransform(crop_size=32, scale_min=36, scale_max=48, seed=5))
+        loader = vtrainer.build_train_loader(config, folder, sampler, 4, torch.device("cpu"), seed=1)
+        assert (loader.loader if path == "gpu" else loader).num_workers == 1  # the run's --workers
+        batches[path] = list(loader)
+        assert len(batches[path]) == 2  # 10 images, batches of 4: the last 2 are dropped
+    for (cpu_crops, cpu_labels, _), (gpu_crops, gpu_labels, _) in zip(batches["cpu"], batches["gpu"]):
+        assert torch.equal(cpu_labels, gpu_labels)
+        assert torch.equal(cpu_crops.alphas, gpu_crops.alphas)
+        assert (cpu_crops.image.int() - gpu_crops.image.int()).abs().max() <= 1
