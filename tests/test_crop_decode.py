@@ -126,3 +126,17 @@ def test_the_decoder_is_loaded_once_the_transform_is_built(monkeypatch):
     TrainTransform(crop_size=224, scale_min=256, scale_max=256)
     assert vjpeg._library
     assert transforms.vjpeg is vjpeg
+
+
+def test_a_large_photo_still_takes_libjpegs_reduced_decode(tmp_path, monkeypatch):
+    """Smallest side 2 S or more: PIL's 1/2^k decode (vgg.transforms.load_rgb) is quicker than any
+    full-size decode, so the cropped decoder is not used for it."""
+    path = tmp_path / "large.JPEG"
+    Image.fromarray(skdata.astronaut()).resize((1100, 1040)).save(path, "JPEG")
+    calls = []
+    monkeypatch.setattr(vjpeg, "decode_crop", lambda *a: calls.append(a))
+    transform = TrainTransform(crop_size=224, scale_min=256, scale_max=256)
+    with Image.open(path) as image:
+        crop = transform(image, 0).image
+        assert image.decoderconfig[0] == 4 and image.size == (275, 260)  # decoded at 1/4
+    assert calls == [] and crop.shape == (3, 224, 224)
