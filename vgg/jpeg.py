@@ -32,15 +32,13 @@ log = logging.getLogger(__name__)
 _library = None  # the loaded library; False once building it failed (never retried in this process)
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vgg-imagenet"
-
-
 def _build() -> Path:
     """Compile jpeg_crop.c into <cache>/jpeg_crop-<hash of source>.so (atomically: DataLoader
     workers may build it at the same time); reuse it if there."""
+    from vgg.data import user_cache_dir  # (vgg.data imports vgg.transforms, which imports this module)
+
     source = SOURCE.read_bytes()
-    target = _cache_dir() / f"jpeg_crop-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    target = user_cache_dir() / f"jpeg_crop-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -67,7 +65,6 @@ def _load():
             _library = False
             return _library
         buffer, size, ints = ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int
-        library.vgg_jpeg_size.argtypes = [buffer, size, *[ctypes.POINTER(ints)] * 3, ctypes.c_char_p]
         library.vgg_jpeg_decode_crop.argtypes = [buffer, size, ints, ints, ints, ints, ctypes.c_void_p,
                                                  ctypes.c_char_p]
         _library = library
@@ -77,15 +74,6 @@ def _load():
 def available() -> bool:
     """Whether the cropped decoder could be built and loaded here (built on the first call)."""
     return bool(_load())
-
-
-def jpeg_size(data: bytes) -> tuple[int, int, bool]:
-    """(height, width, decodes to RGB) from a JPEG file's header; OSError for a damaged header."""
-    width, height, is_rgb = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-    message = ctypes.create_string_buffer(MESSAGE_SIZE)
-    if _load().vgg_jpeg_size(data, len(data), width, height, is_rgb, message) != 0:
-        raise OSError(message.value.decode(errors="replace"))
-    return height.value, width.value, bool(is_rgb.value)
 
 
 def decode_crop(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor:

@@ -36,30 +36,6 @@ static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) on_error(cinfo);
 }
 
-/* The image's width and height, and whether it decodes to RGB here (3 components, YCbCr or RGB).
- * Returns 0, or -1 with a message. */
-int vgg_jpeg_size(const unsigned char *data, unsigned long size, int *width, int *height, int *is_rgb,
-                  char *message) {
-    struct jpeg_decompress_struct cinfo;
-    struct error_handler handler;
-    cinfo.err = jpeg_std_error(&handler.mgr);
-    handler.mgr.error_exit = on_error;
-    handler.mgr.emit_message = on_message;
-    handler.message = message;
-    if (setjmp(handler.jump)) {
-        jpeg_destroy_decompress(&cinfo);
-        return -1;
-    }
-    jpeg_create_decompress(&cinfo);
-    jpeg_mem_src(&cinfo, data, size);
-    jpeg_read_header(&cinfo, TRUE);
-    *width = (int)cinfo.image_width;
-    *height = (int)cinfo.image_height;
-    *is_rgb = cinfo.num_components == 3 && (cinfo.jpeg_color_space == JCS_YCbCr || cinfo.jpeg_color_space == JCS_RGB);
-    jpeg_destroy_decompress(&cinfo);
-    return 0;
-}
-
 /* Rows [top, top + height) and columns [left, left + width) of the full-size RGB decode, into `out`
  * (height x width x 3 bytes, row-major). Returns 0, or -1 with a message (JMSG_LENGTH_MAX bytes). */
 int vgg_jpeg_decode_crop(const unsigned char *data, unsigned long size, int top, int left, int height,
