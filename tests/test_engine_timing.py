@@ -47,20 +47,25 @@ class TimedNet(torch.nn.Module):
         return self.inner(x)
 
 
-def test_speed_figures_follow_the_clock(monkeypatch):
-    """Batches arrive after 2 s and each step computes for 3 s: a data-wait fraction of 2/5; 4 images a
-    step, so 0.8 img/s, per sync window and for the epoch."""
+@pytest.mark.parametrize("wait, compute, steps, images_per_s, data_wait", [
+    (2.0, 3.0, 6, 0.8, 0.4),  # batches arrive after 2 s, each step computes 3 s; 4 images a step
+    (0.001, 0.003, 4, 1000.0, 0.25),  # a fast machine's windows last milliseconds, not seconds
+])
+def test_speed_figures_follow_the_clock(monkeypatch, wait, compute, steps, images_per_s, data_wait):
+    """4 images a step every wait + compute seconds, per sync window (every 2 steps) and for the
+    epoch; the figures divide by the windows' lengths as they are, under a second too."""
     clock = Clock()
     monkeypatch.setattr(engine.time, "perf_counter", clock)
-    model = TimedNet(clock, compute=3.0)
+    model = TimedNet(clock, compute=compute)
     writer = Recorder()
-    loader = TimedLoader(clock, [labelled(4, 60 + k) for k in range(6)], wait=2.0)
+    loader = TimedLoader(clock, [labelled(4, 60 + k) for k in range(steps)], wait=wait)
     metrics = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), BatchAugment(STATS, CPU),
-                              epoch=0, num_steps=6, log_every=2, writer=writer, bf16=False)
-    assert writer.values("speed/images_per_s") == pytest.approx([0.8] * 3)
-    assert writer.values("speed/data_wait_fraction") == pytest.approx([0.4] * 3)
-    assert metrics["epoch_time_s"] == pytest.approx(30.0)
-    assert metrics["images_per_s"] == pytest.approx(0.8) and metrics["data_wait_fraction"] == pytest.approx(0.4)
+                              epoch=0, num_steps=steps, log_every=2, writer=writer, bf16=False)
+    assert writer.values("speed/images_per_s") == pytest.approx([images_per_s] * (steps // 2))
+    assert writer.values("speed/data_wait_fraction") == pytest.approx([data_wait] * (steps // 2))
+    assert metrics["epoch_time_s"] == pytest.approx(steps * (wait + compute))
+    assert metrics["images_per_s"] == pytest.approx(images_per_s)
+    assert metrics["data_wait_fraction"] == pytest.approx(data_wait)
 
 
 def test_speed_figures_of_a_window_count_only_its_own_images_and_time(monkeypatch):
@@ -134,20 +139,6 @@ def test_an_uninterrupted_epoch_says_so_with_false():
     metrics = train_one_epoch(model, [labelled(2, 110)], torch.optim.SGD(model.parameters(), lr=0.0),
                               BatchAugment(STATS, CPU), epoch=0, num_steps=1, bf16=False)
     assert metrics["interrupted"] is False
-
-
-def test_speed_figures_of_windows_under_a_second(monkeypatch):
-    """A fast machine's windows last milliseconds: the figures divide by them as they are."""
-    clock = Clock()
-    monkeypatch.setattr(engine.time, "perf_counter", clock)
-    model = TimedNet(clock, compute=0.003)
-    writer = Recorder()
-    loader = TimedLoader(clock, [labelled(4, 120 + k) for k in range(4)], wait=0.001)
-    metrics = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0), BatchAugment(STATS, CPU),
-                              epoch=0, num_steps=4, log_every=2, writer=writer, bf16=False)
-    assert writer.values("speed/images_per_s") == pytest.approx([1000.0] * 2)
-    assert writer.values("speed/data_wait_fraction") == pytest.approx([0.25] * 2)
-    assert metrics["images_per_s"] == pytest.approx(1000.0) and metrics["data_wait_fraction"] == pytest.approx(0.25)
 
 
 def test_the_epoch_sums_are_kept_in_float64():
