@@ -2,7 +2,9 @@
 files, and the training transform makes the same crops with it as without it (issue 16)."""
 
 import logging
+import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -139,3 +141,21 @@ def test_a_large_photo_still_takes_libjpegs_reduced_decode(tmp_path, monkeypatch
         crop = transform(image, 0).image
         assert image.decoderconfig[0] == 4 and image.size == (275, 260)  # decoded at 1/4
     assert calls == [] and crop.shape == (3, 224, 224)
+
+
+def test_a_build_killed_half_way_leaves_nothing_behind_for_long(tmp_path, monkeypatch):
+    """A compile killed before its rename leaves its temporary folder; the next build removes those
+    over an hour old, and leaves a fresh one (another process may be compiling into it)."""
+    cache = tmp_path / "cache" / "vgg-imagenet"
+    killed, running = cache / f"{vjpeg.BUILD_PREFIX}killed", cache / f"{vjpeg.BUILD_PREFIX}running"
+    for folder in (killed, running):
+        folder.mkdir(parents=True)
+        (folder / "jpeg_crop-0123.so").write_bytes(b"half-written")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(killed, (two_hours_ago, two_hours_ago))
+    monkeypatch.setattr(vjpeg, "_library", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert vjpeg.available()
+    assert not killed.exists()
+    assert running.exists()
+    assert len(list(cache.glob("jpeg_crop-*.so"))) == 1

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("jpeg_crop.c")
 MESSAGE_SIZE = 200  # libjpeg's JMSG_LENGTH_MAX
+BUILD_PREFIX = "jpeg_crop-build-"  # a compile's temporary folder in the cache
+STALE_BUILD_S = 3600  # a build folder this old was left by a compile that was killed
 log = logging.getLogger(__name__)
 
 _library = None  # the loaded library; False once building it failed (never retried in this process)
@@ -45,7 +48,8 @@ def _build() -> Path:
     if compiler is None:
         raise OSError("no C compiler (cc) found")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    _remove_killed_builds(target.parent)
+    with tempfile.TemporaryDirectory(prefix=BUILD_PREFIX, dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", str(SOURCE), "-o", str(built), "-ljpeg"],
                                 capture_output=True, text=True)
@@ -53,6 +57,17 @@ def _build() -> Path:
             raise OSError(f"compiling {SOURCE.name} failed: {result.stderr.strip().splitlines()[-1:]}")
         os.replace(built, target)
     return target
+
+
+def _remove_killed_builds(cache: Path) -> None:
+    """Temporary folders of compiles killed half-way (a compile takes about a second, so an hour-old
+    one is not another process's build in progress)."""
+    for folder in cache.glob(BUILD_PREFIX + "*"):
+        try:
+            if time.time() - folder.stat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(folder)
+        except OSError:  # removed by another process meanwhile, or not ours to remove
+            pass
 
 
 def _load():
