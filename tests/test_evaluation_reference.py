@@ -210,16 +210,18 @@ def test_the_channels_last_path_runs_on_the_cpu_too(nets, val_dir):
     same_size = torch.stack([image for image in images if image.shape == (3, 40, 53)])  # the two 60x45 photos
     assert len(same_size) == 2
     plain = evaluation._NetRunner(nets[1], torch.device("cpu"), channels_last=False)
+    both = (evaluation.DENSE, evaluation.MULTI_CROP)
     with torch.no_grad():
-        expected = plain.dense(same_size), plain.multi_crop(images)
+        expected = plain.evaluate(same_size, both)
     seen = []
     fast = evaluation._NetRunner(load_eval_net(nets[1].path), torch.device("cpu"), channels_last=True)
     for model in (fast.model, fast.dense_model):
         model.register_forward_pre_hook(
             lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
     with torch.no_grad():
-        close(fast.dense(same_size), expected[0])
-        close(fast.multi_crop(images), expected[1])
+        got = fast.evaluate(same_size, both)
+    for method in both:
+        close(got[method], expected[method])
     assert seen and all(seen)
     assert fast.model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert fast.dense_model.features[0].weight.is_contiguous(memory_format=torch.channels_last)

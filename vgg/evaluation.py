@@ -459,17 +459,9 @@ class _NetRunner:
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last and images.dim() == 4:
+        if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return normalize(images, self.mean_rgb)  # no colour shift at test time
-
-    def multi_crop(self, images) -> torch.Tensor:
-        """uint8 images: a list of [3,H,W] of any sizes, or an equal-size batch [B,3,H,W]."""
-        images = self.prepare(images) if torch.is_tensor(images) else [self.prepare(im) for im in images]
-        return multi_crop_probs(self.model, images, self.net.crop_size, channels_last=self.channels_last)
-
-    def dense(self, images: torch.Tensor) -> torch.Tensor:
-        return dense_probs(self.dense_model, self.prepare(images))
 
     def evaluate(self, images: torch.Tensor, methods) -> dict[str, torch.Tensor]:
         """An equal-size uint8 batch [B,3,H,W] -> {method: soft-max [B, classes]}, normalised once for both."""
