@@ -2,6 +2,7 @@
 sets, the file named by a checkpoint that does not fit, skipped.txt paths with spaces, the speed-settings
 words, and the GPU data path's loader as the trainer builds it."""
 
+import pytest
 import torch
 from PIL import Image
 
@@ -105,3 +106,30 @@ def test_the_gpu_data_paths_loader_as_built_for_the_run(tmp_path):
         assert torch.equal(cpu_labels, gpu_labels)
         assert torch.equal(cpu_crops.alphas, gpu_crops.alphas)
         assert (cpu_crops.image.int() - gpu_crops.image.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("device_type", ["cpu", "cuda"])
+def test_an_epoch_row_goes_to_tensorboard_at_its_step(tmp_path, monkeypatch, device_type):
+    """Every number of the row under its tag at the epoch's global step; the peak GPU memory in GiB on
+    CUDA only (its counter stubbed here: no GPU on CI)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    row = {"val_top1_err": 61.5, "val_top5_err": 30.25, "val_loss": 2.5, "train_top1_err": 70.5,
+           "train_top5_err": 40.75, "lr": 0.001, "train_epoch_time_s": 12.5, "train_images_per_s": 80.5,
+           "train_data_wait_fraction": 0.125}
+    writer = SummaryWriter(tmp_path)
+    vtrainer.log_epoch(writer, 17, row, torch.device(device_type))
+    writer.close()
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    expected = {"val/top1_err": 61.5, "val/top5_err": 30.25, "val/loss": 2.5, "epoch/train_top1_err": 70.5,
+                "epoch/train_top5_err": 40.75, "epoch/lr": 0.001, "epoch/time_s": 12.5,
+                "epoch/images_per_s": 80.5, "epoch/data_wait_fraction": 0.125}
+    if device_type == "cuda":
+        expected["epoch/gpu_memory_gb"] = 3.0
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for tag, value in expected.items():
+        (event,) = events.Scalars(tag)
+        assert (event.step, event.value) == (17, pytest.approx(value)), tag
