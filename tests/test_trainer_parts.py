@@ -1,6 +1,8 @@
 """Parts of vgg/trainer.py that mutation testing found unpinned (issue 18): the kernel flags a resume
 sets, the file named by a checkpoint that does not fit, skipped.txt paths with spaces, the speed-settings
-words, and the GPU data path's loader as the trainer builds it."""
+words, the GPU data path's loader as the trainer builds it, and what goes to TensorBoard."""
+
+import logging
 
 import pytest
 import torch
@@ -115,13 +117,15 @@ def test_an_epoch_row_goes_to_tensorboard_at_its_step(tmp_path, monkeypatch, dev
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * 2**30)
+    asked = []
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: asked.append(device) or 3 * 2**30)
     row = {"val_top1_err": 61.5, "val_top5_err": 30.25, "val_loss": 2.5, "train_top1_err": 70.5,
            "train_top5_err": 40.75, "lr": 0.001, "train_epoch_time_s": 12.5, "train_images_per_s": 80.5,
            "train_data_wait_fraction": 0.125}
     writer = SummaryWriter(tmp_path)
     vtrainer.log_epoch(writer, 17, row, torch.device(device_type))
     writer.close()
+    assert asked == ([torch.device("cuda")] if device_type == "cuda" else [])
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     expected = {"val/top1_err": 61.5, "val/top5_err": 30.25, "val/loss": 2.5, "epoch/train_top1_err": 70.5,
@@ -133,3 +137,19 @@ def test_an_epoch_row_goes_to_tensorboard_at_its_step(tmp_path, monkeypatch, dev
     for tag, value in expected.items():
         (event,) = events.Scalars(tag)
         assert (event.step, event.value) == (17, pytest.approx(value)), tag
+
+
+def test_no_image_grid_without_a_readable_training_image(tmp_path, caplog):
+    """Every batch of the first pass unreadable: a warning says the grid is missing, and none is logged."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    unreadable = [(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), ["bad"])] * 2
+    writer = SummaryWriter(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="vgg.trainer"):
+        vtrainer.log_augmented_images(writer, unreadable, augment=None)
+    writer.close()
+    assert caplog.messages == ["warning: no readable training image for the TensorBoard image grid; none logged"]
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert events.Tags()["images"] == []
