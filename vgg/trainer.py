@@ -63,12 +63,6 @@ class EpochSampler(Sampler):
         return self.per_rank() - self.start
 
 
-def _epoch_generator(config: Config, epoch: int, rank: int) -> torch.Generator:
-    """Colour-shift alphas of a batch without its own (the zero-weight placeholder of an all-unreadable
-    batch; real batches carry per-sample alphas): kept off torch's global RNG, which only dropout uses."""
-    return torch.Generator().manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + rank)
-
-
 def prepare_dataset(config: Config) -> Path:
     """The dataset root; the sample dataset and the digits set are generated on first use (rank 0 only)."""
     root = Path(config.data)
@@ -456,6 +450,7 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
     if not streamed:
         train_loader = build_train_loader(config, train_set, sampler, per_rank_batch, device,
                                           seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
+    augment = BatchAugment(stats, device, config.color_shift_std, channels_last=channels_last)
     for epoch in range(start_epoch, config.epochs):
         sampler.set_epoch(epoch, start=start_step * per_rank_batch)  # (read by the loader's next pass)
         if streamed:  # a shard stream learns its epoch before its workers copy it: one loader an epoch
@@ -463,8 +458,6 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
                                             seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank)
         if config.data_path == "gpu":
             train_loader.set_epoch(epoch)
-        augment = BatchAugment(stats, device, config.color_shift_std, channels_last=channels_last,
-                               generator=_epoch_generator(config, epoch, dist.rank))
         if writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
             log_augmented_images(writer, train_loader, augment)
         train_metrics = train_one_epoch(
