@@ -2,12 +2,11 @@
 sets, the file named by a checkpoint that does not fit, skipped.txt paths with spaces, the speed-settings
 words, the GPU data path's loader as the trainer builds it, and what goes to TensorBoard."""
 
-import logging
-
 import pytest
 import torch
 from PIL import Image
 
+from test_hardening_ddp_data import LogLines
 from vgg import data as vdata
 from vgg import trainer as vtrainer
 from vgg.config import Config
@@ -139,17 +138,17 @@ def test_an_epoch_row_goes_to_tensorboard_at_its_step(tmp_path, monkeypatch, dev
         assert (event.step, event.value) == (17, pytest.approx(value)), tag
 
 
-def test_no_image_grid_without_a_readable_training_image(tmp_path, caplog):
+def test_no_image_grid_without_a_readable_training_image(tmp_path):
     """Every batch of the first pass unreadable: a warning says the grid is missing, and none is logged."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
     unreadable = [(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), ["bad"])] * 2
     writer = SummaryWriter(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="vgg.trainer"):
+    with LogLines("vgg") as lines:
         vtrainer.log_augmented_images(writer, unreadable, augment=None)
     writer.close()
-    assert caplog.messages == ["warning: no readable training image for the TensorBoard image grid; none logged"]
+    assert lines == ["warning: no readable training image for the TensorBoard image grid; none logged"]
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert events.Tags()["images"] == []

@@ -49,8 +49,12 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                          workers=0, stats="imagenet", log_every=1)
     run_dir = tmp_path / "checkpoints" / "whole"
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     with LogLines("vgg") as lines:
         final = vtrainer.run(config, resume="if-exists")
+    assert torch.backends.cudnn.benchmark is False  # cuDNN autotuning (config.cudnn_benchmark) on CUDA only
+    # "auto" speed settings on the CPU: channels-last only (docs/benchmarks.md: never slower here).
+    assert "speed settings on cpu: bf16 autocast off, channels-last on, torch.compile off" in lines
     assert f"starting fresh: no {run_dir / 'last.pt'} yet" in lines
     assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
 
@@ -84,6 +88,7 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     assert ckpt["best_top1"] == row["val_top1"]
     assert ckpt["best"] == {"epoch": 0, "val_top1_err": row["val_top1_err"], "val_top5_err": row["val_top5_err"]}
     assert ckpt["stats"] == IMAGENET_STATS.to_dict() and ckpt["classes"] == [f"n{k:08d}" for k in range(12)]
+    assert ckpt["model"]["features.0.weight"].is_contiguous(memory_format=torch.channels_last)
 
     # Requeued by SLURM: the same command goes on from last.pt, one more epoch.
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
