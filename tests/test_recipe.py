@@ -101,14 +101,14 @@ def epoch_on_disk(path):
     return load_checkpoint(path)["epoch"] if path.exists() else None
 
 
-def scripted_run(sample_root, tmp, epochs: int) -> dict:
+def scripted_run(sample_root, tmp, epochs: int, **overrides) -> dict:
     """A real run (one step an epoch) whose validation returns the scripted scores; what it did, epoch by epoch.
 
     Each test makes its own run: mutmut only runs, against a mutant, the tests during which the
     mutated function ran, and a module-scoped fixture runs during the first test alone.
     """
     config = tiny_config(sample_root, tmp, run_name="plateau", epochs=epochs, steps_per_epoch=1, workers=0,
-                         stats="imagenet", log_every=1)
+                         stats="imagenet", log_every=1, **overrides)
     run_dir = tmp / "checkpoints" / "plateau"
     seen = {"optimizers": [], "lr": [], "weights": [], "best_on_disk": [], "last_on_disk": []}
     real_build_optimizer = vtrainer.build_optimizer
@@ -181,6 +181,15 @@ def test_plateau_schedule_drops_the_lr_stops_and_keeps_the_best(sample_root, tmp
     num_params = sum(1 for _ in build_vgg("A", num_classes=12, width=0.125, fc_width=64, image_size=32).parameters())
     assert sorted(group["params"]) == list(range(num_params))
     assert all(state["state"][i]["momentum_buffer"].abs().sum() > 0 for i in group["params"])
+
+
+def test_the_configured_lr_factor_and_patience_drive_the_schedule(sample_root, tmp_path):
+    """--lr-factor 0.5 --patience 1 (not the paper's 0.1 and 2, which are also torch's defaults for
+    the factor): the lr halves at the second epoch in a row without improvement (epoch 3 of
+    10, 20, 20, 15, 18, 30), and the count restarts after a drop."""
+    run = scripted_run(sample_root, tmp_path, epochs=6, lr_factor=0.5, patience=1)
+    assert run["lr"] == pytest.approx([1e-2] * 4 + [5e-3] * 2, rel=1e-9)
+    assert [row["lr_drops"] for row in run["rows"]] == [0, 0, 0, 1, 1, 1]
 
 
 def test_metrics_rows_report_the_lr_each_epoch_trained_at(sample_root, tmp_path):
