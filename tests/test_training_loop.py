@@ -182,7 +182,7 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
                                  stats="imagenet"))
 
 
-def test_refusals_before_training(tmp_path, sample_root):
+def test_refusals_before_training(tmp_path, sample_root, monkeypatch):
     root = small_dataset(tmp_path / "odd", val_classes=("n01",))
     with pytest.raises(UserError, match=f"^{root / 'val'} has 1 classes, {root / 'train'} has 2: the class folders "
                                         "must be the same$"):
@@ -201,6 +201,17 @@ def test_refusals_before_training(tmp_path, sample_root):
                                         r"from net A, S=384 from S=256, jittered from S=384\); train that first, or "
                                         r"pass --init-from PATH, or --init-from '' to start from scratch$"):
         vtrainer.run(tiny_config(sample_root, tmp_path, run_name="new", init_from=str(tmp_path / "absent.pt")))
+    # A net's weights without its training state (as evaluate.py or --init-from take): not resumable.
+    weights_only = tmp_path / "weights.pt"
+    save_checkpoint(weights_only, **checkpoint_of("A", ["n01", "n02"]), stats=IMAGENET_STATS.to_dict())
+    with pytest.raises(UserError, match="weights.pt has no optimizer, scheduler, epoch, step, lr_drops, rng, config, "
+                                        "best_top1 entry: not a checkpoint train.py wrote"):
+        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="new"), resume=str(weights_only))
+    # Three processes (as torchrun would start them) cannot share a global batch of 16.
+    monkeypatch.setattr(vtrainer, "init_distributed", lambda device: vtrainer.DistInfo(
+        rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), distributed=False))
+    with pytest.raises(UserError, match="^the global batch 16 does not split over 3 processes$"):
+        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="three"))
 
 
 def test_the_default_sample_dataset_is_generated_on_first_use(tmp_path, monkeypatch):
