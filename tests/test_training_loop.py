@@ -3,8 +3,10 @@ how it resumes (`if-exists`, a folder, changed settings), its refusals, and its 
 resume_changes, apply_resume_changes, StopFlag, load_stats, init_from_checkpoint, stale temp files).
 Real runs on real JPEGs, cut to a step or two (test_train.tiny_config)."""
 
+import dataclasses
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -126,6 +128,15 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     with LogLines("vgg") as lines:
         vtrainer.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'}" in lines
+    # A restart count without a job id (set by hand, not by SLURM): the job shows as "?".
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    with LogLines("vgg") as lines:
+        vtrainer.run(longer, resume="if-exists")
+    assert f"resuming {run_dir / 'last.pt'} (requeued job ?, restart 1)" in lines
+    # A setting that may not change on resume: refused, naming the checkpoint.
+    with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
+                                        "crop_size 32 -> 40: may change on resume: "):
+        vtrainer.run(dataclasses.replace(longer, crop_size=40), resume="auto")
 
 
 # --- Steps per epoch, the mid-epoch checkpoint, refusals ---------------------------------------------
