@@ -137,6 +137,32 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
                                         "crop_size 32 -> 40: may change on resume: "):
         vtrainer.run(dataclasses.replace(longer, crop_size=40), resume="auto")
+    # A resumed run keeps the statistics it started with (the mean it has been trained to expect).
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    own_stats = {**ckpt["stats"], "mean_rgb": [100.0, 110.0, 120.0]}
+    save_checkpoint(run_dir / "last.pt", **{**ckpt, "stats": own_stats})
+    wait_for_the_next_second()
+    vtrainer.run(dataclasses.replace(longer, epochs=3), resume="auto")
+    assert load_checkpoint(run_dir / "last.pt")["stats"] == own_stats
+
+
+
+def test_a_thousand_class_folders_not_starting_with_tench_train_after_one_warning(tmp_path):
+    """1000 classes whose index 0 is not n01440764: maybe another 1000-class set, maybe ImageNet with
+    misnamed folders. Training warns once, naming train/, and goes on (evaluate.py refuses instead)."""
+    root = tmp_path / "thousand"
+    for split in ("train", "val"):
+        for c in range(1000):
+            (root / split / f"c{c:03d}").mkdir(parents=True)
+            Image.new("RGB", (36, 36), (c % 256, 40, 90)).save(root / split / f"c{c:03d}" / "0.JPEG")
+    config = tiny_config(root, tmp_path, run_name="thousand", epochs=1, batch_size=8, steps_per_epoch=1,
+                         workers=0, stats="imagenet")
+    with LogLines("vgg") as lines:
+        vtrainer.run(config)
+    warnings = [line for line in lines if line.startswith("warning")]
+    assert warnings == [f"warning: {root / 'train'}: 1000 classes whose index 0 is c000, not n01440764 (tench) as "
+                        "in ILSVRC-2012's sorted wnids: these are not the standard classes or not named by wnid"]
+    assert metrics_rows(tmp_path / "checkpoints" / "thousand")[0]["val_images"] == 1000
 
 
 # --- Steps per epoch, the mid-epoch checkpoint, refusals ---------------------------------------------
