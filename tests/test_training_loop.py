@@ -58,7 +58,14 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     # "auto" speed settings on the CPU: channels-last only (docs/benchmarks.md: never slower here).
     assert "speed settings on cpu: bf16 autocast off, channels-last on, torch.compile off" in lines
     assert f"starting fresh: no {run_dir / 'last.pt'} yet" in lines
-    assert yaml.safe_load((run_dir / "config.yaml").read_text()) == config.to_dict()
+    config_text = (run_dir / "config.yaml").read_text()
+    assert yaml.safe_load(config_text) == config.to_dict()
+    assert list(yaml.safe_load(config_text)) == list(config.to_dict())  # in the Config's order, as --help lists them
+    train_count, val_count = len(ImageFolder(sample_root / "train", None)), len(ImageFolder(sample_root / "val", None))
+    params = sum(p.numel() for p in build_vgg("A", num_classes=12, width=0.125, fc_width=64, image_size=32).parameters())
+    assert (f"net A: {params:,} parameters, 12 classes, {train_count} train / {val_count} val images, 2 steps/epoch "
+            "of 8 on 1 x cpu") in lines
+    assert f"run folder {run_dir}; TensorBoard: tensorboard --logdir {tmp_path / 'runs'}" in lines
 
     (row,) = metrics_rows(run_dir)
     assert (row["epoch"], row["lr"], row["lr_drops"]) == (0, 0.01, 0)
@@ -83,6 +90,8 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     assert [e.step for e in tb.Scalars("train/loss")] == [1, 2]
     (grid,) = tb.Images("train/augmented_images")
     assert grid.step == 0
+    (text,) = tb.Tensors("config/text_summary")  # the run's settings beside its curves
+    assert (text.step, text.tensor_proto.string_val[0].decode()) == (0, "```\n" + config_text + "```")
 
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert (ckpt["epoch"], ckpt["step"], ckpt["lr_drops"], ckpt["world_size"]) == (1, 0, 0, 1)
@@ -114,8 +123,13 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     assert lines[-1] == (f"done: best val top-1 err {rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch}); "
                          f"checkpoints in {run_dir}")
 
-    # A checkpoint folder resumes from its last.pt; one without the best epoch's errors (older runs)
-    # reports the best accuracy alone. Nothing is left to train: nothing is validated.
+    # A checkpoint folder resumes from its last.pt, which names the best epoch; one without the best
+    # epoch's errors (older runs) reports the best accuracy alone. Nothing is left to train: nothing
+    # is validated.
+    with LogLines("vgg") as lines:
+        assert vtrainer.run(longer, resume=str(run_dir)) == {}
+    assert lines[-1] == (f"done: best val top-1 err {rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch}); "
+                         f"checkpoints in {run_dir}")
     ckpt = load_checkpoint(run_dir / "last.pt")
     save_checkpoint(run_dir / "last.pt", **{**ckpt, "best": None})
     with LogLines("vgg") as lines:
@@ -133,6 +147,11 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     with LogLines("vgg") as lines:
         vtrainer.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job ?, restart 1)" in lines
+    # The same settings on a dataset with other classes: refused, naming the checkpoint.
+    other = small_dataset(tmp_path / "other")
+    with pytest.raises(UserError, match=f"^{re.escape(str(run_dir / 'last.pt'))} was trained as .* on 12 classes, "
+                                        "not as this run's "):
+        vtrainer.run(dataclasses.replace(longer, data=str(other)), resume="auto")
     # A setting that may not change on resume: refused, naming the checkpoint.
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
                                         "crop_size 32 -> 40: may change on resume: "):
