@@ -156,12 +156,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
     assert all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
 
-def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path):
-    """`data_path: gpu` swaps in the TorchCodec loader; on a machine without a GPU it runs on the CPU."""
-    metrics = run(tiny_config(sample_root, tmp_path, run_name="gpu-path", data_path="gpu", epochs=1))
+def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path, monkeypatch):
+    """`data_path: gpu` swaps in the TorchCodec loader; on a machine without a GPU it runs on the CPU.
+    Built once for the run, it is told each epoch (its samples' draws depend on it, issue 17)."""
+    from vgg import gpu_data
+
+    epochs_told, build = [], gpu_data.build_gpu_train_loader
+
+    def recording_build(*args, **kwargs):
+        loader = build(*args, **kwargs)
+        real_set_epoch = loader.set_epoch
+        loader.set_epoch = lambda epoch: (epochs_told.append(epoch), real_set_epoch(epoch))[1]
+        return loader
+
+    monkeypatch.setattr(gpu_data, "build_gpu_train_loader", recording_build)
+    metrics = run(tiny_config(sample_root, tmp_path, run_name="gpu-path", data_path="gpu", epochs=2))
     assert metrics["images"] > 0 and 0 <= metrics["top1_err"] <= 100
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "gpu-path" / "last.pt")
-    assert ckpt["config"]["data_path"] == "gpu" and ckpt["epoch"] == 1
+    assert ckpt["config"]["data_path"] == "gpu" and ckpt["epoch"] == 2
+    assert epochs_told == [0, 1]
 
 
 def test_gpus_flag_launches_ddp_processes(sample_root, tmp_path):

@@ -147,11 +147,16 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     with LogLines("vgg") as lines:
         vtrainer.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job ?, restart 1)" in lines
-    # The same settings on a dataset with other classes: refused, naming the checkpoint.
-    other = small_dataset(tmp_path / "other")
-    with pytest.raises(UserError, match=f"^{re.escape(str(run_dir / 'last.pt'))} was trained as .* on 12 classes, "
-                                        "not as this run's "):
-        vtrainer.run(dataclasses.replace(longer, data=str(other)), resume="auto")
+    # The same settings on a dataset with other classes (as many, or fewer): refused, naming the checkpoint.
+    rng = np.random.default_rng(1)
+    for count in (12, 2):
+        other = tmp_path / f"other{count}"
+        for c in range(count):
+            for split in ("train", "val"):
+                solid_jpegs(other / split / f"n1{c:07d}", (20 * c, 90, 90), 2, rng)
+        with pytest.raises(UserError, match=f"^{re.escape(str(run_dir / 'last.pt'))} was trained as .* on 12 "
+                                            "classes, not as this run's "):
+            vtrainer.run(dataclasses.replace(longer, data=str(other), batch_size=2), resume="auto")
     # A setting that may not change on resume: refused, naming the checkpoint.
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
                                         "crop_size 32 -> 40: may change on resume: "):
