@@ -12,6 +12,15 @@ ends with the figures and the mutants that were not killed. Then, in DIR:
 
 MUTANT_GLOB (e.g. 'vgg.transforms.x_scaled_size__mutmut_*') re-runs only those mutants in an
 existing DIR (no fresh copy), after a test was added: copy the changed test file over first.
+
+mutmut runs, against a mutant, only the tests it saw reach the mutated function; it misses tests
+whose work happens in a module-scoped fixture, in DataLoader workers or in subprocesses. After a
+run, `--survivors` takes each surviving mutant of DIR in turn and runs all of the module's tests
+against it (pytest in DIR/mutants with mutmut's own switch, MUTANT_UNDER_TEST=NAME, which the
+subprocesses of the CLI tests inherit), plus those given with `--also`; it prints `killed NAME
+(the first failing test)` or `SURVIVES NAME` a line:
+
+    .venv/bin/python tools/mutate.py trainer --survivors --also tests/test_shards.py
 """
 
 import argparse
@@ -54,14 +63,52 @@ def narrow_config(dest: Path, module: str) -> list[str]:
     return tests
 
 
+def rerun_survivors(dest: Path, also: list[str]) -> int:
+    """Every mutant of DEST that survived mutmut's run, against all the tests of its [mutate:...] section."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(dest / "setup.cfg")
+    options = config["mutmut"]["pytest_add_cli_args"].split()
+    tests = config["mutmut"]["pytest_add_cli_args_test_selection"].split("\n")
+    tests = [line.strip() for line in tests if line.strip()]
+    if "-k" in tests:  # the section's -k filter applies to its own tests; --also's run unfiltered, after
+        at = tests.index("-k")
+        tests, keyword = tests[:at], tests[at + 1:at + 2]
+    else:
+        keyword = []
+    survivors = []
+    for meta in sorted((dest / "mutants").rglob("*.meta")):
+        exit_codes = json.loads(meta.read_text())["exit_code_by_key"]
+        survivors += [name for name, code in exit_codes.items() if code == 0]
+    print(f"{len(survivors)} surviving mutants in {dest}", flush=True)
+    pytest = [sys.executable, "-m", "pytest", "-q", "-x", *options]
+    for name in survivors:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MUTANT_UNDER_TEST": name}
+        runs = [[*tests, *(["-k", *keyword] if keyword else [])]] + ([also] if also else [])
+        failed = None
+        for selection in runs:
+            result = subprocess.run([*pytest, *selection], cwd=dest / "mutants", env=env, capture_output=True,
+                                    text=True)
+            if result.returncode != 0:
+                failed = next((line.split()[1] for line in result.stdout.splitlines() if line.startswith("FAILED")),
+                              f"pytest exit {result.returncode}")
+                break
+        print(f"killed {name} ({failed})" if failed else f"SURVIVES {name}", flush=True)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("module", choices=MODULES)
     parser.add_argument("mutants", nargs="*", help="mutant names or globs to (re-)run in an existing DIR")
     parser.add_argument("--children", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--dir", type=Path, default=None, help="scratch folder (default <tmp>/vgg-mutmut/MODULE)")
+    parser.add_argument("--survivors", action="store_true",
+                        help="re-run each surviving mutant in an existing DIR against all the module's tests")
+    parser.add_argument("--also", nargs="*", default=[], help="more tests for --survivors (files or node ids)")
     args = parser.parse_intermixed_args()
     dest = (args.dir or Path(tempfile.gettempdir()) / "vgg-mutmut" / args.module).resolve()
+    if args.survivors:
+        return rerun_survivors(dest, args.also)
     if not args.mutants:
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir(parents=True)
