@@ -13,7 +13,7 @@ import torch
 
 from conftest import ROOT, subprocess_env
 from test_recipe import small_net
-from test_train import common_cli_args
+from test_train import common_cli_args, tiny_config
 from vgg import trainer as vtrainer
 from vgg.config import Config
 from vgg.engine import train_step
@@ -101,3 +101,21 @@ def test_bf16_channels_last_and_compile_on_cpu_single_and_ddp_then_resume_and_ev
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["images"] == 24 and report["skipped"] == 0
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_run_trains_and_validates_in_bf16_on_the_cpu_only_when_asked(sample_root, tmp_path, monkeypatch, bf16):
+    """--bf16 true reaches every forward pass of a run, training and validation; false none."""
+    autocast_seen = {True: set(), False: set()}  # net.training -> autocast states seen
+    build_net = vtrainer.build_net
+
+    def recording_build_net(*args, **kwargs):
+        net = build_net(*args, **kwargs)
+        net.register_forward_pre_hook(
+            lambda module, inputs: autocast_seen[module.training].add(torch.is_autocast_enabled("cpu")))
+        return net
+
+    monkeypatch.setattr(vtrainer, "build_net", recording_build_net)
+    vtrainer.run(tiny_config(sample_root, tmp_path, run_name="bf16", bf16=bf16, epochs=1, steps_per_epoch=2,
+                             workers=0, stats="imagenet"))
+    assert autocast_seen == {True: {bf16}, False: {bf16}}
