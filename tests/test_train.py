@@ -66,10 +66,15 @@ def test_checkpoint_holds_everything_to_resume_and_evaluate(sample_root, tmp_pat
 
 
 def test_warm_start_and_wrong_init_from(sample_root, tmp_path):
+    from test_hardening_ddp_data import LogLines  # (that module imports this one)
+
     run(tiny_config(sample_root, tmp_path, run_name="a", epochs=1))
     a_ckpt = tmp_path / "checkpoints" / "a" / "best.pt"
-    run(tiny_config(sample_root, tmp_path, run_name="d", arch="D", epochs=1, steps_per_epoch=1,
-                    init_from=str(a_ckpt)))
+    with LogLines("vgg") as lines:
+        run(tiny_config(sample_root, tmp_path, run_name="d", arch="D", epochs=1, steps_per_epoch=1,
+                        init_from=str(a_ckpt)))
+    (copied,) = [line for line in lines if line.startswith(f"initialised from {a_ckpt}: copied ")]
+    assert "tensors: features.0.weight, features.0.bias, " in copied  # §3.1: A's first convs and the FCs
     a_model = load_checkpoint(a_ckpt)["model"]
     # The D run started from A's first conv; after one small step it is still close to it, while a
     # layer A does not have (stage 1 conv 2) started fresh.
@@ -83,7 +88,7 @@ def test_warm_start_and_wrong_init_from(sample_root, tmp_path):
     result = train_cli(*common_cli_args(sample_root, tmp_path), "--arch", "D", "--init-from", str(b_path),
                        "--run-name", "bad", "--epochs", "1")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --init-from")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --init-from {b_path}")
     assert "Traceback" not in result.stderr
 
 

@@ -152,3 +152,9 @@ def test_no_image_grid_without_a_readable_training_image(tmp_path):
     events = EventAccumulator(str(tmp_path))
     events.Reload()
     assert events.Tags()["images"] == []
+
+
+def test_sgd_is_one_fused_kernel_on_cuda_and_the_cpu_and_batched_elsewhere():
+    assert vtrainer.sgd_kernel(torch.device("cuda")) == {"fused": True}
+    assert vtrainer.sgd_kernel(torch.device("cpu")) == {"fused": True}
+    assert vtrainer.sgd_kernel(torch.device("mps")) == {"foreach": True}  # torch has no fused SGD there

@@ -207,6 +207,8 @@ def test_batch_norm_weight_decay_is_a_choice():
         decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
         assert (norm <= decayed) == norm_decay and (not norm & decayed) == (not norm_decay)
         assert id(model.conv1.weight) in decayed and id(model.fc.weight) in decayed
+        in_groups = [id(p) for g in groups for p in g["params"]]
+        assert sorted(in_groups) == sorted(id(p) for p in model.parameters())  # each trained, once
 
 
 def test_lenet5_is_lecuns_layout():
