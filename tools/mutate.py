@@ -81,9 +81,9 @@ def rerun_survivors(dest: Path, also: list[str]) -> int:
         survivors += [name for name, code in exit_codes.items() if code == 0]
     print(f"{len(survivors)} surviving mutants in {dest}", flush=True)
     pytest = [sys.executable, "-m", "pytest", "-q", "-x", *options]
+    runs = [[*tests, *(["-k", *keyword] if keyword else [])]] + ([also] if also else [])
     for name in survivors:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MUTANT_UNDER_TEST": name}
-        runs = [[*tests, *(["-k", *keyword] if keyword else [])]] + ([also] if also else [])
         failed = None
         for selection in runs:
             result = subprocess.run([*pytest, *selection], cwd=dest / "mutants", env=env, capture_output=True,
