@@ -17,6 +17,11 @@ process (on a shared machine, the time spent waiting for a core is not the pipel
   decode (floor) the whole file decoded and nothing else: PIL (Image.open + load), torchvision.io.decode_jpeg,
                  and torchcodec.decoders.decode_jpeg (all libjpeg-turbo). A transform that decodes the whole
                  file cannot be faster than these.
+  ours' parts    where our time goes, to show what bounds it: "box decode" reads the file and decodes
+                 the crop box of the same draws as ours (vgg.jpeg.decode_crop, no resampling); "entropy
+                 decoding" reads the file and decodes its bottom-right pixel only, which makes libjpeg
+                 entropy-decode every row (JPEG has no way to skip them) and run the IDCT on almost
+                 nothing: a floor for any libjpeg decode of a box that reaches the last rows.
 
 Both pipelines stop at the uint8 crop: the float work (mean subtraction, colour shift) is done per
 batch on the training device, and would be the same for both.
@@ -38,6 +43,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
@@ -46,7 +52,8 @@ from torchvision.transforms import v2
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (interleaved_medians, load_average, machine_text, record,  # noqa: E402
                           write_imagenet_like_jpeg)
-from vgg.transforms import TrainTransform  # noqa: E402
+from vgg import jpeg as vjpeg  # noqa: E402
+from vgg.transforms import TrainTransform, _source_span, draw_train_crop, sample_generator  # noqa: E402
 
 CROP = 224
 
@@ -100,6 +107,44 @@ def decode_torchcodec(paths: list[Path]) -> None:
 FLOORS = {"PIL": decode_pil, "torchvision": decode_torchvision, "torchcodec": decode_torchcodec}
 
 
+def crop_boxes(paths: list[Path], transform: TrainTransform) -> dict[Path, tuple[int, int, int, int]]:
+    """Each file's crop box in source pixels (top, left, height, width), drawn as `transform` draws
+    (sample i's own generator), mapped back as vgg.transforms._resized_crop maps it."""
+    boxes = {}
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            height, width = image.height, image.width
+        new_h, new_w, top, left, _ = draw_train_crop(
+            height, width, crop_size=transform.crop_size, scale_min=transform.scale_min,
+            scale_max=transform.scale_max, generator=sample_generator(transform.seed, 0, index))
+        y0, y1 = _source_span(top, CROP, height / new_h, height)
+        x0, x1 = _source_span(left, CROP, width / new_w, width)
+        boxes[path] = (y0, x0, y1 - y0, x1 - x0)
+    return boxes
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def box_decode(paths: list[Path], boxes: dict) -> None:
+    for path in paths:
+        vjpeg.decode_crop(path.read_bytes(), *boxes[path])
+
+
+def box_decode_resample(paths: list[Path], boxes: dict) -> None:
+    for path in paths:
+        box = vjpeg.decode_crop(path.read_bytes(), *boxes[path])
+        F.interpolate(box[None], size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)
+
+
+def entropy_decode(paths: list[Path], sizes: dict) -> None:
+    for path in paths:
+        height, width = sizes[path]
+        vjpeg.decode_crop(path.read_bytes(), height - 1, width - 1, 1, 1)
+
+
 def v2_transform(scale_min: int, scale_max: int) -> v2.Compose:
     resize = (v2.Resize(scale_min, antialias=True) if scale_min == scale_max
               else v2.RandomResize(scale_min, scale_max + 1, antialias=True))
@@ -113,14 +158,29 @@ def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> s
                  "ours on a PIL-decoded image": partial(ours_pil_decode, transform=transform),
                  "torchvision v2": partial(torchvision_v2, transform=v2_transform(scale_min, scale_max))}
     pipelines.update({f"{name} decode": fn for name, fn in FLOORS.items()})
+    if vjpeg.available():
+        boxes = crop_boxes(paths, transform)
+        sizes = {path: image_size(path) for path in paths}
+        pipelines.update({"box decode": partial(box_decode, boxes=boxes),
+                          "box decode + resampling": partial(box_decode_resample, boxes=boxes),
+                          "entropy decoding": partial(entropy_decode, sizes=sizes)})
     for pipeline in pipelines.values():  # warm-up: libraries loaded, caches filled
         pipeline(paths[:16])
     seconds = interleaved_medians(pipelines, paths, rounds)
     rates = ", ".join(f"{name} {len(paths) / s:.0f} img/s" for name, s in seconds.items())
     floor_ratios = ", ".join(f"{seconds['ours'] / seconds[f'{name} decode']:.2f}x {name} decode" for name in FLOORS)
     label = f"S={scale_min}" if scale_min == scale_max else f"S in [{scale_min},{scale_max}]"
-    return (f"{label}: {rates}; ours {seconds['torchvision v2'] / seconds['ours']:.2f}x as fast as "
+    line = (f"{label}: {rates}; ours {seconds['torchvision v2'] / seconds['ours']:.2f}x as fast as "
             f"torchvision v2; ours takes {floor_ratios}")
+    if "box decode" in seconds:
+        ms = {name: 1e3 * s / len(paths) for name, s in seconds.items()}
+        resample = ms["box decode + resampling"] - ms["box decode"]
+        line += (f"; per image: ours {ms['ours']:.2f} ms = box decode {ms['box decode']:.2f} ms (of which entropy "
+                 f"decoding {ms['entropy decoding']:.2f} ms; a whole decode {ms['torchcodec decode']:.2f} ms) + "
+                 f"resampling {resample:.2f} ms + the rest {ms['ours'] - ms['box decode + resampling']:.2f} ms; "
+                 f"box decode + resampling alone: {seconds['torchvision v2'] / seconds['box decode + resampling']:.2f}x "
+                 f"as fast as torchvision v2")
+    return line
 
 
 def main() -> None:

@@ -401,6 +401,27 @@ def test_transform_benchmark_runs(tmp_path):
                             capture_output=True, text=True, env=subprocess_env(), cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "ours" in result.stdout and "torchvision v2" in result.stdout and len(list(tmp_path.glob("*.JPEG"))) == 4
+    assert "box decode + resampling" in result.stdout and "entropy decoding" in result.stdout
+
+
+def test_the_benchmark_decodes_the_boxes_the_transform_crops(tmp_path):
+    """bench/transforms.py splits our time into box decode, resampling and the rest: its boxes must be
+    the ones the transform cuts, or the split says nothing about it."""
+    sys.path.insert(0, str(ROOT))
+    from bench import transforms as bench_transforms
+    import torch.nn.functional as F
+    from vgg import jpeg as vjpeg
+
+    paths = bench_transforms.make_jpegs(tmp_path, 6)
+    for scale_max in (256, 512):
+        transform = TrainTransform(crop_size=224, scale_min=256, scale_max=scale_max, seed=3)
+        boxes = bench_transforms.crop_boxes(paths, transform)
+        for index, path in enumerate(paths):
+            box = vjpeg.decode_crop(path.read_bytes(), *boxes[path])
+            resampled = F.interpolate(box[None], size=(224, 224), mode="bilinear", antialias=True)[0]
+            with Image.open(path) as image:
+                crop = transform(image, index).image
+            assert torch.equal(crop, resampled) or torch.equal(crop, resampled.flip(-1)), (path.name, scale_max)
 
 
 def test_32_bit_grey_is_clipped_to_16_bits_before_scaling_to_8():
