@@ -6,10 +6,11 @@ grain). Each round takes the files in chunks of 32, every pipeline timed on each
 order rotated from chunk to chunk); a pipeline's figure is its median round, in CPU time of this
 process (on a shared machine, the time spent waiting for a core is not the pipeline's):
 
-  ours           vgg.transforms.TrainTransform on the opened file and its index, as vgg.data.ImageFolder
-                 calls it: the sample's own draws (S, crop, flip, colour-shift alphas), decode, resample
-                 the crop box only, flip -> uint8 [3, 224, 224]. Also timed handed an image PIL has
-                 already decoded ("ours on a PIL-decoded image"): PIL's decode and a copy of its pixels.
+  ours           vgg.transforms.TrainTransform on the file's path and its index, as vgg.data.ImageFolder
+                 calls it: read the file, its header (libjpeg), the sample's own draws (S, crop, flip,
+                 colour-shift alphas), decode and resample the crop box only, flip -> uint8 [3, 224, 224].
+                 Also timed handed an image PIL has already decoded ("ours on a PIL-decoded image"):
+                 PIL's decode and a copy of its pixels.
   torchvision v2 the usual way on uint8 tensors: torchcodec.decoders.decode_jpeg(path) (torchvision's
                  own decoders are deprecated since 0.29 in its favour; equally fast here), then
                  v2.Resize(S, antialias=True) (v2.RandomResize(S_min, S_max + 1) when jittering),
@@ -70,8 +71,7 @@ def make_jpegs(folder: Path, count: int) -> list[Path]:
 
 def ours(paths: list[Path], transform: TrainTransform) -> None:
     for index, path in enumerate(paths):
-        with Image.open(path) as image:
-            transform(image, index)
+        transform(path, index)
 
 
 def ours_pil_decode(paths: list[Path], transform: TrainTransform) -> None:

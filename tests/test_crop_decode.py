@@ -159,3 +159,76 @@ def test_a_build_killed_half_way_leaves_nothing_behind_for_long(tmp_path, monkey
     assert not killed.exists()
     assert running.exists()
     assert len(list(cache.glob("jpeg_crop-*.so"))) == 1
+
+
+# --- The file read by libjpeg, not PIL: TrainTransform handed a path or bytes -------------------------
+
+@pytest.fixture(scope="module")
+def other_files(tmp_path_factory, jpeg_files):
+    """Files the libjpeg header path must leave to PIL: grey and CMYK JPEGs, a PNG named .JPEG, a
+    large photo (PIL's reduced decode), a file cut before its end marker, a damaged header."""
+    folder = tmp_path_factory.mktemp("others")
+    photo = Image.fromarray(skdata.chelsea()).resize((400, 300))
+    files = {"grey": ("L", "JPEG"), "cmyk": ("CMYK", "JPEG"), "png": ("RGB", "PNG")}
+    paths = {}
+    for name, (mode, fmt) in files.items():
+        paths[name] = folder / f"{name}.JPEG"
+        photo.convert(mode).save(paths[name], fmt)
+    paths["large"] = folder / "large.JPEG"
+    Image.fromarray(skdata.astronaut()).resize((1100, 1040)).save(paths["large"], "JPEG")
+    data = jpeg_files[0].read_bytes()
+    paths["cut"] = folder / "cut.JPEG"
+    paths["cut"].write_bytes(data[:-2000])
+    paths["bad header"] = folder / "bad_header.JPEG"  # a start-of-frame marker with nonsense after it
+    paths["bad header"].write_bytes(b"\xff\xd8\xff\xc0\x00\x04\x08" + bytes(64) + b"\xff\xd9")
+    return paths
+
+
+def test_the_header_gives_the_size_pil_reads_for_colour_jpegs_only(jpeg_files, other_files):
+    for path in jpeg_files:
+        jpeg = vjpeg.read_colour_jpeg(path.read_bytes())
+        with Image.open(path) as image:
+            assert jpeg is not None and (jpeg.height, jpeg.width) == (image.height, image.width), path.name
+        assert jpeg.data == path.read_bytes()
+    assert vjpeg.read_colour_jpeg(other_files["large"].read_bytes()).height == 1040
+    for name in ("grey", "cmyk", "png", "cut", "bad header"):
+        assert vjpeg.read_colour_jpeg(other_files[name].read_bytes()) is None, name
+    assert vjpeg.read_colour_jpeg(b"") is None
+
+
+@pytest.mark.parametrize("scale_min, scale_max", [(256, 256), (256, 512)])
+def test_a_path_or_bytes_give_the_crops_of_an_opened_image(jpeg_files, other_files, scale_min, scale_max):
+    """Every kind of file: the same crop and alphas from its path, its bytes and PIL's opened image;
+    the colour JPEGs (but the large one) by the cropped decoder, read without PIL."""
+    transform = TrainTransform(crop_size=224, scale_min=scale_min, scale_max=scale_max, seed=4)
+    paths = jpeg_files + [other_files[name] for name in ("grey", "cmyk", "png", "large")]
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            expected = transform(image, index)
+        for given in (path, str(path), path.read_bytes()):
+            got = transform(given, index)
+            assert torch.equal(got.image, expected.image) and torch.equal(got.alphas, expected.alphas), path.name
+
+
+def test_a_path_skips_pils_parser_for_a_colour_jpeg(jpeg_files, other_files, monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(a[0]) or real_open(*a, **k))
+    transform = TrainTransform(crop_size=224, scale_min=256, scale_max=256)
+    transform(jpeg_files[0], 0)
+    transform(jpeg_files[0].read_bytes(), 0)
+    assert opened == []
+    transform(other_files["grey"], 0)
+    assert opened == [other_files["grey"]]
+
+
+def test_damaged_files_given_by_path_are_refused_naming_the_file(other_files):
+    transform = TrainTransform(crop_size=32, scale_min=256, scale_max=256)
+    with pytest.raises(OSError, match="truncated"):
+        transform(other_files["cut"], 0)
+    with pytest.raises(OSError, match="bad_header.JPEG"):  # PIL's UnidentifiedImageError names it
+        transform(other_files["bad header"], 0)
+    with pytest.raises(OSError):
+        transform(other_files["cut"].read_bytes(), 0)
+    with pytest.raises(FileNotFoundError):
+        transform(other_files["cut"].with_name("missing.JPEG"), 0)

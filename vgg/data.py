@@ -207,12 +207,13 @@ def list_files(split_dir) -> dict[str, list[str]]:
 
 class ImageFolder(Dataset):
     """`split_dir/<wnid>/<image>` -> (transform(image), class index), ImageNet's layout; a
-    `TrainTransform` is called as transform(image, index), as its random draws depend on the index.
+    `TrainTransform` is called as transform(path, index), as its random draws depend on the index (it
+    opens the file itself: a colour JPEG's header is read by libjpeg rather than PIL, issue 16).
 
     classes: the class order (index = position); default the sorted folder names. Pass the training
     classes for a validation split so the labels agree (every folder must be one of them).
 
-    `__getitem__` hands the transform a PIL image straight from `Image.open` (not yet decoded, so the
+    `__getitem__` hands other transforms a PIL image straight from `Image.open` (not yet decoded, so the
     transform can decode at a reduced scale, see vgg.transforms.load_rgb); with transform=None it
     returns the decoded RGB PIL image. A file that cannot be decoded (empty, truncated, not an image)
     gives (None, label, Unreadable(path, reason)), silently (this runs in DataLoader workers):
@@ -275,11 +276,11 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int):
         path, label = self.path(index), int(self.labels[index])
         try:
+            if isinstance(self.transform, TrainTransform):  # its draws are a function of the index
+                return self.transform(path, index), label  # it opens the file: a colour JPEG without PIL
             with Image.open(path) as image:
                 if self.transform is None:
                     return load_rgb(image), label
-                if isinstance(self.transform, TrainTransform):  # its draws are a function of the index
-                    return self.transform(image, index), label
                 return self.transform(image), label
         except DECODE_ERRORS as e:
             return None, label, Unreadable(path, " ".join(f"{type(e).__name__}: {e}".split()))

@@ -22,12 +22,14 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 SOURCE = Path(__file__).with_name("jpeg_crop.c")
 MESSAGE_SIZE = 200  # libjpeg's JMSG_LENGTH_MAX
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"  # a JPEG file's first bytes (SOI, a marker), its end marker
 BUILD_PREFIX = "jpeg_crop-build-"  # a compile's temporary folder in the cache
 STALE_BUILD_S = 3600  # a build folder this old was left by a compile that was killed
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def _load():
         buffer, size, ints = ctypes.c_char_p, ctypes.c_ulong, ctypes.c_int
         library.vgg_jpeg_decode_crop.argtypes = [buffer, size, ints, ints, ints, ints, ctypes.c_void_p,
                                                  ctypes.c_char_p]
+        library.vgg_jpeg_header.argtypes = [buffer, size, ctypes.c_void_p, ctypes.c_char_p]
         _library = library
     return _library
 
@@ -89,6 +92,28 @@ def _load():
 def available() -> bool:
     """Whether the cropped decoder could be built and loaded here (built on the first call)."""
     return bool(_load())
+
+
+class JpegFile(NamedTuple):
+    """A whole colour JPEG file (3 components, ending with its end marker) and its size, read from its
+    header by libjpeg: what `decode_crop` takes, without PIL having parsed the file."""
+
+    data: bytes
+    height: int
+    width: int
+
+
+def read_colour_jpeg(data: bytes) -> JpegFile | None:
+    """`data` as a JpegFile if it is a whole colour JPEG file whose header libjpeg reads and the cropped
+    decoder is available; None otherwise (other formats, grey or CMYK JPEGs, a file cut short before
+    its end marker, a damaged header: PIL then opens it, and refuses it with its own message)."""
+    if not (data[:3] == JPEG_START and data.endswith(JPEG_END) and available()):
+        return None
+    header = (ctypes.c_int * 3)()
+    message = ctypes.create_string_buffer(MESSAGE_SIZE)
+    if _load().vgg_jpeg_header(data, len(data), header, message) != 0 or header[2] != 3:
+        return None
+    return JpegFile(data, header[0], header[1])
 
 
 def decode_crop(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor:

@@ -228,10 +228,12 @@ def open_split(root, split: str) -> ShardSplit:
 def _decode(data: bytes, label: int, where: str, transform, index: int):
     """(transform(image), label), or (None, label, Unreadable) as vgg.data.ImageFolder gives them."""
     try:
+        if index is not None:  # the training transform: it opens the bytes (a colour JPEG without PIL)
+            return transform(data, index), label
         with Image.open(io.BytesIO(data)) as image:
             if transform is None:
                 return vdata.load_rgb(image), label
-            return (transform(image, index) if index is not None else transform(image)), label
+            return transform(image), label
     except vdata.DECODE_ERRORS as e:
         return None, label, vdata.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
 

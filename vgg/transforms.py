@@ -28,10 +28,12 @@ Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
 `vgg.data.ImageFolder` does), they decode it themselves with `decode_uint8`, at the reduced scale;
-an already loaded image is used as it is.
+an already loaded image is used as it is. `TrainTransform` also takes a file's path or bytes (what
+ImageFolder and vgg.shards hand it): a colour JPEG's header is then read by libjpeg, not PIL.
 """
 
 import functools
+import io
 import math
 import warnings
 from pathlib import Path
@@ -225,8 +227,15 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
     """
     min_side = min(new_h, new_w)
+    if isinstance(image, vjpeg.JpegFile):  # its header read by libjpeg, not PIL (TrainTransform)
+        if min(image.height, image.width) >= 2 * min_side:  # a 1/2^k reduced decode may fit: PIL decides
+            with Image.open(io.BytesIO(image.data)) as opened:
+                return _resized_crop(opened, new_h, new_w, top, left, crop_h, crop_w)
+        # No reduction fits, so PIL would decode it at full size: decode the box only, as below.
+        return _resampled_box(functools.partial(vjpeg.decode_crop, image.data), image.height, image.width,
+                              new_h, new_w, top, left, crop_h, crop_w)
     data = None if keep_decoded else _full_size_jpeg_bytes(image, min_side)
-    if data is not None and data.endswith(b"\xff\xd9") and vjpeg.available():
+    if data is not None and data.endswith(vjpeg.JPEG_END) and vjpeg.available():
         # A whole colour JPEG file (one truncated before its end marker goes to the full decoder,
         # which refuses it as before): decode the box only, the same pixels as a full decode.
         src_h, src_w = image.height, image.width
@@ -238,6 +247,13 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
             pixels = _decode_jpeg_file(data) if data is not None else decode_uint8(image, min_side)
         src_h, src_w = pixels.shape[1:]
         decode_box = lambda y, x, h, w: pixels[:, y:y + h, x:x + w]  # noqa: E731
+    return _resampled_box(decode_box, src_h, src_w, new_h, new_w, top, left, crop_h, crop_w)
+
+
+def _resampled_box(decode_box, src_h: int, src_w: int, new_h: int, new_w: int, top: int, left: int, crop_h: int,
+                   crop_w: int) -> torch.Tensor:
+    """The crop_h x crop_w box at (top, left) of the src_h x src_w image rescaled to new_h x new_w:
+    `decode_box(y, x, h, w)` gives the source pixels of the box, which are resampled to the crop's size."""
     y0, y1 = _source_span(top, crop_h, src_h / new_h, src_h)
     x0, x1 = _source_span(left, crop_w, src_w / new_w, src_w)
     region = decode_box(y0, x0, y1 - y0, x1 - x0)
@@ -289,8 +305,22 @@ class TrainTransform:
         self.epoch = epoch
 
     def __call__(self, image, index: int | None = None) -> TrainCrop:
+        """image: a file's path or its bytes (vgg.data.ImageFolder and vgg.shards pass these: a colour
+        JPEG's header is then read by libjpeg, ~5x faster than PIL's Image.open, and only its crop box
+        decoded), or a PIL image from Image.open. OSError/ValueError/SyntaxError for a damaged file."""
         generator = None if index is None else sample_generator(self.seed, self.epoch, index)
-        width, height = image.size
+        if isinstance(image, Image.Image):
+            return self._crop(image, image.height, image.width, generator)
+        data = image if isinstance(image, bytes) else Path(image).read_bytes()
+        jpeg = vjpeg.read_colour_jpeg(data)
+        if jpeg is not None:
+            return self._crop(jpeg, jpeg.height, jpeg.width, generator)
+        # Other formats, grey and CMYK JPEGs, damaged files: PIL (a path is opened by name, so that
+        # its refusal names the file).
+        with Image.open(io.BytesIO(data) if isinstance(image, bytes) else image) as opened:
+            return self._crop(opened, opened.height, opened.width, generator)
+
+    def _crop(self, image, height: int, width: int, generator: torch.Generator | None) -> TrainCrop:
         new_h, new_w, top, left, flip = draw_train_crop(height, width, crop_size=self.crop_size,
                                                         scale_min=self.scale_min, scale_max=self.scale_max,
                                                         generator=generator)
