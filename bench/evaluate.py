@@ -13,7 +13,8 @@ workers beside the wall-clock time. Three evaluators, each in its own process:
   new-plain  this tree's with channels_last=False: the batching alone, in the baseline's CPU layout.
 They take turns, round after round (the first of each round rotates), and the figures are medians
 over the rounds. Each process first evaluates once untimed (file cache, allocator). All must give the
-same top-1/top-5 errors: the script fails otherwise.
+same top-1/top-5 errors: the script fails otherwise. Before each timed evaluation the process runs a
+full garbage collection, so that none started by an earlier evaluation's garbage falls into its time.
 
 The CPU demo net (train it first: `python train.py`, which also generates data/sample), as measured
 for docs/benchmarks.md:
@@ -43,7 +44,7 @@ METHODS = {"dense": ["dense"], "multi-crop": ["multi-crop"], "both": ["dense", "
 
 # Run in a fresh process with PYTHONPATH set to the tree under test; prints one JSON line.
 CHILD = r"""
-import json, os, sys, time
+import gc, json, os, sys, time
 import torch
 from vgg.distributed import set_cpu_threads
 from vgg.evaluation import evaluate_dataset, load_eval_net
@@ -61,6 +62,7 @@ def once(methods):
 once(["dense"])  # untimed: file cache, allocator, first worker start
 out = {"threads": torch.get_num_threads()}
 for label, methods in args["methods"].items():
+    gc.collect()  # a full collection (~0.15 s here) left over from the last evaluation never lands in this one
     load = os.getloadavg()[0]
     if device.type == "cuda":
         torch.cuda.synchronize()

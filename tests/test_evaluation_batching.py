@@ -3,6 +3,7 @@ by size into full batches across the whole set, each file decoded once, and resu
 plain per-image path (`dense_probs` / `multi_crop_probs` on each image) on real JPEG files."""
 
 import collections
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,37 @@ def test_batched_results_equal_the_per_image_path(checkpoint, val_dir, reference
         assert (row["top1_err"], row["top5_err"]) == pytest.approx((expected[1], expected[5]))
     # The reference differs between the methods, so a mix-up of the two would show.
     assert (reference[DENSE] - reference[MULTI_CROP]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_waiting_batches_run_side_by_side_with_the_results_of_one_at_a_time(checkpoint, val_dir, reference,
+                                                                             monkeypatch, bf16):
+    """Once the loader is spent, a CPU runs the batches still waiting several at once, in threads (issue 16),
+    each in inference mode and under the run's bf16 autocast as the main thread is: the same soft-max
+    as one batch at a time, and for fp32 the per-image path's."""
+    seen = []
+    real_evaluate = evaluation._NetRunner.evaluate
+
+    def recording(self, images, methods):
+        seen.append((threading.current_thread() is threading.main_thread(), torch.is_inference_mode_enabled(),
+                     torch.is_autocast_enabled("cpu")))
+        return real_evaluate(self, images, methods)
+
+    monkeypatch.setattr(evaluation._NetRunner, "evaluate", recording)
+    caught = {}
+    for side_by_side in (1, 3):
+        monkeypatch.setattr(evaluation, "batches_side_by_side", lambda device, n=side_by_side: n)
+        seen.clear()
+        # One loader batch holds all 12 images, and no size has 32: every batch waits for the end.
+        _, caught[side_by_side] = evaluate_catching_probs([load_eval_net(checkpoint)], val_dir, monkeypatch,
+                                                          batch_size=32, workers=1, bf16=bf16)
+        assert len(seen) == 9 and {(inference, autocast) for _, inference, autocast in seen} == {(True, bf16)}
+        assert {main for main, *_ in seen} == {side_by_side == 1}
+    for threaded, alone in zip(caught[3], caught[1]):
+        torch.testing.assert_close(threaded, alone, rtol=0, atol=1e-6)
+    if not bf16:
+        for probs, method in zip(caught[3], (DENSE, MULTI_CROP)):
+            torch.testing.assert_close(probs, reference[method], rtol=1e-4, atol=1e-6)
 
 
 def test_equal_sizes_from_different_loader_batches_fill_whole_batches(checkpoint, val_dir, monkeypatch):

@@ -25,6 +25,7 @@ from test_train import common_cli_args, tiny_config
 import vgg.trainer
 from vgg.checkpoint import load_checkpoint
 from vgg.data import ImageFolder
+from vgg import distributed
 from vgg.distributed import set_cpu_threads, usable_cpus
 from vgg.trainer import DASHBOARD_LAYOUT, SKIPPED_LIST, run
 
@@ -83,6 +84,27 @@ def test_an_explicit_thread_setting_is_kept_and_cuda_runs_are_left_alone(monkeyp
     with LogLines("vgg") as lines:
         set_cpu_threads("cuda", workers=2)
     assert torch.get_num_threads() == 3 and lines == []
+
+
+def test_batches_run_side_by_side_on_the_cores_torch_leaves(monkeypatch, restore_threads):
+    """The evaluator's last batches, once the loader's workers idle: as many at once as this process's
+    cores hold at torch's thread count; one on a GPU or where the environment sets the threads."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(distributed, "usable_cpus", lambda: 8)
+    torch.set_num_threads(1)
+    assert distributed.batches_side_by_side("cpu") == 8
+    torch.set_num_threads(3)
+    assert distributed.batches_side_by_side("cpu") == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the machine: 4 cores each
+    torch.set_num_threads(1)
+    assert distributed.batches_side_by_side("cpu") == 4
+    torch.set_num_threads(6)
+    assert distributed.batches_side_by_side("cpu") == 1
+    torch.set_num_threads(1)
+    assert distributed.batches_side_by_side("cuda") == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert distributed.batches_side_by_side("cpu") == 1
 
 
 # --- Logs that are files: plain lines; warnings once, a summary per epoch -------------------------

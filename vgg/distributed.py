@@ -344,16 +344,35 @@ def set_cpu_threads(device: str, workers: int) -> None:
     if resolve_device(device) != "cpu":
         return
     setup_logging(int(os.environ.get("RANK", "0")))
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        if os.environ.get(var):
-            get_logger().info(f"CPU run: {torch.get_num_threads()} torch thread(s), as {var}={os.environ[var]} "
-                              "in the environment says")
-            return
-    cpus = usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # this process's share of them
+    variable = _thread_variable()
+    if variable:
+        get_logger().info(f"CPU run: {torch.get_num_threads()} torch thread(s), as {variable}={os.environ[variable]} "
+                          "in the environment says")
+        return
+    cpus = _cpu_share()
     threads = max(1, cpus - workers)
     torch.set_num_threads(threads)
     get_logger().info(f"CPU run: {threads} torch thread(s) = {cpus} usable core(s) - {workers} data-loading "
                       "worker(s) (set OMP_NUM_THREADS to choose)")
+
+
+def _thread_variable() -> str | None:
+    """The environment variable that sets torch's thread count, where the user (or torchrun) set one."""
+    return next((var for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if os.environ.get(var)), None)
+
+
+def _cpu_share() -> int:
+    """The usable cores of this process's share (the ranks on one machine split them)."""
+    return usable_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def batches_side_by_side(device: str) -> int:
+    """How many batches the net may run at once, each on torch's current threads, once the DataLoader's
+    workers idle (the loader spent): this process's share of the cores over its torch threads. 1 on a
+    GPU, and where the environment sets the thread count (the user chose how many cores to use)."""
+    if resolve_device(device) != "cpu" or _thread_variable():
+        return 1
+    return max(1, _cpu_share() // torch.get_num_threads())
 
 
 def launch_if_needed(gpus: int) -> None:
