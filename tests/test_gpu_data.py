@@ -217,7 +217,8 @@ def test_box_resampling_gives_the_pixels_of_rescale_then_crop(crop_size, scale_m
 
 class OpCount(TorchDispatchMode):
     """Counts the ops that would be kernels on the device: not views (metadata only), not ops on
-    single numbers (each image's random draws: the CPU path's own, from CPU generators in both paths)."""
+    single numbers, not random draws from a generator passed in (each image's draws: the CPU path's
+    own, from CPU generators in both paths)."""
 
     def __init__(self):
         super().__init__()
@@ -226,7 +227,8 @@ class OpCount(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tensors = [t for t in tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
-        self.count += not func.is_view and any(t.numel() > 1 for t in tensors)
+        drawn = any(isinstance(leaf, torch.Generator) for leaf in tree_leaves((args, kwargs)))
+        self.count += not func.is_view and not drawn and any(t.numel() > 1 for t in tensors)
         return out
 
 
