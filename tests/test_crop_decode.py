@@ -20,7 +20,7 @@ from vgg.transforms import TrainTransform
 # file, and sizes that are not whole MCUs (16 px).
 FILES = [("astronaut", (500, 375), {}), ("coffee", (333, 500), {"subsampling": 1}),
          ("chelsea", (451, 300), {"subsampling": 0}), ("rocket", (427, 640), {"progressive": True}),
-         ("astronaut", (257, 259), {"quality": 75})]
+         ("astronaut", (257, 259), {"quality": 75}), ("coffee", (500, 375), {"progressive": True})]
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,14 @@
  * vgg/jpeg.py compiles this file on first use and calls it through ctypes (issue 16: the training
  * transform only needs the crop box of each image, paper §3.1).
  *
- * Near the edges of a cropped or skipped region libjpeg-turbo's fancy (smooth) chroma upsampling sees
- * different neighbours than in a full decode, which moves a few pixels by 1-4 grey levels. So the
- * rectangle is widened by MARGIN pixels on each side (more than an MCU, 16) and cut out afterwards:
- * the pixels returned are those of a full decode (tests/test_crop_decode.py checks this).
+ * At the left and right edges of a cropped region libjpeg-turbo's fancy (smooth) chroma upsampling
+ * sees different neighbours than in a full decode, which moves a few pixels by 1-4 grey levels. So the
+ * rectangle is widened by MARGIN_X pixels on each side (the upsampler reaches one chroma sample, 2
+ * pixels, past an edge) and cut out afterwards, and starts MARGIN_Y rows early (libjpeg-turbo's skip
+ * keeps the upsampler's context rows itself; 2 rows more cost nothing): the pixels returned are those
+ * of a full decode (tests/test_crop_decode.py checks this). Ad hoc, on 7,920 random boxes of 66 files
+ * (4:2:0, 4:2:2, 4:4:4, progressive), margins 2 and 4 wide gave no pixel different from PIL's full decode,
+ * margin 0 3,641 boxes; 0 rows above gave none either. Each 16 px less of margin is ~1.5 % less work.
  */
 #include <setjmp.h>
 #include <stdio.h>
@@ -15,7 +19,8 @@
 
 #include <jpeglib.h>
 
-#define MARGIN 16
+#define MARGIN_X 4
+#define MARGIN_Y 2
 #define CHUNK 16 /* rows asked of libjpeg per call: an iMCU row at most (8 or 16) */
 
 struct error_handler {
@@ -89,9 +94,9 @@ int vgg_jpeg_decode_crop(const unsigned char *data, unsigned long size, int top,
         jpeg_destroy_decompress(&cinfo);
         return -1;
     }
-    int x0 = left > MARGIN ? left - MARGIN : 0;
-    int x1 = left + width + MARGIN < image_w ? left + width + MARGIN : image_w;
-    int y0 = top > MARGIN ? top - MARGIN : 0;
+    int x0 = left > MARGIN_X ? left - MARGIN_X : 0;
+    int x1 = left + width + MARGIN_X < image_w ? left + width + MARGIN_X : image_w;
+    int y0 = top > MARGIN_Y ? top - MARGIN_Y : 0;
     JDIMENSION crop_x = (JDIMENSION)x0, crop_w = (JDIMENSION)(x1 - x0);
     jpeg_crop_scanline(&cinfo, &crop_x, &crop_w);  /* widened to iMCU boundaries: crop_x <= x0 */
     /* CHUNK rows a call rather than one: libjpeg-turbo's per-call bookkeeping made one-row reads about 5 %
