@@ -10,7 +10,8 @@ process (on a shared machine, the time spent waiting for a core is not the pipel
                  calls it: read the file, its header (libjpeg), the sample's own draws (S, crop, flip,
                  colour-shift alphas), decode and resample the crop box only, flip -> uint8 [3, 224, 224].
                  Also timed handed an image PIL has already decoded ("ours on a PIL-decoded image"):
-                 PIL's decode and a copy of its pixels.
+                 PIL's decode and a copy of its pixels; and without the cropped decoder ("ours decoding
+                 whole files", the fallback where it cannot be compiled).
   torchvision v2 the usual way on uint8 tensors: torchcodec.decoders.decode_jpeg(path) (torchvision's
                  own decoders are deprecated since 0.29 in its favour; equally fast here), then
                  v2.Resize(S, antialias=True) (v2.RandomResize(S_min, S_max + 1) when jittering),
@@ -81,6 +82,16 @@ def ours_pil_decode(paths: list[Path], transform: TrainTransform) -> None:
         with Image.open(path) as image:
             image.load()
             transform(image, index)
+
+
+def ours_whole_file(paths: list[Path], transform: TrainTransform) -> None:
+    """Ours where the cropped decoder cannot be built (no C compiler or libjpeg headers): PIL opens
+    the file and TorchCodec decodes all of it (vgg.transforms' fallback)."""
+    library, vjpeg._library = vjpeg._library, False  # what vgg.jpeg holds after a failed build
+    try:
+        ours(paths, transform)
+    finally:
+        vjpeg._library = library
 
 
 def torchvision_v2(paths: list[Path], transform) -> None:
@@ -156,6 +167,7 @@ def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> s
     transform = TrainTransform(crop_size=CROP, scale_min=scale_min, scale_max=scale_max)
     pipelines = {"ours": partial(ours, transform=transform),
                  "ours on a PIL-decoded image": partial(ours_pil_decode, transform=transform),
+                 "ours decoding whole files": partial(ours_whole_file, transform=transform),
                  "torchvision v2": partial(torchvision_v2, transform=v2_transform(scale_min, scale_max))}
     pipelines.update({f"{name} decode": fn for name, fn in FLOORS.items()})
     if vjpeg.available():

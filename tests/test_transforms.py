@@ -402,6 +402,7 @@ def test_transform_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "ours" in result.stdout and "torchvision v2" in result.stdout and len(list(tmp_path.glob("*.JPEG"))) == 4
     assert "box decode + resampling" in result.stdout and "entropy decoding" in result.stdout
+    assert "ours decoding whole files" in result.stdout
 
 
 def test_the_benchmark_decodes_the_boxes_the_transform_crops(tmp_path):
