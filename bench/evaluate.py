@@ -127,6 +127,7 @@ def main(argv=None) -> str:
     child_args = {"checkpoint": str(checkpoint.resolve()), "val_dir": str(val_dir.resolve()), "device": device.type,
                   "workers": args.workers, "batch_size": args.batch_size, "methods": methods}
 
+    load_before = os.getloadavg()[0]
     print(f"device: {describe_device(device)}; {os.cpu_count()} cores; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     print(f"{checkpoint} on {val_dir}, {args.workers} workers, batch {args.batch_size}", flush=True)
@@ -172,7 +173,8 @@ def main(argv=None) -> str:
     figures = (f"evaluation end to end, {checkpoint}, {images[next(iter(methods))]} JPEGs of {val_dir}, "
                f"{args.workers} workers, {'/'.join(map(str, sorted(threads)))} torch thread(s), batch "
                f"{args.batch_size}, medians of {args.rounds} interleaved rounds, baseline {args.baseline}, same "
-               f"top-1/top-5 errors: " + "; ".join(parts) + f"; load average after {os.getloadavg()[0]:.2f}")
+               f"top-1/top-5 errors: " + "; ".join(parts) + f"; load average {load_before:.2f} before, "
+               f"{os.getloadavg()[0]:.2f} after")
     record(device, figures, enabled=args.record)
     return figures
 

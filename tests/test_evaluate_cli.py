@@ -86,3 +86,19 @@ def test_bad_input_gives_one_line_and_exit_2(trained, tmp_path):
     ckpt = str(trained / "checkpoints" / "short" / "best.pt")
     proc = run([str(ROOT / "evaluate.py"), "--checkpoint", ckpt, "--data", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: validation folder")
+
+
+def test_evaluation_benchmark_runs(trained, sample_root):
+    """A smoke run of bench/evaluate.py (speed is measured there, never tested): the three evaluators
+    in turn, their errors compared, the figures line with the load before and after."""
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "ca798b9^{commit}"]).returncode != 0:
+        pytest.skip("the baseline revision ca798b9 is not in this clone (a shallow one)")
+    proc = run([str(ROOT / "bench" / "evaluate.py"), "--checkpoint", str(trained / "checkpoints" / "short" / "best.pt"),
+                "--data", str(sample_root), "--rounds", "1", "--methods", "dense", "--workers", "1",
+                "--device", "cpu"], cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("round 1 ")]
+    assert sorted(line.split()[2] for line in rounds) == ["baseline", "new", "new-plain"]
+    figures = proc.stdout.splitlines()[-1]
+    assert "same top-1/top-5 errors: dense:" in figures and "within rounds" in figures
+    assert "load average" in figures and " before, " in figures and figures.endswith(" after")
