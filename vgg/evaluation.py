@@ -338,7 +338,7 @@ def evaluate_dataset(nets: list[EvalNet], val_dir, *, methods=(DENSE,), device=t
     per-class accuracy. `rank`/`world_size`: this process's shard of the images (every image is
     evaluated on exactly one rank). Keeps each net's soft-max for this rank's images in memory
     (images x classes floats per net and method). `bf16`, `channels_last`: config.speed_flag values
-    ("auto": bf16 on CUDA; channels-last on CUDA and the CPU, where it runs these nets about twice as
+    ("auto": bf16 on CUDA; channels-last on CUDA and the CPU, where it runs these nets about 1.6x as
     fast as the plain layout, bench/evaluate.py); the nets in `nets` are left as they are.
     """
     methods = [m for m in (DENSE, MULTI_CROP) if m in methods]

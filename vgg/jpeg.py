@@ -5,7 +5,7 @@ A training crop (paper §3.1) covers a third to a half of the decoded image; lib
 the inverse DCT and colour conversion of the columns outside it and of the rows above it, and stop
 after its last row (only the entropy decoding of those rows remains). The pixels are those of a full
 decode (vgg/jpeg_crop.c says how; tests/test_crop_decode.py checks it), so the training images are
-the same as before, about a fifth faster to make (bench/transforms.py).
+the same as before, 1.2-1.4x faster to make (bench/transforms.py).
 
 No Python package exposes that part of libjpeg-turbo, so vgg/jpeg_crop.c is compiled on first use
 with the system's C compiler against its libjpeg(-turbo) headers (`cc`, and Debian's

@@ -224,7 +224,7 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
     take several scales of one opened image (vgg.evaluation.MultiScaleTransform: decoded once);
     otherwise the box only of a full-size colour JPEG (vgg.jpeg, where it could be built; the same
-    pixels, about a fifth faster than decoding the whole file), and `decode_uint8` for the others.
+    pixels, 1.2-1.4x faster than decoding the whole file), and `decode_uint8` for the others.
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
     source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
@@ -311,7 +311,7 @@ class TrainTransform:
 
     def __call__(self, image, index: int | None = None) -> TrainCrop:
         """image: a file's path or its bytes (vgg.data.ImageFolder and vgg.shards pass these: a colour
-        JPEG's header is then read by libjpeg, ~5x faster than PIL's Image.open, and only its crop box
+        JPEG's header is then read by libjpeg, in a tenth of the time of PIL's Image.open, and only its crop box
         decoded), or a PIL image from Image.open. OSError/ValueError/SyntaxError for a damaged file."""
         generator = None if index is None else sample_generator(self.seed, self.epoch, index)
         if isinstance(image, Image.Image):
