@@ -228,7 +228,7 @@ def open_split(root, split: str) -> ShardSplit:
 def _decode(data: bytes, label: int, where: str, transform, index: int):
     """(transform(image), label), or (None, label, Unreadable) as vgg.data.ImageFolder gives them."""
     try:
-        if index is not None:  # the training transform: it opens the bytes (a colour JPEG without PIL)
+        if transform is not None and index is not None:  # the training transform: it opens the bytes itself
             return transform(data, index), label
         with Image.open(io.BytesIO(data)) as image:
             if transform is None:
