@@ -176,6 +176,8 @@ def other_files(tmp_path_factory, jpeg_files):
         photo.convert(mode).save(paths[name], fmt)
     paths["large"] = folder / "large.JPEG"
     Image.fromarray(skdata.astronaut()).resize((1100, 1040)).save(paths["large"], "JPEG")
+    paths["twice S"] = folder / "twice_s.JPEG"  # smallest side 2 x 256: PIL decodes it at half size for S=256
+    Image.fromarray(skdata.astronaut()).resize((600, 512)).save(paths["twice S"], "JPEG")
     data = jpeg_files[0].read_bytes()
     paths["cut"] = folder / "cut.JPEG"
     paths["cut"].write_bytes(data[:-2000])
@@ -201,7 +203,7 @@ def test_a_path_or_bytes_give_the_crops_of_an_opened_image(jpeg_files, other_fil
     """Every kind of file: the same crop and alphas from its path, its bytes and PIL's opened image;
     the colour JPEGs (but the large one) by the cropped decoder, read without PIL."""
     transform = TrainTransform(crop_size=224, scale_min=scale_min, scale_max=scale_max, seed=4)
-    paths = jpeg_files + [other_files[name] for name in ("grey", "cmyk", "png", "large")]
+    paths = jpeg_files + [other_files[name] for name in ("grey", "cmyk", "png", "large", "twice S")]
     for index, path in enumerate(paths):
         with Image.open(path) as image:
             expected = transform(image, index)
