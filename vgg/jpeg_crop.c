@@ -42,16 +42,21 @@ static void on_message(j_common_ptr cinfo, int level) {
     if (level < 0) on_error(cinfo);
 }
 
+/* libjpeg's errors and warnings go to `handler`, its message into `message`; the caller sets its jump. */
+static void use_handler(struct jpeg_decompress_struct *cinfo, struct error_handler *handler, char *message) {
+    cinfo->err = jpeg_std_error(&handler->mgr);
+    handler->mgr.error_exit = on_error;
+    handler->mgr.emit_message = on_message;
+    handler->message = message;
+}
+
 /* The header of a JPEG file: out[0] its height, out[1] its width, out[2] its number of colour components.
  * Returns 0, or -1 with a message (JMSG_LENGTH_MAX bytes). Lets the training transform draw its crop
  * without PIL parsing the file (issue 16: PIL's Python marker parser cost ~5 % of a training sample). */
 int vgg_jpeg_header(const unsigned char *data, unsigned long size, int *out, char *message) {
     struct jpeg_decompress_struct cinfo;
     struct error_handler handler;
-    cinfo.err = jpeg_std_error(&handler.mgr);
-    handler.mgr.error_exit = on_error;
-    handler.mgr.emit_message = on_message;
-    handler.message = message;
+    use_handler(&cinfo, &handler, message);
     if (setjmp(handler.jump)) {
         jpeg_destroy_decompress(&cinfo);
         return -1;
@@ -73,10 +78,7 @@ int vgg_jpeg_decode_crop(const unsigned char *data, unsigned long size, int top,
     struct jpeg_decompress_struct cinfo;
     struct error_handler handler;
     unsigned char *volatile rows_buffer = NULL;
-    cinfo.err = jpeg_std_error(&handler.mgr);
-    handler.mgr.error_exit = on_error;
-    handler.mgr.emit_message = on_message;
-    handler.message = message;
+    use_handler(&cinfo, &handler, message);
     if (setjmp(handler.jump)) {
         free(rows_buffer);
         jpeg_destroy_decompress(&cinfo);
