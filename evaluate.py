@@ -14,7 +14,7 @@ jittered [S_min, S_max] -> {S_min, (S_min+S_max)/2, S_max} (scales below the cro
 to it). Several checkpoints are fused: their soft-max outputs averaged. The table is printed and
 written as JSON (with per-class accuracy) and Markdown to <first checkpoint's folder>/eval/.
 torchvision's VGG weights (a bare vgg11/13/16/19 state dict, or --weights) are tested at Q = {256, 384, 512}
-with their own input normalisation (vgg/pretrained.py).
+with their own input normalisation (vgg/models/pretrained.py).
 """
 
 import argparse
@@ -23,9 +23,16 @@ import time
 from pathlib import Path
 
 from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value
-from vgg.distributed import (cleanup_distributed, get_logger, init_distributed, is_main_process, launch_if_needed,
-                             exit_process, rank_prefix, set_cpu_threads)
-from vgg.errors import UserError, out_of_memory_message
+from vgg.core.distributed import (
+    cleanup_distributed,
+    exit_process,
+    init_distributed,
+    is_main_process,
+    launch_if_needed,
+    set_cpu_threads,
+)
+from vgg.core.errors import UserError, out_of_memory_message
+from vgg.core.progress import get_logger, rank_prefix
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -54,7 +61,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 def prepare(args):
     """Everything that can fail on bad input, checked before any worker process starts."""
-    from vgg.evaluation import default_checkpoint, load_eval_net, open_val_set
+    from vgg.evaluation.inputs import open_val_set
+    from vgg.evaluation.nets import default_checkpoint, load_eval_net
 
     if args.batch_size < 1 or args.workers < 0 or args.gpus < 1 or not args.progress_every_s >= 0:
         raise UserError("--batch-size and --gpus must be at least 1, --workers and --progress-every-s at least 0")
@@ -107,7 +115,8 @@ def main(argv=None) -> int:
 
 
 def run(args, nets, val_dir, dist) -> None:
-    from vgg.evaluation import evaluate_dataset, format_report, write_results, write_tensorboard
+    from vgg.evaluation.report import format_report, write_results, write_tensorboard
+    from vgg.evaluation.runner import evaluate_dataset
 
     result = evaluate_dataset(nets, val_dir, methods=methods_of(args), device=dist.device, batch_size=args.batch_size,
                               workers=args.workers, bf16=args.bf16, channels_last=args.channels_last,

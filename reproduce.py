@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 
 from vgg.config import get_args_parser
-from vgg.distributed import rank_prefix
-from vgg.engine import NonFiniteLossError
-from vgg.errors import UserError, out_of_memory_message
-from vgg.reproduce import DEMO_RUNTIME, SCALES, TRAIN_RUNTIME_FIELDS, Settings, StageFailed, reproduce
+from vgg.core.errors import UserError, out_of_memory_message
+from vgg.core.progress import rank_prefix
+from vgg.reproduce.plan import DEMO_RUNTIME, SCALES, TRAIN_RUNTIME_FIELDS, Settings
+from vgg.reproduce.stages import StageFailed, reproduce
+from vgg.training.step import NonFiniteLossError
 
 
 def get_parser() -> argparse.ArgumentParser:

@@ -21,9 +21,10 @@ import argparse
 import sys
 
 from vgg.config import available_configs, check_output_dirs, config_defaults, get_args_parser, resolve_config
-from vgg.distributed import exit_process, launch_if_needed, rank_prefix, set_cpu_threads
-from vgg.engine import NonFiniteLossError
-from vgg.errors import UserError, out_of_memory_message
+from vgg.core.distributed import exit_process, launch_if_needed, set_cpu_threads
+from vgg.core.errors import UserError, out_of_memory_message
+from vgg.core.progress import rank_prefix
+from vgg.training.step import NonFiniteLossError
 
 
 def main(argv=None) -> int:
@@ -42,7 +43,7 @@ def main(argv=None) -> int:
         check_output_dirs(config)
         launch_if_needed(config.gpus)
         set_cpu_threads(config.device, config.workers)  # the first log line: how many threads on a CPU run
-        from vgg.trainer import run  # imported late: the launcher process needs none of it
+        from vgg.training.run import run  # imported late: the launcher process needs none of it
 
         run(config, resume=args.resume)
     except (UserError, NonFiniteLossError) as e:

@@ -2,7 +2,7 @@
 
     python bench/channels_last.py [--rounds 3]
 
-Why `channels_last: auto` is on for the CPU too (vgg/config.py speed_flag): one torch thread, net A
+Why `channels_last: auto` is on for the CPU too (vgg/config/ speed_flag): one torch thread, net A
 at three sizes (the demo's 1/8 width at 32 px, 1/4 width at 64 px, the paper's net at 224 px), each
 size timed in both layouts in turns, round after round; process CPU time per step, medians. Prints the
 machine and its load. Evaluation's side of the same question is bench/evaluate.py.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vgg.models import build_vgg  # noqa: E402
+from vgg.models.vgg import build_vgg  # noqa: E402
 
 SIZES = [  # (label, width, fc_width, crop, batch, timed steps)
     ("demo net A 1/8 width, 32 px, batch 32", 0.125, 256, 32, 32, 10),

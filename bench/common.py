@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vgg.engine import train_step
+from vgg.training.step import train_step
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ def speed_switches_text(*, bf16: bool, channels_last: bool, use_compile: bool) -
 
 
 def make_train_step(model, optimizer, *, device: torch.device, bf16: bool):
-    """The trainer's step (vgg.engine.train_step) as a closure of (images, labels) -> loss."""
+    """The trainer's step (vgg.training.step.train_step) as a closure of (images, labels) -> loss."""
     def step(images, labels):
         return train_step(model, images, labels, optimizer, bf16=bf16)[1]
     return step
@@ -249,7 +249,7 @@ def write_imagenet_like_jpeg(path: Path, seed: int) -> int:
 def trainer_optimizer(model) -> torch.optim.SGD:
     """The trainer's optimizer with the paper's values: SGD, momentum 0.9, weight decay 5e-4 (§3.1)."""
     from vgg.config import Config
-    from vgg.trainer import build_optimizer
+    from vgg.training.recipe import build_optimizer
 
     return build_optimizer(model, Config())
 

@@ -1,4 +1,4 @@
-"""Evaluation speed end to end (§3.2, §4): `vgg.evaluation.evaluate_dataset` on real JPEG files, this
+"""Evaluation speed end to end (§3.2, §4): `vgg.evaluation.runner.evaluate_dataset` on real JPEG files, this
 tree's evaluator against an older revision's, side by side in one run.
 
 Each evaluation decodes the files in DataLoader workers, rescales them to every test scale Q, runs
@@ -46,8 +46,13 @@ METHODS = {"dense": ["dense"], "multi-crop": ["multi-crop"], "both": ["dense", "
 CHILD = r"""
 import gc, json, os, sys, time
 import torch
-from vgg.distributed import set_cpu_threads
-from vgg.evaluation import evaluate_dataset, load_eval_net
+try:
+    from vgg.core.distributed import set_cpu_threads
+    from vgg.evaluation.nets import load_eval_net
+    from vgg.evaluation.runner import evaluate_dataset
+except ImportError:  # the baseline revision: the package before its parts became folders (issue 28)
+    from vgg.distributed import set_cpu_threads
+    from vgg.evaluation import evaluate_dataset, load_eval_net
 
 args = json.loads(sys.argv[1])
 set_cpu_threads(args["device"], args["workers"])

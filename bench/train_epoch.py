@@ -3,8 +3,8 @@
 The same compiled step as bench/train_step.py (net D, batch 256 by default) is timed twice in one run:
   1. on one batch already on the device (the step alone: the most the data path could reach), then
   2. fed by a data path reading JPEGs from disk, each `--data-path`:
-       cpu  PIL decode + rescale/crop/flip in DataLoader workers (vgg.data + vgg.transforms),
-       gpu  workers read bytes; nvJPEG batch decode + augmentation on the GPU (vgg.gpu_data).
+       cpu  PIL decode + rescale/crop/flip in DataLoader workers (vgg.data + vgg.data.transforms),
+       gpu  workers read bytes; nvJPEG batch decode + augmentation on the GPU (vgg.data.gpu).
 Both feed the trainer's BatchAugment (mean subtraction, colour shift). Figures per path: images/s,
 data overhead = 1 - fed/step-alone (the goal: < 5 %), and the host time spent waiting for the
 next batch as a fraction of the run.
@@ -28,14 +28,27 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (REPO, add_common_args, load_average, make_train_step, prepare_model,  # noqa: E402
-                          record, resolve_device, speed_switches_text, synchronize, time_loop,
-                          trainer_optimizer, write_imagenet_like_jpeg)
-from vgg import data as vdata  # noqa: E402
-from vgg.engine import BatchAugment  # noqa: E402
-from vgg.gpu_data import build_gpu_train_loader  # noqa: E402
-from vgg.models import build_vgg  # noqa: E402
-from vgg.transforms import TrainTransform  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO,
+    add_common_args,
+    load_average,
+    make_train_step,
+    prepare_model,
+    record,
+    resolve_device,
+    speed_switches_text,
+    synchronize,
+    time_loop,
+    trainer_optimizer,
+    write_imagenet_like_jpeg,
+)
+from vgg.data import folders as vfolders
+from vgg.data import loaders as vloaders
+from vgg.data import stats as vstats
+from vgg.data.gpu import build_gpu_train_loader  # noqa: E402
+from vgg.data.transforms import TrainTransform  # noqa: E402
+from vgg.models.vgg import build_vgg  # noqa: E402
+from vgg.training.step import BatchAugment  # noqa: E402
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -126,8 +139,8 @@ def main(argv=None) -> str:
                                                            workers=args.workers)
     train_transform = TrainTransform(crop_size=args.crop_size, scale_min=args.scale_min,
                                      scale_max=args.scale_max)
-    train_set = vdata.ImageFolder(root / "train", train_transform)
-    stats = vdata.IMAGENET_STATS  # speed does not depend on the statistics' values
+    train_set = vfolders.ImageFolder(root / "train", train_transform)
+    stats = vstats.IMAGENET_STATS  # speed does not depend on the statistics' values
     kilobytes = sum(Path(p).stat().st_size for p, _ in train_set.samples) / len(train_set) / 1e3
 
     model = build_vgg(args.net, num_classes=len(train_set.classes), width=args.width, fc_width=args.fc_width,
@@ -158,8 +171,8 @@ def main(argv=None) -> str:
     fed = {}
     for name in paths:
         if name == "cpu":
-            loader = vdata.build_loader(train_set, batch_size=args.batch, shuffle=True, workers=args.workers,
-                                        collate_fn=vdata.collate_batch, seed=0, drop_last=True)
+            loader = vloaders.build_loader(train_set, batch_size=args.batch, shuffle=True, workers=args.workers,
+                                        collate_fn=vloaders.collate_batch, seed=0, drop_last=True)
         else:
             loader = build_gpu_train_loader(train_set, batch_size=args.batch, device=device,
                                             crop_size=args.crop_size, scale_min=args.scale_min,

@@ -32,11 +32,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (add_common_args, count_macs, describe_device, load_average,  # noqa: E402
-                          make_train_step, prepare_model, record, resolve_device, speed_switches_text,
-                          synchronize, time_loop, trainer_optimizer)
-from vgg.models import build_vgg  # noqa: E402
-
+from bench.common import (  # noqa: E402
+    add_common_args,
+    count_macs,
+    describe_device,
+    load_average,
+    make_train_step,
+    prepare_model,
+    record,
+    resolve_device,
+    speed_switches_text,
+    synchronize,
+    time_loop,
+    trainer_optimizer,
+)
+from vgg.models.vgg import build_vgg  # noqa: E402
 
 # Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), by a part of
 # torch.cuda.get_device_name(); the more specific names first.

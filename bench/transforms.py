@@ -6,7 +6,7 @@ grain). Each round takes the files in chunks of 32, every pipeline timed on each
 order rotated from chunk to chunk); a pipeline's figure is its median round, in CPU time of this
 process (on a shared machine, the time spent waiting for a core is not the pipeline's):
 
-  ours           vgg.transforms.TrainTransform on the file's path and its index, as vgg.data.ImageFolder
+  ours           vgg.data.transforms.TrainTransform on the file's path and its index, as vgg.data.folders.ImageFolder
                  calls it: read the file, its header (libjpeg), the sample's own draws (S, crop, flip,
                  colour-shift alphas), decode and resample the crop box only, flip -> uint8 [3, 224, 224].
                  Also timed handed an image PIL has already decoded ("ours on a PIL-decoded image"):
@@ -20,7 +20,7 @@ process (on a shared machine, the time spent waiting for a core is not the pipel
                  and torchcodec.decoders.decode_jpeg (all libjpeg-turbo). A transform that decodes the whole
                  file cannot be faster than these.
   ours' parts    where our time goes, to show what bounds it: "box decode" reads the file and decodes
-                 the crop box of the same draws as ours (vgg.jpeg.decode_crop, no resampling); "entropy
+                 the crop box of the same draws as ours (vgg.data.jpeg.decode_crop, no resampling); "entropy
                  decoding" reads the file and decodes its bottom-right pixel only, which makes libjpeg
                  entropy-decode every row (JPEG has no way to skip them) and run the IDCT on almost
                  nothing: a floor for any libjpeg decode of a box that reaches the last rows.
@@ -52,10 +52,9 @@ from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (interleaved_medians, load_average, machine_text, record,  # noqa: E402
-                          write_imagenet_like_jpeg)
-from vgg import jpeg as vjpeg  # noqa: E402
-from vgg.transforms import TrainTransform, _source_span, draw_train_crop, sample_generator  # noqa: E402
+from bench.common import interleaved_medians, load_average, machine_text, record, write_imagenet_like_jpeg  # noqa: E402
+from vgg.data import jpeg as vjpeg
+from vgg.data.transforms import TrainTransform, _source_span, draw_train_crop, sample_generator  # noqa: E402
 
 CROP = 224
 
@@ -86,8 +85,8 @@ def ours_pil_decode(paths: list[Path], transform: TrainTransform) -> None:
 
 def ours_whole_file(paths: list[Path], transform: TrainTransform) -> None:
     """Ours where the cropped decoder cannot be built (no C compiler or libjpeg headers): PIL opens
-    the file and TorchCodec decodes all of it (vgg.transforms' fallback)."""
-    library, vjpeg._library = vjpeg._library, False  # what vgg.jpeg holds after a failed build
+    the file and TorchCodec decodes all of it (vgg.data.transforms' fallback)."""
+    library, vjpeg._library = vjpeg._library, False  # what vgg.data.jpeg holds after a failed build
     try:
         ours(paths, transform)
     finally:
@@ -120,7 +119,7 @@ FLOORS = {"PIL": decode_pil, "torchvision": decode_torchvision, "torchcodec": de
 
 def crop_boxes(paths: list[Path], transform: TrainTransform) -> dict[Path, tuple[int, int, int, int]]:
     """Each file's crop box in source pixels (top, left, height, width), drawn as `transform` draws
-    (sample i's own generator), mapped back as vgg.transforms._resized_crop maps it."""
+    (sample i's own generator), mapped back as vgg.data.transforms._resized_crop maps it."""
     boxes = {}
     for index, path in enumerate(paths):
         with Image.open(path) as image:

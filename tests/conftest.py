@@ -13,7 +13,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The generated sample dataset (real JPEGs, awkward files included), made once per test session."""
-    from vgg.sample_data import make_sample_dataset
+    from vgg.data.sample import make_sample_dataset
 
     return make_sample_dataset(tmp_path_factory.mktemp("data") / "sample")
 
@@ -43,26 +43,27 @@ def assert_one_line_error(result, *fragments):
 
 def evaluate_catching_probs(nets, val_dir, monkeypatch, **kwargs):
     """evaluate_dataset (dense and multi-crop) and the soft-max of every row, caught on their way to the table."""
-    from vgg import evaluation
+    from vgg.evaluation import methods as vmethods
+    from vgg.evaluation import runner as vrunner
 
     caught = []
-    real_rows = evaluation._result_rows
+    real_rows = vrunner._result_rows
 
     def catching_rows(*args, **kw):
         rows = real_rows(*args, **kw)
         caught.extend(row["probs"].clone() for row in rows)
         return rows
 
-    monkeypatch.setattr(evaluation, "_result_rows", catching_rows)
-    result = evaluation.evaluate_dataset(nets, val_dir, methods=(evaluation.DENSE, evaluation.MULTI_CROP),
+    monkeypatch.setattr(vrunner, "_result_rows", catching_rows)
+    result = vrunner.evaluate_dataset(nets, val_dir, methods=(vmethods.DENSE, vmethods.MULTI_CROP),
                                          progress=False, **kwargs)
     return result, caught
 
 
 def wait_for_each_checkpoint(monkeypatch):
-    """Make every checkpoint save of a run wait for its background write (vgg.checkpoint.CheckpointWriter),
+    """Make every checkpoint save of a run wait for its background write (vgg.core.checkpoint.CheckpointWriter),
     for tests that read last.pt / best.pt while the run is still going."""
-    from vgg.checkpoint import CheckpointWriter
+    from vgg.core.checkpoint import CheckpointWriter
 
     real_save = CheckpointWriter.save
 

@@ -7,7 +7,6 @@ Every rank also writes the metrics it got back from train_one_epoch (per epoch) 
 """
 
 import json
-
 import sys
 
 import torch
@@ -15,11 +14,12 @@ import torch.distributed as dist
 from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader, Subset
 
-from vgg.data import IMAGENET_STATS
-from vgg.distributed import all_reduce_sum, cleanup_distributed, init_distributed, shard_indices
-from vgg.engine import BatchAugment, train_one_epoch, validate
-from vgg.models import build_vgg
-from vgg.trainer import EpochSampler
+from vgg.core.distributed import all_reduce_sum, cleanup_distributed, init_distributed, shard_indices
+from vgg.data.loaders import EpochSampler
+from vgg.data.stats import IMAGENET_STATS
+from vgg.models.vgg import build_vgg
+from vgg.training.loop import train_one_epoch, validate
+from vgg.training.step import BatchAugment
 
 GLOBAL_BATCH, NUM_IMAGES, STEPS = 8, 32, 3
 NUM_VAL_IMAGES, VAL_BATCH = 13, 3  # an odd count: the two ranks' shards differ in size

@@ -11,15 +11,16 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, subprocess_env
+from PIL import Image
 from test_gpu_data import coordinate_image, crop_statistics, jpeg_bytes
 from test_train import train_cli
-from vgg import data as vdata
-from vgg.checkpoint import load_checkpoint
-from vgg.gpu_data import build_gpu_train_loader
-from vgg.transforms import TrainCrop, TrainTransform
+
+from vgg.core.checkpoint import load_checkpoint
+from vgg.data import folders as vfolders
+from vgg.data import loaders as vloaders
+from vgg.data.gpu import build_gpu_train_loader
+from vgg.data.transforms import TrainCrop, TrainTransform
 
 EPOCHS, STEPS = 2, 4
 TIMING = ("train_epoch_time_s", "train_data_wait_fraction", "train_images_per_s")  # wall-clock, not results
@@ -121,11 +122,11 @@ def test_gpu_path_draws_what_the_cpu_path_draws(tmp_path):
     for k, (h, w) in enumerate([(300, 400), (400, 300), (240, 500), (350, 350)] * 4):
         (folder / f"{k:02d}.JPEG").write_bytes(jpeg_bytes(coordinate_image(h, w), quality=98))
     crop, s_min, s_max, seed, epoch = 64, 72, 128, 7, 3
-    cpu_set = vdata.ImageFolder(folder.parent, TrainTransform(crop_size=crop, scale_min=s_min, scale_max=s_max,
+    cpu_set = vfolders.ImageFolder(folder.parent, TrainTransform(crop_size=crop, scale_min=s_min, scale_max=s_max,
                                                               seed=seed))
     cpu_set.transform.set_epoch(epoch)
     order = [13, 2, 7, 0, 15, 9, 4, 11, 1, 14, 6, 3, 10, 5, 12, 8]  # any order: draws follow the index
-    cpu = vdata.collate_batch([cpu_set[i] for i in order])[0]
+    cpu = vloaders.collate_batch([cpu_set[i] for i in order])[0]
     loader = build_gpu_train_loader(cpu_set, batch_size=len(order), device="cpu", crop_size=crop,
                                     scale_min=s_min, scale_max=s_max, seed=seed, epoch=epoch, workers=0,
                                     sampler=order, prefetch=False)

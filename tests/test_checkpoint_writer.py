@@ -6,9 +6,9 @@ import threading
 import pytest
 import torch
 
-from vgg import checkpoint as vcheckpoint
-from vgg.checkpoint import CheckpointWriter, load_checkpoint
-from vgg.errors import UserError
+from vgg.core import checkpoint as vcheckpoint
+from vgg.core.checkpoint import CheckpointWriter, load_checkpoint
+from vgg.core.errors import UserError
 
 
 def test_save_returns_before_the_write_and_writes_the_state_as_it_was(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from vgg.config import Config, available_configs, config_path, get_args_parser, load_yaml, resolve_config
-from vgg.errors import UserError
+from vgg.core.errors import UserError
 
 
 def parse(*argv):

@@ -1,4 +1,4 @@
-"""vgg.jpeg: libjpeg-turbo's cropped decode gives exactly the pixels of a full decode, refuses damaged
+"""vgg.data.jpeg: libjpeg-turbo's cropped decode gives exactly the pixels of a full decode, refuses damaged
 files, and the training transform makes the same crops with it as without it (issue 16)."""
 
 import logging
@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from vgg import jpeg as vjpeg
-from vgg import transforms
-from vgg.transforms import TrainTransform
+from vgg.data import jpeg as vjpeg
+from vgg.data import transforms as vtransforms
+from vgg.data.transforms import TrainTransform
 
 # (photo, size, JPEG options): chroma subsampling 4:2:0 (PIL's default), 4:2:2 and 4:4:4, a progressive
 # file, and sizes that are not whole MCUs (16 px).
@@ -107,7 +107,7 @@ def test_without_a_compiler_the_whole_file_is_decoded(jpeg_files, tmp_path, monk
     monkeypatch.setattr(vjpeg, "_library", None)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    with caplog.at_level(logging.INFO, logger="vgg.jpeg"):
+    with caplog.at_level(logging.INFO, logger="vgg.data.jpeg"):
         transform = TrainTransform(crop_size=224, scale_min=256, scale_max=300, seed=1)
         assert not vjpeg.available()
     assert "decoding whole JPEG files: the cropped decoder is not available" in caplog.text
@@ -126,11 +126,11 @@ def test_the_decoder_is_loaded_once_the_transform_is_built(monkeypatch):
     monkeypatch.setattr(vjpeg, "_library", None)
     TrainTransform(crop_size=224, scale_min=256, scale_max=256)
     assert vjpeg._library
-    assert transforms.vjpeg is vjpeg
+    assert vtransforms.vjpeg is vjpeg
 
 
 def test_a_large_photo_still_takes_libjpegs_reduced_decode(tmp_path, monkeypatch):
-    """Smallest side 2 S or more: PIL's 1/2^k decode (vgg.transforms.load_rgb) is quicker than any
+    """Smallest side 2 S or more: PIL's 1/2^k decode (vgg.data.transforms.load_rgb) is quicker than any
     full-size decode, so the cropped decoder is not used for it."""
     path = tmp_path / "large.JPEG"
     Image.fromarray(skdata.astronaut()).resize((1100, 1040)).save(path, "JPEG")

@@ -1,4 +1,4 @@
-"""vgg/data.py and vgg/sample_data.py on real files: the class-folder dataset and its file-list cache,
+"""vgg/data/ and vgg/data/sample.py on real files: the class-folder dataset and its file-list cache,
 awkward and broken files, batching, per-worker seeding, dataset statistics, sorting the flat val
 folder, and the generated sample dataset."""
 
@@ -13,17 +13,22 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from PIL import Image, ImageFile
 from skimage import data as skdata
 from torch.utils.data import Dataset
 
-from conftest import ROOT, subprocess_env
-from vgg import data as vdata
-from vgg import sample_data
-from vgg.data import (IMAGENET_STATS, DatasetStats, ImageFolder, build_loader, collate_batch, collate_list,
-                      load_or_compute_stats, sort_val)
-from vgg.errors import UserError
-from vgg.transforms import EvalTransform, TrainTransform
+from vgg.core.errors import UserError
+from vgg.data import __main__ as vmain
+from vgg.data import folders as vfolders
+from vgg.data import labels as vlabels
+from vgg.data import sample as vsample
+from vgg.data import stats as vstats
+from vgg.data.folders import ImageFolder
+from vgg.data.labels import sort_val
+from vgg.data.loaders import build_loader, collate_batch, collate_list
+from vgg.data.stats import IMAGENET_STATS, DatasetStats, load_or_compute_stats
+from vgg.data.transforms import EvalTransform, TrainTransform
 
 
 def jpeg_bytes(array: np.ndarray, mode: str = "RGB", quality: int = 90) -> bytes:
@@ -132,8 +137,8 @@ def test_file_list_is_cached_and_invalidated(split, monkeypatch):
     assert cache.is_file() and "n01_0.JPEG" in cache.read_text()
 
     scans = []
-    real_scan = vdata._scan_class
-    monkeypatch.setattr(vdata, "_scan_class", lambda folder: scans.append(folder.name) or real_scan(folder))
+    real_scan = vfolders._scan_class
+    monkeypatch.setattr(vfolders, "_scan_class", lambda folder: scans.append(folder.name) or real_scan(folder))
     assert len(ImageFolder(split, None)) == 9 and scans == []  # from the cache, no folder listed
 
     (split / "n02" / "extra.JPEG").write_bytes(jpeg_bytes(small(skdata.astronaut())))
@@ -152,7 +157,7 @@ def test_file_list_cache_falls_back_to_the_user_cache(split, tmp_path, monkeypat
     assert len(ImageFolder(split, None)) == 9
     cached = list((tmp_path / "xdg" / "vgg-imagenet").glob("*vgg_filelist.json"))
     assert len(cached) == 1
-    monkeypatch.setattr(vdata, "_scan_class", lambda folder: pytest.fail("should come from the cache"))
+    monkeypatch.setattr(vfolders, "_scan_class", lambda folder: pytest.fail("should come from the cache"))
     assert len(ImageFolder(split, None)) == 9
 
 
@@ -205,7 +210,7 @@ def test_awkward_files_decode_to_rgb_or_are_skipped_with_one_line(awkward_split,
     assert {n for n, (image, *_) in zip(names, items) if image is None} == SKIPPED
     with LogLines() as lines:
         for _ in range(2):  # once per file, however often it is met
-            vdata.warn_unreadable([item[2] for item in items if item[0] is None])
+            vfolders.warn_unreadable([item[2] for item in items if item[0] is None])
     assert len(lines) == len(SKIPPED)
     for name, line in zip(sorted(SKIPPED), sorted(lines, key=lambda l: l.split("/")[-1])):
         assert "\n" not in line and f"{name}.JPEG" in line and "skipping" in line
@@ -223,7 +228,7 @@ def test_truncated_jpeg_is_skipped_even_when_decoded_at_reduced_scale(tmp_path):
 
 def test_collate_drops_skipped_images_and_passes_on_which():
     a, b = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.ones(3, 4, 4, dtype=torch.uint8)
-    x, y = vdata.Unreadable("x.JPEG", "empty"), vdata.Unreadable("y.JPEG", "truncated")
+    x, y = vfolders.Unreadable("x.JPEG", "empty"), vfolders.Unreadable("y.JPEG", "truncated")
     images, labels, skipped = collate_batch([(a, 3), (None, 1, x), (b, 2)])
     assert images.shape == (2, 3, 4, 4) and images.dtype == torch.uint8
     assert labels.tolist() == [3, 2] and labels.dtype == torch.int64 and skipped == [x]
@@ -320,7 +325,7 @@ def colour_line_split(tmp_path):
 
 def test_stats_find_the_mean_and_the_colour_direction(colour_line_split):
     train, direction = colour_line_split
-    stats, used, skipped = vdata.compute_stats(train, num_images=40, workers=0)
+    stats, used, skipped = vstats.compute_stats(train, num_images=40, workers=0)
     assert skipped == 0 and used == min(40, len(ImageFolder(train, None)))
     np.testing.assert_allclose(stats.mean_rgb, [120, 110, 100], atol=8)
     vec = np.array(stats.eigvec)
@@ -335,7 +340,7 @@ def test_stats_are_cached_beside_the_data(colour_line_split, monkeypatch):
     stats = load_or_compute_stats(train, num_images=10, workers=0)
     cache = train.parent / "vgg_stats.json"
     assert json.loads(cache.read_text())["num_images"] == 10
-    monkeypatch.setattr(vdata, "compute_stats", lambda *a, **k: pytest.fail("should come from the cache"))
+    monkeypatch.setattr(vstats, "compute_stats", lambda *a, **k: pytest.fail("should come from the cache"))
     assert load_or_compute_stats(train, num_images=10) == stats
     monkeypatch.undo()
     other = load_or_compute_stats(train, num_images=12, seed=1, workers=0)  # other settings: computed again
@@ -389,7 +394,7 @@ def test_sort_val_reads_the_devkit_meta_mat(flat_val, tmp_path):
     synsets = np.array([(2, "n02", "b", 0), (4, "n99", "inner", 2), (1, "n01", "a", 0), (3, "n03", "c", 0)],
                        dtype=dtype)
     scipy_io.savemat(tmp_path / "meta.mat", {"synsets": synsets})
-    assert vdata.read_devkit_classes(tmp_path / "meta.mat") == ["n01", "n02", "n03"]
+    assert vlabels.read_devkit_classes(tmp_path / "meta.mat") == ["n01", "n02", "n03"]
     truth = tmp_path / "truth.txt"
     truth.write_text("1\n2\n3\n3\n")
     sort_val(flat_val, truth, tmp_path / "meta.mat")
@@ -424,7 +429,7 @@ def test_sort_val_command_line(flat_val, tmp_path, capsys):
     bad = subprocess.run([sys.executable, "-m", "vgg.data", *args, "--labels", str(tmp_path / "missing.txt")],
                          capture_output=True, text=True, env=subprocess_env(), cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "missing.txt" in bad.stderr
-    assert vdata.main([*args, "--labels", str(labels)]) == 0
+    assert vmain.main([*args, "--labels", str(labels)]) == 0
     assert "moved 4 images into 2 class folders" in capsys.readouterr().out
     assert ImageFolder(flat_val, None).classes == ["n00", "n01"]
 
@@ -438,7 +443,7 @@ def tree_digest(root) -> dict[str, str]:
 
 def test_sample_dataset_layout_and_awkward_files(sample_root):
     meta = json.loads((sample_root / "meta.json").read_text())
-    assert meta["version"] == sample_data.GENERATOR_VERSION
+    assert meta["version"] == vsample.GENERATOR_VERSION
     train, val = ImageFolder(sample_root / "train", None), ImageFolder(sample_root / "val", None)
     assert len(train.classes) >= 10 and train.classes == val.classes == sorted(meta["classes"])
     assert len(train) >= 50 * len(train.classes) and len(val) >= 10 * len(val.classes)
@@ -461,13 +466,13 @@ def test_sample_dataset_layout_and_awkward_files(sample_root):
 
 
 def test_sample_dataset_is_deterministic_and_regenerated_when_stale(sample_root, tmp_path):
-    again = sample_data.make_sample_dataset(tmp_path / "sample")
+    again = vsample.make_sample_dataset(tmp_path / "sample")
     assert tree_digest(again) == tree_digest(sample_root)
-    assert sample_data.make_sample_dataset(again) == again  # up to date: nothing to do
+    assert vsample.make_sample_dataset(again) == again  # up to date: nothing to do
     meta = json.loads((again / "meta.json").read_text())
     (again / "meta.json").write_text(json.dumps({**meta, "version": 0}))
     (again / "train" / "stray.txt").write_text("from the old generator")
-    sample_data.make_sample_dataset(again)
+    vsample.make_sample_dataset(again)
     assert not (again / "train" / "stray.txt").exists() and tree_digest(again) == tree_digest(sample_root)
 
 
@@ -475,7 +480,7 @@ def test_sample_dataset_refuses_to_overwrite_other_folders(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("precious")
     with pytest.raises(UserError, match="meta.json"):
-        sample_data.make_sample_dataset(tmp_path / "mine")
+        vsample.make_sample_dataset(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "precious"
 
 
@@ -509,8 +514,14 @@ def test_sample_dataset_is_learnable(sample_root):
 def test_sample_command_line(tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("x")
-    assert sample_data.main(["--out", str(tmp_path / "taken")]) == 2
+    assert vmain.main(["sample", "--out", str(tmp_path / "taken")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
-    assert sample_data.main(["--out", str(tmp_path / "s"), "--seed", "3"]) == 0
+    assert vmain.main(["sample", "--out", str(tmp_path / "s"), "--seed", "3"]) == 0
     assert "12 classes" in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["seed"] == 3
+    # The older command still works: `python -m vgg.sample_data` is `python -m vgg.data sample`.
+    old = subprocess.run([sys.executable, "-m", "vgg.sample_data", "--out", str(tmp_path / "old"), "--seed", "3"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert old.returncode == 0, old.stderr
+    assert "12 classes" in old.stdout
+    assert json.loads((tmp_path / "old" / "meta.json").read_text())["seed"] == 3

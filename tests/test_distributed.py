@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, subprocess_env
-from vgg.distributed import shard_indices
-from vgg.trainer import EpochSampler
+
+from vgg.core.distributed import shard_indices
+from vgg.data.loaders import EpochSampler
 
 WORKER = str(ROOT / "tests" / "ddp_worker.py")
 

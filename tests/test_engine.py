@@ -1,4 +1,4 @@
-"""The per-batch and per-epoch loops of vgg/engine.py, on a tiny net and in-memory batches, against
+"""The per-batch and per-epoch loops of vgg/training/loop.py, on a tiny net and in-memory batches, against
 hand-computed results: the batch's colour shift, top-k hits, the weighted SGD step, the epoch's
 sums and syncs (logging, checkpoints, stop requests, a resumed epoch's start), NaN detection and
 validation's counting."""
@@ -10,12 +10,14 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-
 from test_hardening_ddp_data import LogLines
-from vgg.data import DatasetStats, Unreadable
-from vgg.engine import BatchAugment, NonFiniteLossError, topk_hits, train_one_epoch, train_step, validate
-from vgg.models import build_vgg
-from vgg.transforms import TrainCrop, normalize
+
+from vgg.data.folders import Unreadable
+from vgg.data.stats import DatasetStats
+from vgg.data.transforms import TrainCrop, normalize
+from vgg.models.vgg import build_vgg
+from vgg.training.loop import train_one_epoch, validate
+from vgg.training.step import BatchAugment, NonFiniteLossError, topk_hits, train_step
 
 CPU = torch.device("cpu")
 STATS = DatasetStats(mean_rgb=(150.0, 60.0, 20.0), eigval=(0.2, 0.02, 0.004),
@@ -314,7 +316,7 @@ def test_an_unreadable_batch_is_a_black_placeholder_of_the_nets_size(attribute):
 def test_a_placeholder_step_leaves_batch_norms_running_statistics_alone():
     """The black placeholder images of an all-unreadable batch must not move batch norm's running
     mean, variance or count (ResNet-18 here); a readable batch does (the control)."""
-    from vgg.zoo import build_net
+    from vgg.models.zoo import build_net
 
     torch.manual_seed(0)
     model = build_net("resnet18", num_classes=7, image_size=32, init="default")

@@ -1,17 +1,18 @@
 """The engine's speed figures, bf16 autocast and edge cases of its syncs (mutation testing of
-vgg/engine.py found them unpinned, issue 18): figures against a scripted clock, autocast seen from
+vgg/training/loop.py found them unpinned, issue 18): figures against a scripted clock, autocast seen from
 inside the net, checkpoint_every 1, and the NaN message of a step after the last log point."""
 
 import pytest
 import torch
-
 from test_engine import CPU, STATS, Recorder, labelled, net
-from vgg import engine
-from vgg.engine import BatchAugment, NonFiniteLossError, train_one_epoch, train_step
+
+from vgg.training import loop as vloop
+from vgg.training.loop import train_one_epoch
+from vgg.training.step import BatchAugment, NonFiniteLossError, train_step
 
 
 class Clock:
-    """time.perf_counter for vgg.engine: moves only when told (starts at 1000 s, not 0)."""
+    """time.perf_counter for vgg.training.loop: moves only when told (starts at 1000 s, not 0)."""
 
     def __init__(self):
         self.now = 1000.0
@@ -55,7 +56,7 @@ def test_speed_figures_follow_the_clock(monkeypatch, wait, compute, steps, image
     """4 images a step every wait + compute seconds, per sync window (every 2 steps) and for the
     epoch; the figures divide by the windows' lengths as they are, under a second too."""
     clock = Clock()
-    monkeypatch.setattr(engine.time, "perf_counter", clock)
+    monkeypatch.setattr(vloop.time, "perf_counter", clock)
     model = TimedNet(clock, compute=compute)
     writer = Recorder()
     loader = TimedLoader(clock, [labelled(4, 60 + k) for k in range(steps)], wait=wait)
@@ -71,7 +72,7 @@ def test_speed_figures_follow_the_clock(monkeypatch, wait, compute, steps, image
 def test_speed_figures_of_a_window_count_only_its_own_images_and_time(monkeypatch):
     """The second window is twice as slow as the first: the logged rates are per window, not running."""
     clock = Clock()
-    monkeypatch.setattr(engine.time, "perf_counter", clock)
+    monkeypatch.setattr(vloop.time, "perf_counter", clock)
     model = TimedNet(clock, compute=1.0)
     batches = [labelled(4, 70 + k) for k in range(4)]
 

@@ -8,13 +8,27 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vgg.checkpoint import save_checkpoint
-from vgg.data import IMAGENET_STATS, ImageFolder
-from vgg.errors import UserError
-from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, _DenseBuckets, crop_grid_positions, dense_probs,
-                            eval_scales, evaluate_dataset, format_table, fuse, load_eval_net, multi_crop_probs,
-                            multi_crops, topk_errors, write_results)
-from vgg.models import build_vgg, to_dense
+from vgg.core.checkpoint import save_checkpoint
+from vgg.core.errors import UserError
+from vgg.data.folders import ImageFolder
+from vgg.data.stats import IMAGENET_STATS
+from vgg.evaluation.inputs import _DenseBuckets
+from vgg.evaluation.methods import (
+    BOTH,
+    DENSE,
+    MULTI_CROP,
+    crop_grid_positions,
+    dense_probs,
+    eval_scales,
+    fuse,
+    multi_crop_probs,
+    multi_crops,
+    topk_errors,
+)
+from vgg.evaluation.nets import load_eval_net
+from vgg.evaluation.report import format_table, write_results
+from vgg.evaluation.runner import evaluate_dataset
+from vgg.models.vgg import build_vgg, to_dense
 
 CROP = 32  # the tiny test nets' input size (full-size nets: 224)
 

@@ -9,17 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import evaluate_catching_probs
 from PIL import Image, ImageFile
 from skimage import data as skdata
 
-from conftest import evaluate_catching_probs
-from vgg import evaluation
-from vgg.checkpoint import save_checkpoint
-from vgg.data import ImageFolder
-from vgg.evaluation import (DENSE, MULTI_CROP, MultiScaleTransform, PackedImages, ShardDataset, collate_shard,
-                            dense_probs, evaluate_dataset, load_eval_net, multi_crop_probs, topk_errors)
-from vgg.models import build_vgg, to_dense
-from vgg.transforms import normalize
+from vgg.core.checkpoint import save_checkpoint
+from vgg.data.folders import ImageFolder
+from vgg.data.transforms import normalize
+from vgg.evaluation import inputs as vinputs
+from vgg.evaluation import methods as vmethods
+from vgg.evaluation import runner as vrunner
+from vgg.evaluation.inputs import MultiScaleTransform, PackedImages, ShardDataset, collate_shard
+from vgg.evaluation.methods import DENSE, MULTI_CROP, dense_probs, multi_crop_probs, topk_errors
+from vgg.evaluation.nets import load_eval_net
+from vgg.evaluation.runner import evaluate_dataset
+from vgg.models.vgg import build_vgg, to_dense
 
 CROP = 32
 CLASSES = ["n01", "n02", "n03"]
@@ -86,7 +90,7 @@ def test_batched_results_equal_the_per_image_path(checkpoint, val_dir, reference
                                              channels_last=channels_last)
     labels = torch.tensor([label for _, label in ImageFolder(val_dir).samples])
     assert result["images"] == len(labels) == 12
-    assert [row["method"] for row in result["rows"]] == [DENSE, MULTI_CROP, evaluation.BOTH]
+    assert [row["method"] for row in result["rows"]] == [DENSE, MULTI_CROP, vmethods.BOTH]
     for row, probs, method in zip(result["rows"], caught, (DENSE, MULTI_CROP)):
         torch.testing.assert_close(probs, reference[method], rtol=1e-4, atol=1e-6)
         expected = topk_errors(reference[method], labels)
@@ -102,17 +106,17 @@ def test_waiting_batches_run_side_by_side_with_the_results_of_one_at_a_time(chec
     each in inference mode and under the run's bf16 autocast as the main thread is: the same soft-max
     as one batch at a time, and for fp32 the per-image path's."""
     seen = []
-    real_evaluate = evaluation._NetRunner.evaluate
+    real_evaluate = vrunner._NetRunner.evaluate
 
     def recording(self, images, methods):
         seen.append((threading.current_thread() is threading.main_thread(), torch.is_inference_mode_enabled(),
                      torch.is_autocast_enabled("cpu")))
         return real_evaluate(self, images, methods)
 
-    monkeypatch.setattr(evaluation._NetRunner, "evaluate", recording)
+    monkeypatch.setattr(vrunner._NetRunner, "evaluate", recording)
     caught = {}
     for side_by_side in (1, 3):
-        monkeypatch.setattr(evaluation, "batches_side_by_side", lambda device, n=side_by_side: n)
+        monkeypatch.setattr(vrunner, "batches_side_by_side", lambda device, n=side_by_side: n)
         seen.clear()
         # One loader batch holds all 12 images, and no size has 32: every batch waits for the end.
         _, caught[side_by_side] = evaluate_catching_probs([load_eval_net(checkpoint)], val_dir, monkeypatch,
@@ -133,13 +137,13 @@ def test_equal_sizes_from_different_loader_batches_fill_whole_batches(checkpoint
     # 3 sizes at each scale (64x48 and 200x150 rescale alike), each a multiple of 3 images.
     assert all(n % 3 == 0 for n in shapes.values()) and len(shapes) == 9
     batches = []
-    real_evaluate = evaluation._NetRunner.evaluate
+    real_evaluate = vrunner._NetRunner.evaluate
 
     def recording(self, images, methods):
         batches.append((images.shape[0], tuple(images.shape[2:]), tuple(methods)))
         return real_evaluate(self, images, methods)
 
-    monkeypatch.setattr(evaluation._NetRunner, "evaluate", recording)
+    monkeypatch.setattr(vrunner._NetRunner, "evaluate", recording)
     # Loader batches of 4 hold four different sizes; only grouping across them gives batches of 3.
     evaluate_dataset([net], val_dir, methods=(DENSE, MULTI_CROP), batch_size=3, workers=0, progress=False)
     assert [b for b, _, _ in batches] == [3] * (sum(shapes.values()) // 3)
@@ -186,7 +190,7 @@ def test_a_loader_worker_hands_over_one_tensor_of_pixels_a_batch(checkpoint, val
 
 
 def test_waiting_images_are_bounded_in_bytes_too():
-    buckets = evaluation._DenseBuckets()
+    buckets = vinputs._DenseBuckets()
     for pos, w in enumerate((40, 41, 42)):
         buckets.add((36, 36, w), pos, torch.full((3, 36, w), pos, dtype=torch.uint8))
     assert buckets.count == 3 and buckets.bytes == 3 * 36 * (40 + 41 + 42)

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 import torch
-
 from test_evaluation import CROP, checkpoint, classes, evaluate, tiny_net, val_dir  # noqa: F401 (fixtures)
-from vgg.errors import UserError
-from vgg.evaluation import DENSE, MULTI_CROP, load_eval_net, multi_crop_probs, multi_crops
+
+from vgg.core.errors import UserError
+from vgg.evaluation.methods import DENSE, MULTI_CROP, multi_crop_probs, multi_crops
+from vgg.evaluation.nets import load_eval_net
 
 
 def test_a_loader_batch_of_unreadable_files_only_does_not_end_the_evaluation(checkpoint, val_dir):  # noqa: F811

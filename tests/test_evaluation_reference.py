@@ -1,4 +1,4 @@
-"""vgg/evaluation.py against a hand-written reference (paper §3.2, §4.2, §4.3, Tables 3-6).
+"""vgg/evaluation/ against a hand-written reference (paper §3.2, §4.2, §4.3, Tables 3-6).
 
 Two tiny nets with random (so not mirror-symmetric) weights, trained at different scales and with
 different mean colours, are evaluated on real JPEG files with dense, multi-crop, both, and fused.
@@ -19,17 +19,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import evaluate_catching_probs
 from PIL import Image
 from skimage import data as skdata
 
-from conftest import evaluate_catching_probs
-from vgg import evaluation
-from vgg.checkpoint import build_model_from_checkpoint, load_checkpoint, save_checkpoint
-from vgg.data import ImageFolder
-from vgg.errors import UserError
-from vgg.evaluation import BOTH, DENSE, MULTI_CROP, evaluate_dataset, load_eval_net
-from vgg.models import build_vgg, to_dense
-from vgg.transforms import EvalTransform
+from vgg.core.checkpoint import load_checkpoint, save_checkpoint
+from vgg.core.errors import UserError
+from vgg.data.folders import ImageFolder
+from vgg.data.transforms import EvalTransform
+from vgg.evaluation import inputs as vinputs
+from vgg.evaluation import methods as vmethods
+from vgg.evaluation import runner as vrunner
+from vgg.evaluation.methods import BOTH, DENSE, MULTI_CROP
+from vgg.evaluation.nets import load_eval_net
+from vgg.evaluation.runner import evaluate_dataset
+from vgg.models.checkpoint import build_model_from_checkpoint
+from vgg.models.vgg import build_vgg, to_dense
 
 CROP = 32
 CLASSES = [f"n0{i}" for i in range(6)]
@@ -209,12 +214,12 @@ def test_the_channels_last_path_runs_on_the_cpu_too(nets, val_dir):
     images = [rescaled(path, 40) for path in paths]
     same_size = torch.stack([image for image in images if image.shape == (3, 40, 53)])  # the two 60x45 photos
     assert len(same_size) == 2
-    plain = evaluation._NetRunner(nets[1], torch.device("cpu"), channels_last=False)
-    both = (evaluation.DENSE, evaluation.MULTI_CROP)
+    plain = vrunner._NetRunner(nets[1], torch.device("cpu"), channels_last=False)
+    both = (vmethods.DENSE, vmethods.MULTI_CROP)
     with torch.no_grad():
         expected = plain.evaluate(same_size, both)
     seen = []
-    fast = evaluation._NetRunner(load_eval_net(nets[1].path), torch.device("cpu"), channels_last=True)
+    fast = vrunner._NetRunner(load_eval_net(nets[1].path), torch.device("cpu"), channels_last=True)
     for model in (fast.model, fast.dense_model):
         model.register_forward_pre_hook(
             lambda module, inputs: seen.append(inputs[0].is_contiguous(memory_format=torch.channels_last)))
@@ -254,7 +259,7 @@ def test_progress_bar_by_default(nets, val_dir, capsys, monkeypatch):
 
 
 def test_a_full_dense_batch_leaves_as_soon_as_it_is_full():
-    buckets = evaluation._DenseBuckets()
+    buckets = vinputs._DenseBuckets()
     for pos in range(2):
         buckets.add((36, 36, 48), pos, torch.full((3, 36, 48), pos, dtype=torch.uint8))
     released = list(buckets.pop_full(batch_size=2, limit=100))

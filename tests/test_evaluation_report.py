@@ -1,4 +1,4 @@
-"""What evaluate.py prints and writes (vgg/evaluation.py's reporting), from a hand-made result:
+"""What evaluate.py prints and writes (vgg/evaluation/'s reporting), from a hand-made result:
 the table in the layout of the paper's Tables 3-6, the best and worst classes, the Markdown and
 JSON files, the default checkpoint, and the one-line errors of bad calls."""
 
@@ -9,10 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from vgg.errors import UserError
-from vgg.evaluation import (BOTH, DENSE, MULTI_CROP, EvalNet, default_checkpoint, format_markdown, format_per_class,
-                            format_report, format_table, fuse, topk_errors, train_scale_text, write_results,
-                            write_tensorboard)
+from vgg.core.errors import UserError
+from vgg.evaluation.methods import BOTH, DENSE, MULTI_CROP, fuse, topk_errors, train_scale_text
+from vgg.evaluation.nets import EvalNet, default_checkpoint
+from vgg.evaluation.report import (
+    format_markdown,
+    format_per_class,
+    format_report,
+    format_table,
+    write_results,
+    write_tensorboard,
+)
 
 RESULT = {
     "val_dir": "data/val", "images": 4, "skipped": 1, "world_size": 1, "methods": [DENSE, MULTI_CROP],

@@ -1,4 +1,4 @@
-"""The GPU data path (vgg/gpu_data.py) run on the CPU: same training-image distribution as the CPU
+"""The GPU data path (vgg/data/gpu.py) run on the CPU: same training-image distribution as the CPU
 path, awkward files decoded or skipped but never fatal; plus the benchmarks' FLOP count and a smoke
 run of bench/train_step.py."""
 
@@ -10,17 +10,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, subprocess_env
 from PIL import Image
 from skimage import data as skdata
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from conftest import ROOT, subprocess_env
-from vgg import data as vdata
-from vgg.engine import BatchAugment
-from vgg.gpu_data import (build_gpu_train_loader, collate_encoded, decode_batch, decode_on_cpu,
-                          gpu_train_augment, jpeg_components, split_encoded)
-from vgg.transforms import TrainTransform, color_shift, draw_train_crop, normalize, sample_generator
+from vgg.data import folders as vfolders
+from vgg.data import stats as vstats
+from vgg.data.gpu import (
+    build_gpu_train_loader,
+    collate_encoded,
+    decode_batch,
+    decode_on_cpu,
+    gpu_train_augment,
+    jpeg_components,
+    split_encoded,
+)
+from vgg.data.transforms import TrainTransform, color_shift, draw_train_crop, normalize, sample_generator
+from vgg.training.step import BatchAugment
 
 CROP, S_MIN, S_MAX = 64, 72, 128
 DRAWS = 300
@@ -76,7 +84,7 @@ def test_jpeg_components_reads_the_frame_header():
 
 
 def test_collate_packs_bytes_and_split_recovers_them():
-    b = vdata.Unreadable("b", "PermissionError")
+    b = vfolders.Unreadable("b", "PermissionError")
     items = [(b"abc", 0, "a", 7), (None, 1, b, 5), (b"", 2, "c", 0), (b"defg", 3, "d", 9)]
     flat, sizes, labels, names, unreadable, indices = collate_encoded(items)
     parts = split_encoded(flat, sizes)
@@ -106,7 +114,7 @@ def test_decode_batch_matches_pil_and_falls_back(awkward_dir, batched, caplog):
 
 
 def test_loader_skips_the_same_files_as_the_cpu_path(awkward_dir):
-    cpu_set = vdata.ImageFolder(awkward_dir, TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX))
+    cpu_set = vfolders.ImageFolder(awkward_dir, TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX))
     cpu_skipped = sum(cpu_set[i][0] is None for i in range(len(cpu_set)))
     loader = build_gpu_train_loader(cpu_set, batch_size=4, device="cpu", crop_size=CROP, scale_min=S_MIN,
                                     scale_max=S_MAX, workers=1, drop_last=False)
@@ -125,7 +133,7 @@ def test_loader_skips_the_same_files_as_the_cpu_path(awkward_dir):
 def test_loader_workers_persist_across_epochs_and_draws_follow_the_epoch(awkward_dir):
     """Workers are started once for the run (they only read files); each epoch's draws still follow
     the epoch set on the loader (the main process draws them)."""
-    folder = vdata.ImageFolder(awkward_dir, None)
+    folder = vfolders.ImageFolder(awkward_dir, None)
     loader = build_gpu_train_loader(folder, batch_size=4, device="cpu", crop_size=CROP, scale_min=S_MIN,
                                     scale_max=S_MAX, workers=1, drop_last=False, prefetch=False)
     pids, epochs = [], []
@@ -250,7 +258,7 @@ def test_augmentation_work_is_per_batch_and_image_shape_not_per_image():
 
 
 def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_path):
-    stats = vdata.IMAGENET_STATS
+    stats = vstats.IMAGENET_STATS
     paths = [awkward_dir / "n00000001" / f"{n}.JPEG" for n in ("astronaut", "chelsea", "coffee", "rocket")]
     transform = TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX)
     torch.manual_seed(0)
@@ -277,7 +285,7 @@ def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_pa
     flat = torch.stack([transform(Image.open(grey / "0.JPEG").convert("RGB")).image for _ in range(DRAWS)])
     cpu_shift = color_shift(normalize(flat, stats.mean_rgb), stats, std=0.1,
                             generator=torch.Generator().manual_seed(2)).mean(dim=(2, 3))
-    loader = build_gpu_train_loader(vdata.ImageFolder(grey.parent, None), batch_size=4, device="cpu",
+    loader = build_gpu_train_loader(vfolders.ImageFolder(grey.parent, None), batch_size=4, device="cpu",
                                     crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX, workers=0,
                                     shuffle=True, seed=3)
     augment = BatchAugment(stats, torch.device("cpu"), color_shift_std=0.1)
@@ -295,7 +303,7 @@ def test_normalized_mean_and_colour_shift_match_the_cpu_path(awkward_dir, tmp_pa
 
 
 def test_prefetch_thread_gives_the_same_batches_and_stops_early(awkward_dir):
-    folder = vdata.ImageFolder(awkward_dir, None)
+    folder = vfolders.ImageFolder(awkward_dir, None)
 
     def batches(prefetch, limit=None):
         loader = build_gpu_train_loader(folder, batch_size=3, device="cpu", crop_size=CROP, scale_min=S_MIN,
@@ -323,7 +331,7 @@ def test_undecodable_bytes_give_none_with_a_warning(caplog):
 
 def test_count_macs_gives_the_papers_15_5_g_for_net_d():
     from bench.common import count_macs
-    from vgg.models import build_vgg
+    from vgg.models.vgg import build_vgg
 
     with torch.device("meta"):
         model = build_vgg("D")

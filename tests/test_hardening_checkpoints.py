@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT, assert_one_line_error, error_line, subprocess_env
 from test_train import common_cli_args, train_cli
-from vgg.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes
+
 from vgg.config import Config
-from vgg.errors import UserError
-from vgg.models import build_vgg
-from vgg.trainer import resume_changes
+from vgg.core.checkpoint import load_checkpoint, save_checkpoint, strip_wrapper_prefixes
+from vgg.core.errors import UserError
+from vgg.models.vgg import build_vgg
+from vgg.training.resume import resume_changes
 
 FAST = ["--steps-per-epoch", "2", "--batch-size", "16", "--stats-images", "50", "--workers", "0"]
 

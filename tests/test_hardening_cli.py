@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, assert_one_line_error, subprocess_env
 from test_train import tiny_config
-from vgg.trainer import run as train_run
+
+from vgg.training.run import run as train_run
 
 MISSING_DATA = "/does/not/exist/imagenet"  # would fail the data scan: a value error must come first
 

@@ -19,16 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT, subprocess_env
+from PIL import Image
 from test_train import common_cli_args, train_cli
-from vgg import data as vdata
-from vgg.checkpoint import load_checkpoint
-from vgg.data import IMAGENET_STATS, ImageFolder, Unreadable
-from vgg.engine import BatchAugment, train_one_epoch
-from vgg.models import build_vgg
-from vgg.trainer import EpochSampler, log_augmented_images
+
+from vgg.core.checkpoint import load_checkpoint
+from vgg.data import folders as vfolders
+from vgg.data.folders import ImageFolder, Unreadable
+from vgg.data.loaders import EpochSampler
+from vgg.data.stats import IMAGENET_STATS
+from vgg.models.vgg import build_vgg
+from vgg.training.logs import log_augmented_images
+from vgg.training.loop import train_one_epoch
+from vgg.training.step import BatchAugment
 
 
 class LogLines:
@@ -271,7 +274,7 @@ def test_symlink_loops_are_skipped_and_counted_once(tmp_path):
         assert ds.classes == ["n01", "n02"]
         assert sorted(p.split("/")[-1] for p, _ in ds.samples) == ["green.JPEG", "red.JPEG"]
         assert [np.asarray(ds[i][0])[0, 0].argmax() for i in range(2)] == [0, 1]
-        vdata._warned.clear()
+        vfolders._warned.clear()
         (line,) = [l for l in lines if "symlink" in l]
         assert "skipped 6 symlink loop(s)" in line
         names = ("n01/self.JPEG", "n01/a.JPEG", "n01/b.JPEG", "here", "grandparent", "loop")

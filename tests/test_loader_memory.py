@@ -5,13 +5,14 @@ import pathlib
 
 import torch
 
-from vgg import data as vdata
-from vgg.gpu_data import EncodedImages
+from vgg.data import folders as vfolders
+from vgg.data import loaders as vloaders
+from vgg.data.gpu import EncodedImages
 
 NUM_SAMPLES, CLASSES = 1_000_000, 1000
 
 
-class LabelsOnly(vdata.ImageFolder):
+class LabelsOnly(vfolders.ImageFolder):
     """The real sample storage, read as the real __getitem__ reads it (path and label), without image files."""
 
     def __getitem__(self, index):
@@ -33,7 +34,7 @@ class TupleList(LabelsOnly):
 def fake_files(tmp_path, monkeypatch):
     """1 M file names in 1000 class folders, listed without any file on disk."""
     files = {f"n{c:08d}": [f"n{c:08d}_{k}.JPEG" for k in range(NUM_SAMPLES // CLASSES)] for c in range(CLASSES)}
-    monkeypatch.setattr(vdata, "list_files", lambda root: files)
+    monkeypatch.setattr(vfolders, "list_files", lambda root: files)
     return tmp_path
 
 
@@ -45,7 +46,7 @@ def private_mb(pid: int) -> float:
 
 def worker_growth_mb(dataset, epochs: int, collate_fn=torch.utils.data.default_collate) -> tuple[float, set[int]]:
     """Private memory a worker gains from its first batch to the end of `epochs` epochs; the worker pids seen."""
-    loader = vdata.build_loader(dataset, batch_size=8192, workers=1, collate_fn=collate_fn)
+    loader = vloaders.build_loader(dataset, batch_size=8192, workers=1, collate_fn=collate_fn)
     pids, start, total = set(), None, 0
     for _ in range(epochs):
         batches = iter(loader)
@@ -74,7 +75,7 @@ def path_lengths_and_labels(items):
 
 
 def test_gpu_path_reads_the_folder_arrays_with_flat_worker_memory(tmp_path, monkeypatch):
-    """data_path: gpu's dataset (vgg.gpu_data.EncodedImages) reads the ImageFolder's arrays, not a list."""
+    """data_path: gpu's dataset (vgg.data.gpu.EncodedImages) reads the ImageFolder's arrays, not a list."""
     root = fake_files(tmp_path, monkeypatch)
     monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: b"x")  # no files: every read returns 1 byte
     growth, pids = worker_growth_mb(EncodedImages(LabelsOnly(root)), epochs=3, collate_fn=path_lengths_and_labels)

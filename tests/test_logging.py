@@ -16,18 +16,19 @@ import termios
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env, wait_for_the_next_second
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
-
-from conftest import ROOT, subprocess_env, wait_for_the_next_second
 from test_hardening_ddp_data import LogLines, metrics_rows
 from test_train import common_cli_args, tiny_config
-import vgg.trainer
-from vgg.checkpoint import load_checkpoint
-from vgg.data import ImageFolder
-from vgg import distributed
-from vgg.distributed import set_cpu_threads, usable_cpus
-from vgg.trainer import DASHBOARD_LAYOUT, SKIPPED_LIST, run
+
+from vgg.core import distributed as vdistributed
+from vgg.core.checkpoint import load_checkpoint
+from vgg.core.distributed import set_cpu_threads, usable_cpus
+from vgg.data.folders import ImageFolder
+from vgg.training import run as vrun
+from vgg.training.logs import DASHBOARD_LAYOUT, SKIPPED_LIST
+from vgg.training.run import run
 
 FAST = ["--epochs", "2", "--steps-per-epoch", "3", "--progress-every-s", "0"]
 
@@ -91,20 +92,20 @@ def test_batches_run_side_by_side_on_the_cores_torch_leaves(monkeypatch, restore
     cores hold at torch's thread count; one on a GPU or where the environment sets the threads."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(distributed, "usable_cpus", lambda: 8)
+    monkeypatch.setattr(vdistributed, "usable_cpus", lambda: 8)
     torch.set_num_threads(1)
-    assert distributed.batches_side_by_side("cpu") == 8
+    assert vdistributed.batches_side_by_side("cpu") == 8
     torch.set_num_threads(3)
-    assert distributed.batches_side_by_side("cpu") == 2
+    assert vdistributed.batches_side_by_side("cpu") == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks on the machine: 4 cores each
     torch.set_num_threads(1)
-    assert distributed.batches_side_by_side("cpu") == 4
+    assert vdistributed.batches_side_by_side("cpu") == 4
     torch.set_num_threads(6)
-    assert distributed.batches_side_by_side("cpu") == 1
+    assert vdistributed.batches_side_by_side("cpu") == 1
     torch.set_num_threads(1)
-    assert distributed.batches_side_by_side("cuda") == 1
+    assert vdistributed.batches_side_by_side("cuda") == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert distributed.batches_side_by_side("cpu") == 1
+    assert vdistributed.batches_side_by_side("cpu") == 1
 
 
 # --- Logs that are files: plain lines; warnings once, a summary per epoch -------------------------
@@ -224,7 +225,7 @@ def test_console_metrics_and_tensorboard_agree_on_lr_drops_and_the_best_epoch(sa
         return {"loss": 1.0, "top1": top1, "top1_err": 100 - top1, "top5_err": (100 - top1) / 2,
                 "images": 10, "skipped": 0, "unreadable": []}
 
-    monkeypatch.setattr(vgg.trainer, "validate", scripted_validate)
+    monkeypatch.setattr(vrun, "validate", scripted_validate)
     config = tiny_config(sample_root, tmp_path, epochs=4, patience=0, lr=0.01, workers=0, run_name="numbers")
     with LogLines("vgg") as lines:
         run(config)

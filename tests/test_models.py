@@ -7,9 +7,18 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from vgg.errors import UserError
-from vgg.models import (CFGS, VGG, build_vgg, from_torchvision_state_dict, init_weights, make_layers, to_dense,
-                        to_torchvision_state_dict, warm_start)
+from vgg.core.errors import UserError
+from vgg.models.vgg import (
+    CFGS,
+    VGG,
+    build_vgg,
+    from_torchvision_state_dict,
+    init_weights,
+    make_layers,
+    to_dense,
+    to_torchvision_state_dict,
+    warm_start,
+)
 
 PARAMS = {"A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
           "D": 138_357_544, "E": 143_667_240}

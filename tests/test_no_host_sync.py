@@ -21,10 +21,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vgg.data import IMAGENET_STATS, Unreadable
-from vgg.engine import BatchAugment, train_one_epoch
-from vgg.models import build_vgg
-from vgg.transforms import TrainCrop
+from vgg.data.folders import Unreadable
+from vgg.data.stats import IMAGENET_STATS
+from vgg.data.transforms import TrainCrop
+from vgg.models.vgg import build_vgg
+from vgg.training.loop import train_one_epoch
+from vgg.training.step import BatchAugment
 
 aten = torch.ops.aten
 DEVICE = torch.device("meta")  # stands in for CUDA: a device that is not the CPU
@@ -158,12 +160,14 @@ def test_no_constant_is_sent_to_the_device_each_step(recorded):
 
 
 def test_the_evaluator_sends_each_batch_and_nothing_else():
-    """The evaluator's per-batch work (vgg.evaluation._NetRunner.evaluate: normalise once, dense and
+    """The evaluator's per-batch work (vgg.evaluation.runner._NetRunner.evaluate: normalise once, dense and
     multi-crop) copies the batch to the device and nothing else: the mean RGB goes there once, when
     the runner is built, not as a list of numbers on every batch."""
     from pathlib import Path
 
-    from vgg.evaluation import DENSE, MULTI_CROP, EvalNet, _NetRunner
+    from vgg.evaluation.methods import DENSE, MULTI_CROP
+    from vgg.evaluation.nets import EvalNet
+    from vgg.evaluation.runner import _NetRunner
 
     torch.manual_seed(0)
     model = build_vgg("A", num_classes=5, width=1 / 16, fc_width=32, image_size=32).eval()

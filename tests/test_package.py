@@ -11,7 +11,7 @@ from conftest import ROOT
 
 def test_pyproject_installs_the_vgg_package():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert project["tool"]["setuptools"]["packages"] == ["vgg"]
+    assert project["tool"]["setuptools"]["packages"]["find"]["include"] == ["vgg*"]  # the parts' folders too
     assert project["project"]["requires-python"] == ">=3.11"
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"]["file"] == ["requirements.txt"]
 
@@ -35,7 +35,8 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)  # the installed copy only: the checkout is not on the path from here
-    result = subprocess.run([sys.executable, "-c", "import vgg, vgg.models; print(vgg.__file__)"], cwd=elsewhere,
+    result = subprocess.run([sys.executable, "-c", "import vgg, vgg.models, vgg.training.run, vgg.evaluation.runner; print(vgg.__file__)"], cwd=elsewhere,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(site / "vgg" / "__init__.py")
+    assert (site / "vgg" / "data" / "jpeg_crop.c").is_file()  # the cropped decoder's source, built on first use

@@ -11,17 +11,17 @@ import urllib.error
 import pytest
 import torch
 import torchvision
-
 from conftest import ROOT, subprocess_env
-from vgg import pretrained
-from vgg.checkpoint import load_checkpoint
-from vgg.errors import UserError
-from vgg.evaluation import load_eval_net
-from vgg.models import build_vgg
-from vgg.trainer import init_from_checkpoint
-from vgg.transforms import normalize
 
-MEAN, STD = torch.tensor(pretrained.TORCHVISION_MEAN), torch.tensor(pretrained.TORCHVISION_STD)
+from vgg.core.errors import UserError
+from vgg.data.transforms import normalize
+from vgg.evaluation.nets import load_eval_net
+from vgg.models import pretrained as vpretrained
+from vgg.models.checkpoint import load_net_checkpoint
+from vgg.models.vgg import build_vgg
+from vgg.training.resume import init_from_checkpoint
+
+MEAN, STD = torch.tensor(vpretrained.TORCHVISION_MEAN), torch.tensor(vpretrained.TORCHVISION_STD)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +57,12 @@ def test_a_bare_torchvision_state_dict_evaluates_to_torchvisions_logits(torchvis
     model, path = torchvision_vgg16
     net = load_eval_net(path)
     assert net.model.arch_name == "D" and net.scales == [256, 384, 512]
-    assert net.mean_rgb == pytest.approx([255 * m for m in pretrained.TORCHVISION_MEAN])
+    assert net.mean_rgb == pytest.approx([255 * m for m in vpretrained.TORCHVISION_MEAN])
     assert_same_logits(net, model)
 
 
 def test_weights_from_torchvisions_cache_evaluate_to_the_same_logits(torchvision_vgg16, torch_home):
-    assert pretrained.cache_file("vgg16") == torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    assert vpretrained.cache_file("vgg16") == torch_home / "hub" / "checkpoints" / "vgg16-397923af.pth"
     net = load_eval_net("torchvision:vgg16")
     assert "torchvision:vgg16" in net.name
     assert_same_logits(net, torchvision_vgg16[0])
@@ -84,7 +84,7 @@ def test_init_from_a_torchvision_state_dict_fine_tunes_the_same_net(torchvision_
     model, path = torchvision_vgg16
     ours = build_vgg("D", num_classes=1000)
     classes = [f"n{i:08d}" for i in range(1000)]
-    copied = init_from_checkpoint(ours, load_checkpoint(path), str(path), classes)
+    copied = init_from_checkpoint(ours, load_net_checkpoint(path), str(path), classes)
     assert len(copied) == len(ours.state_dict())
     # every layer is torchvision's but the first conv, which takes 0-255 pixels minus the mean
     for name, tensor in model.state_dict().items():

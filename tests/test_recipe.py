@@ -2,7 +2,7 @@
 plateau schedule with its lr drops and stop, best/last checkpoints, validation metrics, the
 statistics' source and the mid-epoch resume.
 
-The plateau tests script the validation scores (vgg.trainer.validate is replaced) so that the lr
+The plateau tests script the validation scores (vgg.training.run.validate is replaced) so that the lr
 schedule a real run follows is known exactly; everything else is a real run on real JPEGs.
 """
 
@@ -14,18 +14,22 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from conftest import wait_for_each_checkpoint
+from PIL import Image
 from test_train import tiny_config
-from vgg import data as vdata
-from vgg import trainer as vtrainer
-from vgg.checkpoint import load_checkpoint
+
 from vgg.config import Config
-from vgg.data import DatasetStats, Unreadable
-from vgg.engine import BatchAugment, train_step, validate
-from vgg.models import build_vgg
-from vgg.transforms import color_shift, normalize
+from vgg.core.checkpoint import load_checkpoint
+from vgg.data import folders as vfolders
+from vgg.data import loaders as vloaders
+from vgg.data.folders import Unreadable
+from vgg.data.stats import DatasetStats
+from vgg.data.transforms import normalize
+from vgg.models.vgg import build_vgg
+from vgg.training import recipe as vrecipe
+from vgg.training import run as vrun
+from vgg.training.loop import validate
+from vgg.training.step import BatchAugment, train_step
 
 # --- The paper's values are the defaults ------------------------------------------------------------
 
@@ -47,7 +51,7 @@ def small_net(dropout: float = 0.0, seed: int = 0):
 @pytest.mark.parametrize("bias_decay", [True, False])
 def test_build_optimizer_is_sgd_with_momentum_and_weight_decay_on_the_right_parameters(bias_decay):
     model = small_net()
-    optimizer = vtrainer.build_optimizer(model, Config(bias_decay=bias_decay))
+    optimizer = vrecipe.build_optimizer(model, Config(bias_decay=bias_decay))
     assert type(optimizer) is torch.optim.SGD
     for group in optimizer.param_groups:
         assert (group["lr"], group["momentum"], group["dampening"], group["nesterov"]) == (0.01, 0.9, 0, False)
@@ -64,7 +68,7 @@ def test_sgd_steps_equal_the_hand_written_momentum_and_weight_decay_update(bias_
     """v <- 0.9 v + (g + 5e-4 w); w <- w - 0.01 v (Caffe's and PyTorch's SGD), three real steps."""
     model = small_net()
     reference = copy.deepcopy(model)
-    optimizer = vtrainer.build_optimizer(model, Config(bias_decay=bias_decay))
+    optimizer = vrecipe.build_optimizer(model, Config(bias_decay=bias_decay))
     g = torch.Generator().manual_seed(0)
     velocity = {}
     for step in range(3):
@@ -111,7 +115,7 @@ def scripted_run(sample_root, tmp, epochs: int, **overrides) -> dict:
                          stats="imagenet", log_every=1, **overrides)
     run_dir = tmp / "checkpoints" / "plateau"
     seen = {"optimizers": [], "lr": [], "weights": [], "best_on_disk": [], "last_on_disk": []}
-    real_build_optimizer = vtrainer.build_optimizer
+    real_build_optimizer = vrecipe.build_optimizer
 
     def spy_build_optimizer(model, config):
         optimizer = real_build_optimizer(model, config)
@@ -130,10 +134,10 @@ def scripted_run(sample_root, tmp, epochs: int, **overrides) -> dict:
                 "top5_err": 60.0 - 2 * epoch, "images": 100, "skipped": 0, "unreadable": []}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vtrainer, "build_optimizer", spy_build_optimizer)
-        mp.setattr(vtrainer, "validate", scripted_validate)
+        mp.setattr(vrun, "build_optimizer", spy_build_optimizer)
+        mp.setattr(vrun, "validate", scripted_validate)
         wait_for_each_checkpoint(mp)  # validation reads best.pt / last.pt, written by a background thread
-        final = vtrainer.run(config)
+        final = vrun.run(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     return {**seen, "rows": rows, "final": final, "run_dir": run_dir}
 
@@ -255,7 +259,7 @@ def test_statistics_come_from_train_not_val(tmp_path):
         solid_jpegs(root / "train" / wnid, (200, 40, 40), 8, rng)
         solid_jpegs(root / "val" / wnid, (30, 60, 220), 4, rng)
     config = tiny_config(root, tmp_path, run_name="colours", epochs=1, batch_size=8, steps_per_epoch=1, workers=0)
-    vtrainer.run(config)
+    vrun.run(config)
     stats = load_checkpoint(tmp_path / "checkpoints" / "colours" / "last.pt")["stats"]
     np.testing.assert_allclose(stats["mean_rgb"], [200, 40, 40], atol=6)
 
@@ -267,13 +271,13 @@ def test_mid_epoch_resume_trains_on_exactly_the_images_not_yet_seen(sample_root,
     batch, steps = 4, 6
     config = tiny_config(sample_root, tmp_path, run_name="resume", epochs=1, batch_size=batch,
                          steps_per_epoch=steps, workers=0, stats="imagenet", log_every=1)
-    train_set = vdata.ImageFolder(sample_root / "train")
-    sampler = vtrainer.EpochSampler(len(train_set), seed=config.seed, rank=0, world_size=1)
+    train_set = vfolders.ImageFolder(sample_root / "train")
+    sampler = vloaders.EpochSampler(len(train_set), seed=config.seed, rank=0, world_size=1)
     sampler.set_epoch(0)
     order = list(sampler)  # epoch 0's image order (tests/test_distributed.py pins the sampler)
     fetched = []
     interrupt_on = [order[2 * batch + 1]]  # the second image of step 3's batch (steps count from 1)
-    real_getitem = vdata.ImageFolder.__getitem__
+    real_getitem = vfolders.ImageFolder.__getitem__
 
     def recording_getitem(self, index):
         if self.root.name == "train":
@@ -282,9 +286,9 @@ def test_mid_epoch_resume_trains_on_exactly_the_images_not_yet_seen(sample_root,
                 signal.raise_signal(signal.SIGINT)
         return real_getitem(self, index)
 
-    monkeypatch.setattr(vdata.ImageFolder, "__getitem__", recording_getitem)
+    monkeypatch.setattr(vfolders.ImageFolder, "__getitem__", recording_getitem)
     with pytest.raises(SystemExit) as stopped:
-        vtrainer.run(config)
+        vrun.run(config)
     assert stopped.value.code == 128 + signal.SIGINT
     saved = load_checkpoint(tmp_path / "checkpoints" / "resume" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (0, 3)
@@ -292,6 +296,6 @@ def test_mid_epoch_resume_trains_on_exactly_the_images_not_yet_seen(sample_root,
 
     fetched.clear()
     interrupt_on[0] = -1
-    vtrainer.run(config, resume="auto")
+    vrun.run(config, resume="auto")
     assert fetched[:(steps - 3) * batch] == order[3 * batch:steps * batch]
     assert load_checkpoint(tmp_path / "checkpoints" / "resume" / "last.pt")["epoch"] == 1

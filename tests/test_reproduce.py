@@ -7,13 +7,21 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, subprocess_env
 from test_hardening_cli import assert_one_line_error
-from vgg.checkpoint import load_checkpoint, save_checkpoint
+
 from vgg.config import Config, config_path, load_yaml
-from vgg.reproduce import (DEMO_CROP, DEMO_OVERRIDES, EVAL_STAGES, MARKER, PAPER_ROWS, TABLE_TITLES, TRAIN_STAGES,
-                           demo_px)
+from vgg.core.checkpoint import load_checkpoint, save_checkpoint
+from vgg.reproduce.plan import (
+    DEMO_CROP,
+    DEMO_OVERRIDES,
+    EVAL_STAGES,
+    MARKER,
+    PAPER_ROWS,
+    TABLE_TITLES,
+    TRAIN_STAGES,
+    demo_px,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STAGE_NAMES = [s.name for s in [*TRAIN_STAGES, *EVAL_STAGES]]
@@ -47,7 +55,7 @@ def config_values(name: str) -> Config:
 
 
 def test_every_training_stage_starts_from_what_its_config_names():
-    from vgg.zoo import VGG_ARCHS  # the plan is the paper's: every VGG config, not the other nets' (issue 14)
+    from vgg.models.zoo import VGG_ARCHS  # the plan is the paper's: every VGG config, not the other nets' (issue 14)
     vgg_configs = {p.stem for p in config_path("A").parent.glob("*.yaml") if p.stem.split("-")[0] in VGG_ARCHS}
     assert {s.name for s in TRAIN_STAGES} == vgg_configs
     order = [s.name for s in TRAIN_STAGES]

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT, subprocess_env
 from test_train import tiny_config, train_cli
-from vgg import data as vdata
-from vgg.checkpoint import load_checkpoint
-from vgg.shards import ShardImages, ShardStream, is_shard_dir, open_split, write_shards
-from vgg.trainer import run
+
+from vgg.core.checkpoint import load_checkpoint
+from vgg.data import folders as vfolders
+from vgg.data.shards import ShardImages, ShardStream, is_shard_dir, open_split, write_shards
+from vgg.training.run import run
 
 CLASSES = ["n00000001", "n00000004", "n00000006", "n00000009"]
 
@@ -54,7 +54,7 @@ def test_shards_cli_writes_timm_layout_and_train_and_evaluate_stream_from_them(s
                             cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     info = json.loads((wds / "_info.json").read_text())
-    train_files = vdata.list_files(sample_root / "train")
+    train_files = vfolders.list_files(sample_root / "train")
     n_train = sum(map(len, train_files.values()))
     assert info["classes"] == sorted(train_files)
     assert info["splits"]["train"]["filenames"] == [f"imagenet1k-train-{i:04d}.tar" for i in range(3)]
@@ -133,7 +133,7 @@ def test_validation_images_by_position_and_bad_info(uneven, tmp_path):
     image, label = val[5]
     assert image.mode == "RGB" and label == 2
     assert is_shard_dir(uneven) and not is_shard_dir(uneven.parent)
-    from vgg.errors import UserError
+    from vgg.core.errors import UserError
 
     broken = tmp_path / "broken"
     broken.mkdir()

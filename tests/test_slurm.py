@@ -9,12 +9,12 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, subprocess_env
 from test_train import common_cli_args
-from vgg.checkpoint import load_checkpoint
-from vgg.distributed import DEFAULT_MASTER_PORT, expand_nodelist, slurm_process_env
-from vgg.errors import UserError
+
+from vgg.core.checkpoint import load_checkpoint
+from vgg.core.distributed import DEFAULT_MASTER_PORT, expand_nodelist, slurm_process_env
+from vgg.core.errors import UserError
 
 SLURM_DIR = ROOT / "scripts" / "slurm"
 TEMPLATES = sorted(SLURM_DIR.glob("*.sbatch"))

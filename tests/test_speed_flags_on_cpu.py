@@ -10,21 +10,22 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, subprocess_env
 from test_recipe import small_net
 from test_train import common_cli_args, tiny_config
-from vgg import trainer as vtrainer
+
 from vgg.config import Config
-from vgg.engine import train_step
-from vgg.models import build_vgg
+from vgg.models.vgg import build_vgg
+from vgg.training import recipe as vrecipe
+from vgg.training import run as vrun
+from vgg.training.step import train_step
 
 
 def test_fused_sgd_steps_equal_the_plain_per_tensor_loop():
     model = small_net()
     initial, plain_model = copy.deepcopy(model.state_dict()), copy.deepcopy(model)
     config = Config(bias_decay=False)  # two groups: with and without weight decay
-    optimizer = vtrainer.build_optimizer(model, config)
+    optimizer = vrecipe.build_optimizer(model, config)
     assert all(group["fused"] for group in optimizer.param_groups)  # CPU has the fused kernel
     decay = [p for n, p in plain_model.named_parameters() if not n.endswith("bias")]
     biases = [p for n, p in plain_model.named_parameters() if n.endswith("bias")]
@@ -46,7 +47,7 @@ def test_fused_sgd_steps_equal_the_plain_per_tensor_loop():
 @pytest.mark.parametrize("bf16, dtype", [(True, torch.bfloat16), ("auto", torch.float32), (False, torch.float32)])
 def test_a_training_step_runs_in_bf16_on_the_cpu_only_when_asked(bf16, dtype):
     model = small_net()
-    optimizer = vtrainer.build_optimizer(model, Config())
+    optimizer = vrecipe.build_optimizer(model, Config())
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     logits, loss = train_step(model, images, labels, optimizer, bf16=bf16)
     assert logits.dtype == dtype and loss.dtype == torch.float32  # the loss is fp32 either way
@@ -107,7 +108,7 @@ def test_bf16_channels_last_and_compile_on_cpu_single_and_ddp_then_resume_and_ev
 def test_a_run_trains_and_validates_in_bf16_on_the_cpu_only_when_asked(sample_root, tmp_path, monkeypatch, bf16):
     """--bf16 true reaches every forward pass of a run, training and validation; false none."""
     autocast_seen = {True: set(), False: set()}  # net.training -> autocast states seen
-    build_net = vtrainer.build_net
+    build_net = vrun.build_net
 
     def recording_build_net(*args, **kwargs):
         net = build_net(*args, **kwargs)
@@ -115,7 +116,7 @@ def test_a_run_trains_and_validates_in_bf16_on_the_cpu_only_when_asked(sample_ro
             lambda module, inputs: autocast_seen[module.training].add(torch.is_autocast_enabled("cpu")))
         return net
 
-    monkeypatch.setattr(vtrainer, "build_net", recording_build_net)
-    vtrainer.run(tiny_config(sample_root, tmp_path, run_name="bf16", bf16=bf16, epochs=1, steps_per_epoch=2,
+    monkeypatch.setattr(vrun, "build_net", recording_build_net)
+    vrun.run(tiny_config(sample_root, tmp_path, run_name="bf16", bf16=bf16, epochs=1, steps_per_epoch=2,
                              workers=0, stats="imagenet"))
     assert autocast_seen == {True: {bf16}, False: {bf16}}

@@ -9,12 +9,12 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, subprocess_env
-from vgg.checkpoint import load_checkpoint, save_checkpoint
+
 from vgg.config import Config
-from vgg.models import build_vgg
-from vgg.trainer import run
+from vgg.core.checkpoint import load_checkpoint, save_checkpoint
+from vgg.models.vgg import build_vgg
+from vgg.training.run import run
 
 
 def tiny_config(sample_root, tmp_path, **overrides) -> Config:
@@ -164,9 +164,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
 def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path, monkeypatch):
     """`data_path: gpu` swaps in the TorchCodec loader; on a machine without a GPU it runs on the CPU.
     Built once for the run, it is told each epoch (its samples' draws depend on it, issue 17)."""
-    from vgg import gpu_data
+    from vgg.data import gpu as vgpu
 
-    epochs_told, build = [], gpu_data.build_gpu_train_loader
+    epochs_told, build = [], vgpu.build_gpu_train_loader
 
     def recording_build(*args, **kwargs):
         loader = build(*args, **kwargs)
@@ -174,7 +174,7 @@ def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path, monkeypatch):
         loader.set_epoch = lambda epoch: (epochs_told.append(epoch), real_set_epoch(epoch))[1]
         return loader
 
-    monkeypatch.setattr(gpu_data, "build_gpu_train_loader", recording_build)
+    monkeypatch.setattr(vgpu, "build_gpu_train_loader", recording_build)
     metrics = run(tiny_config(sample_root, tmp_path, run_name="gpu-path", data_path="gpu", epochs=2))
     assert metrics["images"] > 0 and 0 <= metrics["top1_err"] <= 100
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "gpu-path" / "last.pt")

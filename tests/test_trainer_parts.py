@@ -1,18 +1,22 @@
-"""Parts of vgg/trainer.py that mutation testing found unpinned (issue 18): the kernel flags a resume
+"""Parts of vgg/training/run.py that mutation testing found unpinned (issue 18): the kernel flags a resume
 sets, the file named by a checkpoint that does not fit, skipped.txt paths with spaces, the speed-settings
 words, the GPU data path's loader as the trainer builds it, and what goes to TensorBoard."""
 
 import pytest
 import torch
 from PIL import Image
-
 from test_hardening_ddp_data import LogLines
-from vgg import data as vdata
-from vgg import trainer as vtrainer
+
 from vgg.config import Config
-from vgg.errors import UserError
-from vgg.models import build_vgg
-from vgg.transforms import TrainTransform
+from vgg.core.errors import UserError
+from vgg.data import folders as vfolders
+from vgg.data import loaders as vloaders
+from vgg.data.transforms import TrainTransform
+from vgg.models.vgg import build_vgg
+from vgg.training import logs as vlogs
+from vgg.training import recipe as vrecipe
+from vgg.training import resume as vresume
+from vgg.training import run as vrun
 
 
 def tiny(num_classes: int = 3):
@@ -24,18 +28,18 @@ def test_a_resume_runs_this_machines_sgd_kernel_whatever_the_checkpoints():
     """A checkpoint saved on a GPU (fused) resumed on another device: its groups get this device's flag."""
     model = tiny()
     config = Config()
-    saved = vtrainer.build_optimizer(model, config)
+    saved = vrecipe.build_optimizer(model, config)
     for group in saved.param_groups:
         group.update({"fused": None, "foreach": None, "differentiable": False})
         group["foreach"] = "from the saving run"
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(saved)
     ckpt = {"model": model.state_dict(), "optimizer": saved.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": vtrainer.rng_state()}
-    optimizer = vtrainer.build_optimizer(model, config)
+            "rng": vrun.rng_state()}
+    optimizer = vrecipe.build_optimizer(model, config)
     fresh_keys = [set(group) for group in optimizer.param_groups]
-    vtrainer.restore_training_state(ckpt, "last.pt", model, optimizer,
+    vresume.restore_training_state(ckpt, "last.pt", model, optimizer,
                                     torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer))
-    kernel = vtrainer.sgd_kernel(torch.device("cpu"))
+    kernel = vrecipe.sgd_kernel(torch.device("cpu"))
     for group, keys in zip(optimizer.param_groups, fresh_keys):
         assert set(group) == keys
         assert group["fused"] == kernel.get("fused") and group["foreach"] == kernel.get("foreach")
@@ -44,10 +48,10 @@ def test_a_resume_runs_this_machines_sgd_kernel_whatever_the_checkpoints():
 def test_state_that_does_not_fit_names_its_file(tmp_path):
     model = tiny()
     other = tiny(num_classes=5)
-    optimizer = vtrainer.build_optimizer(model, Config())
+    optimizer = vrecipe.build_optimizer(model, Config())
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
     try:
-        vtrainer.restore_training_state({"model": other.state_dict()}, tmp_path / "last.pt", model, optimizer, scheduler)
+        vresume.restore_training_state({"model": other.state_dict()}, tmp_path / "last.pt", model, optimizer, scheduler)
     except UserError as e:
         assert str(e).startswith(f"{tmp_path / 'last.pt'}: its weights do not fit net A")
     else:
@@ -55,18 +59,18 @@ def test_state_that_does_not_fit_names_its_file(tmp_path):
     source = {"arch": other.arch_kwargs(), "model": other.state_dict(), "classes": ["a", "b", "c", "d", "e"]}
     source["arch"]["num_classes"] = 3  # names 3 classes but holds weights for 5
     try:
-        vtrainer.init_from_checkpoint(model, {**source, "classes": ["a", "b", "c"]}, "a.pt", ["a", "b", "c"])
+        vresume.init_from_checkpoint(model, {**source, "classes": ["a", "b", "c"]}, "a.pt", ["a", "b", "c"])
     except UserError as e:
         assert str(e).startswith("a.pt: its weights do not fit net A")
     else:
         raise AssertionError("no error")
     same_kind = {"arch": model.arch_kwargs(), "model": {**tiny().state_dict()}, "classes": ["a", "b", "c"]}
     bad = tiny(num_classes=5).state_dict()
-    loaded = vtrainer.init_from_checkpoint(tiny(), same_kind, "b.pt", ["a", "b", "c"])
+    loaded = vresume.init_from_checkpoint(tiny(), same_kind, "b.pt", ["a", "b", "c"])
     assert loaded == list(model.state_dict())
     same_kind["model"] = {k: v for k, v in bad.items()}
     try:
-        vtrainer.init_from_checkpoint(tiny(), same_kind, "c.pt", ["a", "b", "c"])
+        vresume.init_from_checkpoint(tiny(), same_kind, "c.pt", ["a", "b", "c"])
     except UserError as e:
         assert str(e).startswith("c.pt: its weights do not fit net A")
     else:
@@ -76,12 +80,12 @@ def test_state_that_does_not_fit_names_its_file(tmp_path):
 def test_skipped_list_keeps_paths_with_spaces(tmp_path):
     path = tmp_path / "skipped.txt"
     path.write_text("/data/train/n01/a file.JPEG\tOSError: truncated\n/data/x.JPEG\tempty file\n\n")
-    assert vtrainer.read_skipped_list(path) == {"/data/train/n01/a file.JPEG": "OSError: truncated",
+    assert vlogs.read_skipped_list(path) == {"/data/train/n01/a file.JPEG": "OSError: truncated",
                                                 "/data/x.JPEG": "empty file"}
 
 
 def test_speed_settings_read_on_and_off():
-    assert [vtrainer._on_off(flag) for flag in (True, False)] == ["on", "off"]
+    assert [vrun._on_off(flag) for flag in (True, False)] == ["on", "off"]
 
 
 def test_the_gpu_data_paths_loader_as_built_for_the_run(tmp_path):
@@ -93,13 +97,13 @@ def test_the_gpu_data_paths_loader_as_built_for_the_run(tmp_path):
         for k in range(5):
             Image.new("RGB", (40 + 7 * k, 36 + 3 * c), (30 * k, 90 * c, 60)).save(root / f"n{c}" / f"{k}.JPEG")
     config = Config(crop_size=32, scale_min=36, scale_max=48, workers=1, seed=5)
-    sampler = vtrainer.EpochSampler(10, seed=5, rank=0, world_size=1)
+    sampler = vloaders.EpochSampler(10, seed=5, rank=0, world_size=1)
     sampler.set_epoch(2)
     batches = {}
     for path in ("cpu", "gpu"):
         config.data_path = path
-        folder = vdata.ImageFolder(root, TrainTransform(crop_size=32, scale_min=36, scale_max=48, seed=5))
-        loader = vtrainer.build_train_loader(config, folder, sampler, 4, torch.device("cpu"), seed=1)
+        folder = vfolders.ImageFolder(root, TrainTransform(crop_size=32, scale_min=36, scale_max=48, seed=5))
+        loader = vrun.build_train_loader(config, folder, sampler, 4, torch.device("cpu"), seed=1)
         assert (loader.loader if path == "gpu" else loader).num_workers == 1  # the run's --workers
         batches[path] = list(loader)
         assert len(batches[path]) == 2  # 10 images, batches of 4: the last 2 are dropped
@@ -122,7 +126,7 @@ def test_an_epoch_row_goes_to_tensorboard_at_its_step(tmp_path, monkeypatch, dev
            "train_top5_err": 40.75, "lr": 0.001, "train_epoch_time_s": 12.5, "train_images_per_s": 80.5,
            "train_data_wait_fraction": 0.125}
     writer = SummaryWriter(tmp_path)
-    vtrainer.log_epoch(writer, 17, row, torch.device(device_type))
+    vlogs.log_epoch(writer, 17, row, torch.device(device_type))
     writer.close()
     assert asked == ([torch.device("cuda")] if device_type == "cuda" else [])
     events = EventAccumulator(str(tmp_path))
@@ -146,7 +150,7 @@ def test_no_image_grid_without_a_readable_training_image(tmp_path):
     unreadable = [(torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), ["bad"])] * 2
     writer = SummaryWriter(tmp_path)
     with LogLines("vgg") as lines:
-        vtrainer.log_augmented_images(writer, unreadable, augment=None)
+        vlogs.log_augmented_images(writer, unreadable, augment=None)
     writer.close()
     assert lines == ["warning: no readable training image for the TensorBoard image grid; none logged"]
     events = EventAccumulator(str(tmp_path))
@@ -155,6 +159,6 @@ def test_no_image_grid_without_a_readable_training_image(tmp_path):
 
 
 def test_sgd_is_one_fused_kernel_on_cuda_and_the_cpu_and_batched_elsewhere():
-    assert vtrainer.sgd_kernel(torch.device("cuda")) == {"fused": True}
-    assert vtrainer.sgd_kernel(torch.device("cpu")) == {"fused": True}
-    assert vtrainer.sgd_kernel(torch.device("mps")) == {"foreach": True}  # torch has no fused SGD there
+    assert vrecipe.sgd_kernel(torch.device("cuda")) == {"fused": True}
+    assert vrecipe.sgd_kernel(torch.device("cpu")) == {"fused": True}
+    assert vrecipe.sgd_kernel(torch.device("mps")) == {"foreach": True}  # torch has no fused SGD there

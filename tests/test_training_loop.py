@@ -1,4 +1,4 @@
-"""vgg/trainer.py in-process: what a run writes (rows, TensorBoard, checkpoints, skipped.txt, config),
+"""vgg/training/run.py in-process: what a run writes (rows, TensorBoard, checkpoints, skipped.txt, config),
 how it resumes (`if-exists`, a folder, changed settings), its refusals, and its parts (EpochSampler,
 resume_changes, apply_resume_changes, StopFlag, load_stats, init_from_checkpoint, stale temp files).
 Real runs on real JPEGs, cut to a step or two (test_train.tiny_config)."""
@@ -14,22 +14,28 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import wait_for_each_checkpoint, wait_for_the_next_second
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-from conftest import wait_for_each_checkpoint, wait_for_the_next_second
 from test_hardening_ddp_data import LogLines, metrics_rows
 from test_train import tiny_config
-from vgg import data as vdata
-from vgg import sample_data
-from vgg import trainer as vtrainer
-from vgg.checkpoint import load_checkpoint, save_checkpoint
+
 from vgg.config import Config
-from vgg.data import IMAGENET_STATS, ImageFolder
-from vgg.engine import BatchAugment
-from vgg.errors import UserError
-from vgg.models import build_vgg
-from vgg.transforms import TrainCrop
+from vgg.core.checkpoint import load_checkpoint, save_checkpoint
+from vgg.core.errors import UserError
+from vgg.data import loaders as vloaders
+from vgg.data import sample as vsample
+from vgg.data import stats as vstats
+from vgg.data.folders import ImageFolder
+from vgg.data.stats import IMAGENET_STATS
+from vgg.data.transforms import TrainCrop
+from vgg.models.vgg import build_vgg
+from vgg.training import logs as vlogs
+from vgg.training import recipe as vrecipe
+from vgg.training import resume as vresume
+from vgg.training import run as vrun
+from vgg.training import signals as vsignals
+from vgg.training.step import BatchAugment
 
 
 def events(folder) -> EventAccumulator:
@@ -53,7 +59,7 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     with LogLines("vgg") as lines:
-        final = vtrainer.run(config, resume="if-exists")
+        final = vrun.run(config, resume="if-exists")
     assert torch.backends.cudnn.benchmark is False  # cuDNN autotuning (config.cudnn_benchmark) on CUDA only
     # "auto" speed settings on the CPU: channels-last only (docs/benchmarks.md: never slower here).
     assert "speed settings on cpu: bf16 autocast off, channels-last on, torch.compile off" in lines
@@ -108,7 +114,7 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                          workers=0, stats="imagenet", log_every=1)
     with LogLines("vgg") as lines:
         wait_for_the_next_second()  # (an in-process resume: see conftest)
-        vtrainer.run(longer, resume="if-exists")
+        vrun.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job 77, restart 2)" in lines
     assert "epochs 1 -> 2 on resume" in lines
     assert any(line.startswith(f"resumed {run_dir / 'last.pt'} at epoch 1, step 0 (lr 0.01, 0 lr drops")
@@ -127,25 +133,25 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     # epoch's errors (older runs) reports the best accuracy alone. Nothing is left to train: nothing
     # is validated.
     with LogLines("vgg") as lines:
-        assert vtrainer.run(longer, resume=str(run_dir)) == {}
+        assert vrun.run(longer, resume=str(run_dir)) == {}
     assert lines[-1] == (f"done: best val top-1 err {rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch}); "
                          f"checkpoints in {run_dir}")
     ckpt = load_checkpoint(run_dir / "last.pt")
     save_checkpoint(run_dir / "last.pt", **{**ckpt, "best": None})
     with LogLines("vgg") as lines:
-        assert vtrainer.run(longer, resume=str(run_dir)) == {}
+        assert vrun.run(longer, resume=str(run_dir)) == {}
     assert lines[-1] == f"done: best val top-1 err {100 - ckpt['best_top1']:.1f}%; checkpoints in {run_dir}"
     assert len(metrics_rows(run_dir)) == 2
     # `if-exists` outside SLURM: the plain line.
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     monkeypatch.delenv("SLURM_JOB_ID")
     with LogLines("vgg") as lines:
-        vtrainer.run(longer, resume="if-exists")
+        vrun.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'}" in lines
     # A restart count without a job id (set by hand, not by SLURM): the job shows as "?".
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     with LogLines("vgg") as lines:
-        vtrainer.run(longer, resume="if-exists")
+        vrun.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job ?, restart 1)" in lines
     # The same settings on a dataset with other classes (as many, or fewer): refused, naming the checkpoint.
     rng = np.random.default_rng(1)
@@ -156,17 +162,17 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                 solid_jpegs(other / split / f"n1{c:07d}", (20 * c, 90, 90), 2, rng)
         with pytest.raises(UserError, match=f"^{re.escape(str(run_dir / 'last.pt'))} was trained as .* on 12 "
                                             "classes, not as this run's "):
-            vtrainer.run(dataclasses.replace(longer, data=str(other), batch_size=2), resume="auto")
+            vrun.run(dataclasses.replace(longer, data=str(other), batch_size=2), resume="auto")
     # A setting that may not change on resume: refused, naming the checkpoint.
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
                                         "crop_size 32 -> 40: may change on resume: "):
-        vtrainer.run(dataclasses.replace(longer, crop_size=40), resume="auto")
+        vrun.run(dataclasses.replace(longer, crop_size=40), resume="auto")
     # A resumed run keeps the statistics it started with (the mean it has been trained to expect).
     ckpt = load_checkpoint(run_dir / "last.pt")
     own_stats = {**ckpt["stats"], "mean_rgb": [100.0, 110.0, 120.0]}
     save_checkpoint(run_dir / "last.pt", **{**ckpt, "stats": own_stats})
     wait_for_the_next_second()
-    vtrainer.run(dataclasses.replace(longer, epochs=3), resume="auto")
+    vrun.run(dataclasses.replace(longer, epochs=3), resume="auto")
     assert load_checkpoint(run_dir / "last.pt")["stats"] == own_stats
 
 
@@ -182,7 +188,7 @@ def test_a_thousand_class_folders_not_starting_with_tench_train_after_one_warnin
     config = tiny_config(root, tmp_path, run_name="thousand", epochs=1, batch_size=8, steps_per_epoch=1,
                          workers=0, stats="imagenet")
     with LogLines("vgg") as lines:
-        vtrainer.run(config)
+        vrun.run(config)
     warnings = [line for line in lines if line.startswith("warning")]
     assert warnings == [f"warning: {root / 'train'}: 1000 classes whose index 0 is c000, not n01440764 (tench) as "
                         "in ILSVRC-2012's sorted wnids: these are not the standard classes or not named by wnid"]
@@ -213,7 +219,7 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
     config = tiny_config(root, tmp_path, run_name="full", epochs=1, batch_size=4, steps_per_epoch=0, workers=0,
                          stats="imagenet", log_every=100, checkpoint_every=2, color_shift_std=0.25)
     on_disk, augments = [], []
-    real_validate, real_train_one_epoch = vtrainer.validate, vtrainer.train_one_epoch
+    real_validate, real_train_one_epoch = vrun.validate, vrun.train_one_epoch
 
     def spying_train_one_epoch(model, loader, optimizer, augment, **kwargs):
         augments.append(augment)
@@ -223,10 +229,10 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
         on_disk.append(load_checkpoint(tmp_path / "checkpoints" / "full" / "last.pt"))
         return {**real_validate(*args, **kwargs), "top1": 0.0}  # no image right: still the best so far
 
-    monkeypatch.setattr(vtrainer, "validate", spying_validate)
-    monkeypatch.setattr(vtrainer, "train_one_epoch", spying_train_one_epoch)
+    monkeypatch.setattr(vrun, "validate", spying_validate)
+    monkeypatch.setattr(vrun, "train_one_epoch", spying_train_one_epoch)
     wait_for_each_checkpoint(monkeypatch)  # validation reads the step-2 last.pt the background thread writes
-    vtrainer.run(config)
+    vrun.run(config)
     # The configured colour shift (every batch brings its own alphas, the placeholder's zeros).
     ((augment,),) = [augments]
     assert augment.color_shift_std == 0.25
@@ -238,7 +244,7 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
     assert load_checkpoint(tmp_path / "checkpoints" / "full" / "best.pt")["epoch"] == 1
 
     with pytest.raises(UserError, match="12 training images make no full batch of 16 per process"):
-        vtrainer.run(tiny_config(root, tmp_path, run_name="big", batch_size=16, steps_per_epoch=0, workers=0,
+        vrun.run(tiny_config(root, tmp_path, run_name="big", batch_size=16, steps_per_epoch=0, workers=0,
                                  stats="imagenet"))
 
 
@@ -246,32 +252,32 @@ def test_refusals_before_training(tmp_path, sample_root, monkeypatch):
     root = small_dataset(tmp_path / "odd", val_classes=("n01",))
     with pytest.raises(UserError, match=f"^{root / 'val'} has 1 classes, {root / 'train'} has 2: the class folders "
                                         "must be the same$"):
-        vtrainer.run(tiny_config(root, tmp_path, run_name="odd", workers=0, stats="imagenet"))
+        vrun.run(tiny_config(root, tmp_path, run_name="odd", workers=0, stats="imagenet"))
     with pytest.raises(UserError, match=r"data folder .*missing/train not found: --data must hold "
                                         r"train/<wnid>/\*\.JPEG and val/<wnid>/\*\.JPEG \(see data/README\.md\)$"):
-        vtrainer.run(tiny_config(tmp_path / "missing", tmp_path, run_name="none", workers=0, stats="imagenet"))
+        vrun.run(tiny_config(tmp_path / "missing", tmp_path, run_name="none", workers=0, stats="imagenet"))
     run_dir = tmp_path / "checkpoints" / "taken"
     run_dir.mkdir(parents=True)
     (run_dir / "last.pt").write_bytes(b"")
     with pytest.raises(UserError, match="already holds a run: pass --resume"):
-        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="taken"))
+        vrun.run(tiny_config(sample_root, tmp_path, run_name="taken"))
     with pytest.raises(UserError, match="nothing to resume: .*nowhere.pt does not exist"):
-        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="new"), resume=str(tmp_path / "nowhere.pt"))
+        vrun.run(tiny_config(sample_root, tmp_path, run_name="new"), resume=str(tmp_path / "nowhere.pt"))
     with pytest.raises(UserError, match=r"absent.pt not found: net A starts from a trained net \(§3.1: deeper nets "
                                         r"from net A, S=384 from S=256, jittered from S=384\); train that first, or "
                                         r"pass --init-from PATH, or --init-from '' to start from scratch$"):
-        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="new", init_from=str(tmp_path / "absent.pt")))
+        vrun.run(tiny_config(sample_root, tmp_path, run_name="new", init_from=str(tmp_path / "absent.pt")))
     # A net's weights without its training state (as evaluate.py or --init-from take): not resumable.
     weights_only = tmp_path / "weights.pt"
     save_checkpoint(weights_only, **checkpoint_of("A", ["n01", "n02"]), stats=IMAGENET_STATS.to_dict())
     with pytest.raises(UserError, match="weights.pt has no optimizer, scheduler, epoch, step, lr_drops, rng, config, "
                                         "best_top1 entry: not a checkpoint train.py wrote"):
-        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="new"), resume=str(weights_only))
+        vrun.run(tiny_config(sample_root, tmp_path, run_name="new"), resume=str(weights_only))
     # Three processes (as torchrun would start them) cannot share a global batch of 16.
-    monkeypatch.setattr(vtrainer, "init_distributed", lambda device: vtrainer.DistInfo(
+    monkeypatch.setattr(vrun, "init_distributed", lambda device: vrun.DistInfo(
         rank=0, world_size=3, local_rank=0, device=torch.device("cpu"), distributed=False))
     with pytest.raises(UserError, match="^the global batch 16 does not split over 3 processes$"):
-        vtrainer.run(tiny_config(sample_root, tmp_path, run_name="three"))
+        vrun.run(tiny_config(sample_root, tmp_path, run_name="three"))
 
 
 def test_the_default_sample_dataset_is_generated_on_first_use(tmp_path, monkeypatch):
@@ -282,35 +288,35 @@ def test_the_default_sample_dataset_is_generated_on_first_use(tmp_path, monkeypa
         small_dataset(Path(root))
         return Path(root)
 
-    monkeypatch.setattr(sample_data, "DEFAULT_ROOT", tmp_path / "default")
-    monkeypatch.setattr(sample_data, "make_sample_dataset", make)
-    assert vtrainer.prepare_dataset(Config(data=str(tmp_path / "default"))) == tmp_path / "default"
+    monkeypatch.setattr(vsample, "DEFAULT_ROOT", tmp_path / "default")
+    monkeypatch.setattr(vsample, "make_sample_dataset", make)
+    assert vrun.prepare_dataset(Config(data=str(tmp_path / "default"))) == tmp_path / "default"
     assert made == [tmp_path / "default"]
     other = small_dataset(tmp_path / "other")
-    assert vtrainer.prepare_dataset(Config(data=str(other))) == other and len(made) == 1
+    assert vrun.prepare_dataset(Config(data=str(other))) == other and len(made) == 1
 
 
 # --- The parts ---------------------------------------------------------------------------------------
 
 def test_epoch_sampler_pads_to_whole_shards_and_depends_on_seed_and_epoch():
     """10 images over 3 ranks: 4 each, the shuffle's first 2 dealt again; a resumed rank skips `start`."""
-    order = list(vtrainer.EpochSampler(10, seed=1, rank=0, world_size=1))
+    order = list(vloaders.EpochSampler(10, seed=1, rank=0, world_size=1))
     shards = []
     for rank in range(3):
-        sampler = vtrainer.EpochSampler(10, seed=1, rank=rank, world_size=3)
+        sampler = vloaders.EpochSampler(10, seed=1, rank=rank, world_size=3)
         assert sampler.per_rank() == 4 and len(sampler) == 4
         shards.append(list(sampler))
     padded = order + order[:2]
-    first = vtrainer.EpochSampler(10, seed=1, rank=0, world_size=1)
+    first = vloaders.EpochSampler(10, seed=1, rank=0, world_size=1)
     first.set_epoch(0)
     assert list(first) == order  # a new sampler is at epoch 0
     assert shards == [padded[0::3], padded[1::3], padded[2::3]]
-    sampler = vtrainer.EpochSampler(10, seed=1, rank=1, world_size=3)
+    sampler = vloaders.EpochSampler(10, seed=1, rank=1, world_size=3)
     sampler.set_epoch(0, start=3)
     assert list(sampler) == padded[1::3][3:] and len(sampler) == 1
     orders = set()
     for seed, epoch in ((1, 0), (2, 0), (1, 1), (0, 1)):
-        s = vtrainer.EpochSampler(10, seed=seed, rank=0, world_size=1)
+        s = vloaders.EpochSampler(10, seed=seed, rank=0, world_size=1)
         s.set_epoch(epoch)
         orders.add(tuple(s))
     assert len(orders) == 4
@@ -320,28 +326,28 @@ def test_resume_changes_policy():
     config = Config(batch_size=16)
     saved = {"config": config.to_dict(), "world_size": 1, "epoch": 2, "step": 0}
     changed = Config(batch_size=8, lr=0.05, out_dir="elsewhere")
-    assert sorted(vtrainer.resume_changes(changed, saved, Path("x.pt"), world_size=1)) == [
+    assert sorted(vresume.resume_changes(changed, saved, Path("x.pt"), world_size=1)) == [
         ("batch_size", 16, 8), ("lr", 0.01, 0.05), ("out_dir", config.out_dir, "elsewhere")]
-    assert vtrainer.resume_changes(config, saved, Path("x.pt"), world_size=1) == []
+    assert vresume.resume_changes(config, saved, Path("x.pt"), world_size=1) == []
     no_size = {k: v for k, v in saved.items() if k != "world_size"}  # older checkpoints: as this run
-    assert vtrainer.resume_changes(config, no_size, Path("x.pt"), world_size=2) == []
+    assert vresume.resume_changes(config, no_size, Path("x.pt"), world_size=2) == []
     with pytest.raises(UserError) as refused:
-        vtrainer.resume_changes(Config(batch_size=16, seed=3, arch="B"), saved, Path("x.pt"), world_size=1)
+        vresume.resume_changes(Config(batch_size=16, seed=3, arch="B"), saved, Path("x.pt"), world_size=1)
     message = str(refused.value)
     assert message.startswith("cannot resume x.pt with changed arch 'A' -> 'B', seed 0 -> 3: may change on resume: ")
-    assert message.endswith(f"{', '.join(vtrainer.RESUME_APPLIED)}; train under a new --run-name to change the rest")
+    assert message.endswith(f"{', '.join(vresume.RESUME_APPLIED)}; train under a new --run-name to change the rest")
     assert "only at an epoch boundary" not in message
     mid = dict(saved, step=1)  # stopped after the epoch's first step
     with pytest.raises(UserError, match=r"batch_size 16 -> 8: .*at an epoch boundary \(it is at epoch 2, step 1\)"):
-        vtrainer.resume_changes(Config(batch_size=8), mid, Path("x.pt"), world_size=1)
-    assert vtrainer.resume_changes(Config(batch_size=16, lr=0.1), mid, Path("x.pt"), world_size=1) == [
+        vresume.resume_changes(Config(batch_size=8), mid, Path("x.pt"), world_size=1)
+    assert vresume.resume_changes(Config(batch_size=16, lr=0.1), mid, Path("x.pt"), world_size=1) == [
         ("lr", 0.01, 0.1)]
 
 
 def small_optimizer(config: Config):
     torch.manual_seed(0)
     model = build_vgg("A", num_classes=3, width=1 / 16, fc_width=16, image_size=32)
-    optimizer = vtrainer.build_optimizer(model, config)
+    optimizer = vrecipe.build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=2)
     return model, optimizer, scheduler
 
@@ -353,7 +359,7 @@ def test_apply_resume_changes_sets_the_new_values_and_says_so():
     new = Config(bias_decay=False, lr=0.05, momentum=0.8, weight_decay=1e-3, patience=4)
     changes = [("lr", 0.01, 0.05), ("momentum", 0.9, 0.8), ("weight_decay", 5e-4, 1e-3), ("patience", 2, 4)]
     with LogLines("vgg") as lines:
-        vtrainer.apply_resume_changes(changes, optimizer, scheduler, new)
+        vresume.apply_resume_changes(changes, optimizer, scheduler, new)
     assert lines == ["lr 0.01 -> 0.05 on resume (the optimizer's lr was 0.001)", "momentum 0.9 -> 0.8 on resume",
                      "weight_decay 0.0005 -> 0.001 on resume", "patience 2 -> 4 on resume"]
     assert [(g["lr"], g["momentum"], g["weight_decay"]) for g in optimizer.param_groups] == [
@@ -364,11 +370,11 @@ def test_apply_resume_changes_sets_the_new_values_and_says_so():
     for group in optimizer.param_groups:
         group["lr"] = 0.001
     with LogLines("vgg") as lines:
-        vtrainer.apply_resume_changes([("epochs", 74, 80)], optimizer, scheduler, Config(epochs=80))
+        vresume.apply_resume_changes([("epochs", 74, 80)], optimizer, scheduler, Config(epochs=80))
     assert lines == ["epochs 74 -> 80 on resume"] and optimizer.param_groups[0]["lr"] == 0.001
     _, optimizer, scheduler = small_optimizer(Config())
     with LogLines("vgg") as lines:
-        vtrainer.apply_resume_changes([("lr", 0.01, 0.02)], optimizer, scheduler, Config(lr=0.02))
+        vresume.apply_resume_changes([("lr", 0.01, 0.02)], optimizer, scheduler, Config(lr=0.02))
     assert lines == ["lr 0.01 -> 0.02 on resume"]
 
 
@@ -379,7 +385,7 @@ def test_restore_training_state_refuses_a_misfit_optimizer_in_one_line(tmp_path)
             "rng": {}}
     with pytest.raises(UserError, match=r"^x.pt: its optimizer, scheduler or RNG state does not fit this run: "
                                         r"ValueError: loaded state dict has a different number of parameter groups"):
-        vtrainer.restore_training_state(ckpt, Path("x.pt"), model, optimizer, scheduler)
+        vresume.restore_training_state(ckpt, Path("x.pt"), model, optimizer, scheduler)
 
 
 def test_stale_temp_files_of_a_killed_save_are_removed(tmp_path):
@@ -388,25 +394,25 @@ def test_stale_temp_files_of_a_killed_save_are_removed(tmp_path):
     (tmp_path / "notes.tmp").write_text("not ours")
     (tmp_path / "last.pt").write_bytes(b"whole")
     with LogLines("vgg") as lines:
-        vtrainer.remove_stale_temp_files(tmp_path)
+        vresume.remove_stale_temp_files(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
     assert lines == [f"removed 2 stale temp file(s) of an interrupted save from {tmp_path}"]
     with LogLines("vgg") as lines:
-        vtrainer.remove_stale_temp_files(tmp_path)
+        vresume.remove_stale_temp_files(tmp_path)
     assert lines == []
 
 
 def test_skipped_list_round_trip(tmp_path):
     path = tmp_path / "skipped.txt"
     files = {"b.JPEG": "empty file", "a.JPEG": "truncated", "d.JPEG": "SyntaxError: bad\theader"}
-    vtrainer.write_skipped_list(path, files)
+    vlogs.write_skipped_list(path, files)
     assert path.read_text().startswith("a.JPEG\ttruncated\nb.JPEG\tempty file\nd.JPEG\t")
     path.write_text(path.read_text() + "c.JPEG\n\n")
-    assert vtrainer.read_skipped_list(path) == {**files, "c.JPEG": ""}  # a reason may hold a tab
+    assert vlogs.read_skipped_list(path) == {**files, "c.JPEG": ""}  # a reason may hold a tab
 
 
 def test_stop_flag_first_signal_wins_second_ctrl_c_stops_at_once_and_workers_ignore(monkeypatch):
-    flag = vtrainer.StopFlag()
+    flag = vsignals.StopFlag()
     try:
         assert not flag() and flag.exit_code() == 128 + signal.SIGINT
         with LogLines("vgg") as lines:
@@ -419,9 +425,9 @@ def test_stop_flag_first_signal_wins_second_ctrl_c_stops_at_once_and_workers_ign
             signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: stop now
     finally:
         flag.restore()
-    assert all(signal.getsignal(sig) == flag.previous[sig] for sig in vtrainer.STOP_SIGNALS)
+    assert all(signal.getsignal(sig) == flag.previous[sig] for sig in vsignals.STOP_SIGNALS)
 
-    worker = vtrainer.StopFlag()
+    worker = vsignals.StopFlag()
     try:
         monkeypatch.setattr(os, "getpid", lambda: worker.pid + 1)  # as in a forked DataLoader worker
         signal.raise_signal(signal.SIGUSR1)
@@ -434,13 +440,13 @@ def test_stop_flag_first_signal_wins_second_ctrl_c_stops_at_once_and_workers_ign
 
 
 def test_load_stats_by_name_file_or_refusal(tmp_path):
-    assert vtrainer.load_stats(Config(stats="imagenet"), tmp_path) == IMAGENET_STATS
-    stats = vdata.DatasetStats(mean_rgb=(1.0, 2.0, 3.0), eigval=(0.3, 0.2, 0.1),
+    assert vrun.load_stats(Config(stats="imagenet"), tmp_path) == IMAGENET_STATS
+    stats = vstats.DatasetStats(mean_rgb=(1.0, 2.0, 3.0), eigval=(0.3, 0.2, 0.1),
                                eigvec=((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)))
     (tmp_path / "stats.json").write_text(json.dumps(stats.to_dict()))
-    assert vtrainer.load_stats(Config(stats=str(tmp_path / "stats.json")), tmp_path) == stats
+    assert vrun.load_stats(Config(stats=str(tmp_path / "stats.json")), tmp_path) == stats
     with pytest.raises(UserError, match="stats file not found: .*gone.json"):
-        vtrainer.load_stats(Config(stats=str(tmp_path / "gone.json")), tmp_path)
+        vrun.load_stats(Config(stats=str(tmp_path / "gone.json")), tmp_path)
 
 
 def checkpoint_of(arch: str, classes, **kwargs) -> dict:
@@ -454,24 +460,24 @@ def test_init_from_checkpoint_copies_its_own_kind_warm_starts_from_a_and_refuses
     torch.manual_seed(2)
     target = build_vgg("A", num_classes=3, width=1 / 16, fc_width=16, image_size=32)
     same = checkpoint_of("A", classes)
-    copied = vtrainer.init_from_checkpoint(target, same, "a.pt", classes)
+    copied = vresume.init_from_checkpoint(target, same, "a.pt", classes)
     assert copied == list(target.state_dict())
     assert all(torch.equal(v, same["model"][k]) for k, v in target.state_dict().items())
 
     deeper = build_vgg("D", num_classes=3, width=1 / 16, fc_width=16, image_size=32)
-    copied = vtrainer.init_from_checkpoint(deeper, same, "a.pt", classes)
+    copied = vresume.init_from_checkpoint(deeper, same, "a.pt", classes)
     assert "features.0.weight" in copied and len(copied) < len(deeper.state_dict())
     assert torch.equal(deeper.state_dict()["features.0.weight"], same["model"]["features.0.weight"])
 
     older = {k: v for k, v in checkpoint_of("A", classes).items() if k != "classes"}  # no class list: trusted
-    assert vtrainer.init_from_checkpoint(target, older, "a.pt", classes) == list(target.state_dict())
+    assert vresume.init_from_checkpoint(target, older, "a.pt", classes) == list(target.state_dict())
     with pytest.raises(UserError, match="--init-from a.pt: its 2 classes differ from this dataset's 3"):
-        vtrainer.init_from_checkpoint(target, checkpoint_of("A", classes[:2]), "a.pt", classes)
+        vresume.init_from_checkpoint(target, checkpoint_of("A", classes[:2]), "a.pt", classes)
     with pytest.raises(UserError, match="--init-from a.pt: net .* does not match this run's"):
-        vtrainer.init_from_checkpoint(target, checkpoint_of("A", classes, dropout=0.2), "a.pt", classes)
+        vresume.init_from_checkpoint(target, checkpoint_of("A", classes, dropout=0.2), "a.pt", classes)
     with pytest.raises(UserError, match="^--init-from b.pt holds net B; net D warm-starts from net A or from a net "
                                         "of its own kind$"):
-        vtrainer.init_from_checkpoint(deeper, checkpoint_of("B", classes), "b.pt", classes)
+        vresume.init_from_checkpoint(deeper, checkpoint_of("B", classes), "b.pt", classes)
 
 
 def test_auto_stats_are_computed_from_train_with_the_configured_sample(tmp_path, monkeypatch):
@@ -481,9 +487,9 @@ def test_auto_stats_are_computed_from_train_with_the_configured_sample(tmp_path,
         asked.append((train_dir, kwargs))
         return IMAGENET_STATS
 
-    monkeypatch.setattr(vdata, "load_or_compute_stats", fake)
+    monkeypatch.setattr(vstats, "load_or_compute_stats", fake)
     config = Config(stats="auto", stats_images=37, seed=5, progress_every_s=7.0)
-    assert vtrainer.load_stats(config, tmp_path / "train") == IMAGENET_STATS
+    assert vrun.load_stats(config, tmp_path / "train") == IMAGENET_STATS
     assert asked == [(tmp_path / "train", {"num_images": 37, "seed": 5, "progress_every_s": 7.0})]
 
 
@@ -502,7 +508,7 @@ def test_the_image_grid_shows_the_first_32_crops_as_the_net_sees_them_on_a_0_1_s
     x = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=g)
     alphas = torch.randn(40, 3, generator=g) * 30
     writer = ImageRecorder()
-    vtrainer.log_augmented_images(writer, [(TrainCrop(x, alphas), torch.zeros(40), [])],
+    vlogs.log_augmented_images(writer, [(TrainCrop(x, alphas), torch.zeros(40), [])],
                                   BatchAugment(stats, torch.device("cpu"), color_shift_std=0.1))
     ((tag, grid, step),) = writer.images
     assert (tag, step, grid.shape) == ("train/augmented_images", 0, (32, 3, 32, 32))
@@ -512,6 +518,6 @@ def test_the_image_grid_shows_the_first_32_crops_as_the_net_sees_them_on_a_0_1_s
     assert (expected == 0).any() and (expected == 1).any() and ((expected > 0) & (expected < 1)).any()
     torch.testing.assert_close(grid, expected, rtol=0, atol=1e-5)
     # A plain uint8 batch (no alphas), no colour shift: the crops themselves.
-    vtrainer.log_augmented_images(writer, [(x, torch.zeros(40), [])],
+    vlogs.log_augmented_images(writer, [(x, torch.zeros(40), [])],
                                   BatchAugment(stats, torch.device("cpu"), color_shift_std=0.0))
     torch.testing.assert_close(writer.images[-1][1], x[:32].float() / 255, rtol=0, atol=1e-5)

@@ -1,4 +1,4 @@
-"""vgg/transforms.py: the training/evaluation geometry on real JPEG files, decode-time downscaling,
+"""vgg/data/transforms.py: the training/evaluation geometry on real JPEG files, decode-time downscaling,
 mode conversion, and the batch-level mean subtraction and colour shift."""
 
 import io
@@ -8,16 +8,27 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from PIL import Image
 from skimage import data as skdata
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from conftest import ROOT, subprocess_env
-from vgg.data import IMAGENET_STATS, DatasetStats
-from vgg.errors import UserError
-from vgg.transforms import (CenterCropTransform, EvalTransform, TrainTransform, color_shift, draw_alphas,
-                            draw_train_crop, load_rgb, normalize, sample_generator, scaled_size, to_uint8_tensor)
+from vgg.core.errors import UserError
+from vgg.data.stats import IMAGENET_STATS, DatasetStats
+from vgg.data.transforms import (
+    CenterCropTransform,
+    EvalTransform,
+    TrainTransform,
+    color_shift,
+    draw_alphas,
+    draw_train_crop,
+    load_rgb,
+    normalize,
+    sample_generator,
+    scaled_size,
+    to_uint8_tensor,
+)
 
 
 def save_jpeg(path, array: np.ndarray, mode: str = "RGB", quality: int = 95):
@@ -409,9 +420,10 @@ def test_the_benchmark_decodes_the_boxes_the_transform_crops(tmp_path):
     """bench/transforms.py splits our time into box decode, resampling and the rest: its boxes must be
     the ones the transform cuts, or the split says nothing about it."""
     sys.path.insert(0, str(ROOT))
-    from bench import transforms as bench_transforms
     import torch.nn.functional as F
-    from vgg import jpeg as vjpeg
+
+    from bench import transforms as bench_transforms
+    from vgg.data import jpeg as vjpeg
 
     paths = bench_transforms.make_jpegs(tmp_path, 6)
     for scale_max in (256, 512):

@@ -11,14 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-
 from conftest import ROOT, assert_one_line_error, subprocess_env
-from vgg import zoo
-from vgg.checkpoint import load_checkpoint, save_checkpoint
+
 from vgg.config import Config
-from vgg.engine import train_step
-from vgg.models import build_vgg
-from vgg.trainer import build_optimizer
+from vgg.core.checkpoint import load_checkpoint, save_checkpoint
+from vgg.models import zoo as vzoo
+from vgg.models.vgg import build_vgg
+from vgg.training.recipe import build_optimizer
+from vgg.training.step import train_step
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_each_family_trains_and_evaluates_through_the_clis(tiny_root, trained, t
     assert ckpt["arch"]["name"] == arch
     assert ckpt["classes"] == sorted(p.name for p in (tiny_root / "train").iterdir() if p.is_dir())
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
-    rebuilt = zoo.build_net_from_kwargs(ckpt["arch"])
+    rebuilt = vzoo.build_net_from_kwargs(ckpt["arch"])
     rebuilt.load_state_dict(ckpt["model"])  # strict: the checkpoint rebuilds the very net
 
     result = evaluate([run_dir], tiny_root, tmp_path / "r", *eval_flags)
@@ -124,7 +124,7 @@ def test_vgg_only_steps_are_refused_for_other_nets(tiny_root, tmp_path):
 @pytest.mark.parametrize("name", ["resnet34", "resnet50", "resnet101", "resnet152"])
 def test_deeper_resnets_take_real_optimizer_steps(name):
     torch.manual_seed(0)
-    model = zoo.build_net(name, 3, image_size=32, init="default")
+    model = vzoo.build_net(name, 3, image_size=32, init="default")
     optimizer = build_optimizer(model, Config(arch=name, crop_size=32, scale_min=32, scale_max=32, lr=0.1,
                                               weight_decay=1e-4))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -139,11 +139,11 @@ def test_parameter_counts_in_the_readme_are_the_nets():
     """The README's table of nets: every count is the built net's, and for torchvision's nets, torchvision's own."""
     rows = re.findall(r"^\| `([\w-]+)` \| ([\d,]+) \|", (ROOT / "README.md").read_text(), flags=re.M)
     listed = {name: int(count.replace(",", "")) for name, count in rows}
-    assert set(listed) == set(zoo.ARCH_NAMES), set(zoo.ARCH_NAMES) ^ set(listed)
+    assert set(listed) == set(vzoo.ARCH_NAMES), set(vzoo.ARCH_NAMES) ^ set(listed)
     for name, count in listed.items():
-        assert zoo.parameter_count(name, 10 if name == "lenet5" else 1000) == count, name
-    for name in zoo.TORCHVISION_ARCHS:
-        extra = {"aux_logits": False, "init_weights": False} if name in zoo.AUX_LOSS_WEIGHT else {}
+        assert vzoo.parameter_count(name, 10 if name == "lenet5" else 1000) == count, name
+    for name in vzoo.TORCHVISION_ARCHS:
+        extra = {"aux_logits": False, "init_weights": False} if name in vzoo.AUX_LOSS_WEIGHT else {}
         with torch.device("meta"):
             theirs = torchvision.models.get_model(name, weights=None, **extra)
         assert sum(p.numel() for p in theirs.parameters()) == listed[name], name
@@ -154,25 +154,25 @@ def test_parameter_counts_in_the_readme_are_the_nets():
 def test_torchvision_weights_interchange(name, size):
     """Our net's state dict is torchvision's, both ways, with identical outputs (aux heads: trained only)."""
     torch.manual_seed(1)
-    ours = zoo.build_net(name, 7, image_size=size, init="default").eval()
-    extra = {"aux_logits": True, "init_weights": False} if name in zoo.AUX_LOSS_WEIGHT else {}
+    ours = vzoo.build_net(name, 7, image_size=size, init="default").eval()
+    extra = {"aux_logits": True, "init_weights": False} if name in vzoo.AUX_LOSS_WEIGHT else {}
     theirs = torchvision.models.get_model(name, weights=None, num_classes=7, **extra).eval()
     theirs.load_state_dict(ours.state_dict())  # strict
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
     # and torchvision's published layout without auxiliary heads loads into our net for testing
-    if name in zoo.AUX_LOSS_WEIGHT:
-        published = {k: v for k, v in theirs.state_dict().items() if not zoo.is_auxiliary(k)}
+    if name in vzoo.AUX_LOSS_WEIGHT:
+        published = {k: v for k, v in theirs.state_dict().items() if not vzoo.is_auxiliary(k)}
         missing = ours.load_state_dict(published, strict=False).missing_keys
-        assert missing and all(zoo.is_auxiliary(k) for k in missing)
+        assert missing and all(vzoo.is_auxiliary(k) for k in missing)
 
 
 @pytest.mark.parametrize("name, size", [("alexnet", 224), ("lenet5", 32), ("resnet18", 64), ("googlenet", 64)])
 def test_dense_form_at_the_training_crop_equals_the_net(name, size):
     torch.manual_seed(2)
-    model = zoo.build_net(name, 5, image_size=size, init="default").eval()
-    dense = zoo.to_dense(model).eval()
+    model = vzoo.build_net(name, 5, image_size=size, init="default").eval()
+    dense = vzoo.to_dense(model).eval()
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         scores = dense(x)
@@ -180,7 +180,7 @@ def test_dense_form_at_the_training_crop_equals_the_net(name, size):
         assert torch.allclose(scores.flatten(1), model(x), atol=1e-5)
         bigger = dense(torch.randn(1, 3, size + 64, size + 32))
     # FC -> conv nets slide over a bigger image (one score per position); global-pool nets average it all
-    expected = (1, 1) if name in zoo.GLOBAL_POOL_ARCHS else None
+    expected = (1, 1) if name in vzoo.GLOBAL_POOL_ARCHS else None
     assert bigger.shape[-2:] == expected if expected else (bigger.shape[-2] > 1 and bigger.shape[-1] > 1)
 
 
@@ -190,16 +190,16 @@ def test_auxiliary_losses_are_weighted_as_their_papers_say():
     main, aux2, aux1 = torch.randn(3, 2, 4).unbind(0)
     outputs = torchvision.models.GoogLeNetOutputs(main, aux2, aux1)
     expected = F.cross_entropy(main, labels) + 0.3 * (F.cross_entropy(aux2, labels) + F.cross_entropy(aux1, labels))
-    assert torch.allclose(zoo.training_loss(outputs, labels), expected)
+    assert torch.allclose(vzoo.training_loss(outputs, labels), expected)
     outputs = torchvision.models.InceptionOutputs(main, aux1)
     expected = F.cross_entropy(main, labels) + 0.4 * F.cross_entropy(aux1, labels)
-    assert torch.allclose(zoo.training_loss(outputs, labels), expected)
-    assert torch.equal(zoo.training_loss(main, labels), F.cross_entropy(main, labels))
-    assert zoo.main_logits(outputs) is main
+    assert torch.allclose(vzoo.training_loss(outputs, labels), expected)
+    assert torch.equal(vzoo.training_loss(main, labels), F.cross_entropy(main, labels))
+    assert vzoo.main_logits(outputs) is main
 
 
 def test_batch_norm_weight_decay_is_a_choice():
-    model = zoo.build_net("resnet18", 3, image_size=32, init="default")
+    model = vzoo.build_net("resnet18", 3, image_size=32, init="default")
     norm = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     for norm_decay in (True, False):
         groups = build_optimizer(model, Config(arch="resnet18", crop_size=32, scale_min=32, scale_max=32,
@@ -212,12 +212,12 @@ def test_batch_norm_weight_decay_is_a_choice():
 
 
 def test_lenet5_is_lecuns_layout():
-    model = zoo.build_net("lenet5", 10, image_size=32, dropout=0.0, init="default")
+    model = vzoo.build_net("lenet5", 10, image_size=32, dropout=0.0, init="default")
     shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert shapes == [(6, 3, 5, 5), (16, 6, 5, 5), (120, 16, 5, 5), (84, 120), (10, 84)]  # C1 C3 C5 F6 output
     conv = model.features[1]
     assert conv.weight.abs().max() <= 2.4 / 75 and conv.weight.abs().max() > 2.0 / 75  # +-2.4 / fan-in
-    activation = zoo.ScaledTanh()
+    activation = vzoo.ScaledTanh()
     assert torch.allclose(activation(torch.tensor([1.0, -1.0])), torch.tensor([1.0, -1.0]), atol=1e-4)
 
 
@@ -226,7 +226,7 @@ def test_lenet5_is_lecuns_layout():
 def test_the_papers_init_schemes_apply_to_every_family(name, scheme):
     """--init normal/xavier (§3.1) on nets whose convs have no bias (ResNet, GoogLeNet) as on those that do."""
     torch.manual_seed(0)
-    model = zoo.build_net(name, num_classes=5, image_size=224 if name != "googlenet" else 64, init=scheme)
+    model = vzoo.build_net(name, num_classes=5, image_size=224 if name != "googlenet" else 64, init=scheme)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert any(m.bias is None for m in layers) == (name != "alexnet")
     for m in layers:

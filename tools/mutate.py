@@ -2,15 +2,16 @@
 
     .venv/bin/python tools/mutate.py MODULE [--children N] [--dir DIR] [MUTANT_GLOB ...]
 
-MODULE is one of transforms, models, engine, trainer, evaluation (vgg/MODULE.py). The working tree
-(tracked and untracked files, not ignored ones) is copied to DIR (default: <tmp>/vgg-mutmut/MODULE),
-where setup.cfg's [mutmut] section is narrowed to vgg/MODULE.py and to the tests of its
-[mutate:MODULE] section; `mutmut run` runs there (its mutants/ folder never lands in the repo). It
+MODULE names a [mutate:MODULE] section of setup.cfg: transforms, models, engine (the step and the loop),
+trainer (the run, recipe, resume, signals, logs), evaluation; its `files` are the ones mutated. The
+working tree (tracked and untracked files, not ignored ones) is copied to DIR (default:
+<tmp>/vgg-mutmut/MODULE), where setup.cfg's [mutmut] section is narrowed to those files and to the tests
+of that section; `mutmut run` runs there (its mutants/ folder never lands in the repo). It
 ends with the figures and the mutants that were not killed. Then, in DIR:
 
-    ../../path/to/.venv/bin/mutmut show vgg.transforms.x_scaled_size__mutmut_3   # one mutant's diff
+    ../../path/to/.venv/bin/mutmut show vgg.data.transforms.x_scaled_size__mutmut_3   # one mutant's diff
 
-MUTANT_GLOB (e.g. 'vgg.transforms.x_scaled_size__mutmut_*') re-runs only those mutants in an
+MUTANT_GLOB (e.g. 'vgg.data.transforms.x_scaled_size__mutmut_*') re-runs only those mutants in an
 existing DIR (no fresh copy), after a test was added: copy the changed test file over first.
 
 mutmut runs, against a mutant, only the tests it saw reach the mutated function; it misses tests
@@ -34,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MODULES = ("transforms", "models", "engine", "trainer", "evaluation")
+MODULES = ("transforms", "models", "engine", "trainer", "evaluation")  # each a [mutate:MODULE] section of setup.cfg
 
 
 def copy_tree(dest: Path) -> None:
@@ -49,18 +50,22 @@ def copy_tree(dest: Path) -> None:
 
 
 def narrow_config(dest: Path, module: str) -> list[str]:
-    """Rewrite DIR/setup.cfg so mutmut mutates vgg/MODULE.py only, against that module's tests."""
+    """Rewrite DIR/setup.cfg so mutmut mutates the section's files only, against its tests."""
     config = configparser.ConfigParser(interpolation=None)
     config.read(dest / "setup.cfg")
     section = f"mutate:{module}"
     if section not in config:
         sys.exit(f"error: setup.cfg has no [{section}] section")
     tests = [line for line in config[section]["tests"].splitlines() if line.strip()]
-    config["mutmut"]["only_mutate"] = f"vgg/{module}.py"
+    config["mutmut"]["only_mutate"] = "\n" + "\n".join(module_files(config, module))
     config["mutmut"]["pytest_add_cli_args_test_selection"] = "\n" + "\n".join(tests)
     with open(dest / "setup.cfg", "w") as f:
         config.write(f)
     return tests
+
+
+def module_files(config: configparser.ConfigParser, module: str) -> list[str]:
+    return [line.strip() for line in config[f"mutate:{module}"]["files"].splitlines() if line.strip()]
 
 
 def rerun_survivors(dest: Path, also: list[str]) -> int:
@@ -114,7 +119,7 @@ def main() -> int:
         dest.mkdir(parents=True)
         copy_tree(dest)
         tests = narrow_config(dest, args.module)
-        print(f"mutating vgg/{args.module}.py in {dest}; tests: {' '.join(tests)}", flush=True)
+        print(f"mutating {args.module} in {dest}; tests: {' '.join(tests)}", flush=True)
     mutmut = str(Path(sys.executable).parent / "mutmut")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("MUTANT_UNDER_TEST", None)
@@ -126,7 +131,7 @@ def main() -> int:
     stats = json.loads((dest / "mutants" / "mutmut-cicd-stats.json").read_text())
     tested = stats["total"] - stats["skipped"]
     killed = stats["killed"] + stats["timeout"]
-    print(f"\nvgg/{args.module}.py: {stats['total']} mutants, {killed} killed ({stats['timeout']} by timeout), "
+    print(f"\n{args.module}: {stats['total']} mutants, {killed} killed ({stats['timeout']} by timeout), "
           f"{stats['survived']} survived, {stats['no_tests']} without tests, {stats['suspicious']} suspicious, "
           f"{stats['skipped']} skipped: {100 * killed / max(tested, 1):.1f}% killed")
     print("\nnot killed (`mutmut show NAME` in the scratch folder shows the diff):")

@@ -27,9 +27,9 @@ docs/benchmarks.md):
 Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
-`vgg.data.ImageFolder` does), they decode it themselves with `decode_uint8`, at the reduced scale;
+`vgg.data.folders.ImageFolder` does), they decode it themselves with `decode_uint8`, at the reduced scale;
 an already loaded image is used as it is. `TrainTransform` also takes a file's path or bytes (what
-ImageFolder and vgg.shards hand it): a colour JPEG's header is then read by libjpeg, not PIL.
+ImageFolder and vgg.data.shards hand it): a colour JPEG's header is then read by libjpeg, not PIL.
 """
 
 import functools
@@ -46,11 +46,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torchcodec.decoders import decode_jpeg
 
-from vgg import jpeg as vjpeg
-from vgg.errors import UserError
+from vgg.core.errors import UserError
+from vgg.data import jpeg as vjpeg
 
 # Decoding. PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays at its default, False, on purpose: a truncated
-# JPEG raises OSError("image file is truncated") when loaded, and vgg.data.ImageFolder skips the file
+# JPEG raises OSError("image file is truncated") when loaded, and vgg.data.folders.ImageFolder skips the file
 # with a warning instead of training on an image whose lower part is grey filler.
 
 # 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
@@ -72,7 +72,7 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
 
     CMYK, grayscale, palette and other modes (and PNGs named .JPEG) are converted to RGB, 16-bit
     grey (PNG, TIFF, PGM) scaled to 8 bits first. Raises
-    OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.ImageFolder skips them).
+    OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.folders.ImageFolder skips them).
     """
     if isinstance(image, (str, Path)):
         image = Image.open(image)
@@ -188,7 +188,7 @@ def draw_train_crop(height: int, width: int, *, crop_size: int, scale_min: int, 
     Returns (new_height, new_width, top, left, flip): rescale isotropically so the smallest side is
     S ~ U{scale_min..scale_max}, take the crop_size x crop_size crop at (top, left) of the rescaled
     image, flip it horizontally if `flip`. Draws from `generator` (in training the sample's
-    `sample_generator`) or torch's global RNG; vgg.gpu_data uses this same function, so both data
+    `sample_generator`) or torch's global RNG; vgg.data.gpu uses this same function, so both data
     paths draw alike.
     """
     # One call for the four draws: each torch call costs several microseconds, ~5 % of a sample's
@@ -211,7 +211,7 @@ def draw_alphas(generator: torch.Generator | None = None) -> torch.Tensor:
 class TrainCrop(NamedTuple):
     """A training crop and its colour-shift alphas: uint8 [3, crop, crop] and float32 [3] per sample;
     collated (default_collate keeps the NamedTuple), uint8 [B, 3, crop, crop] and float32 [B, 3].
-    `vgg.engine.BatchAugment` applies the alphas, so they travel with the batch in one small copy."""
+    `vgg.training.step.BatchAugment` applies the alphas, so they travel with the batch in one small copy."""
 
     image: torch.Tensor
     alphas: torch.Tensor
@@ -222,8 +222,8 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
 
     keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
-    take several scales of one opened image (vgg.evaluation.MultiScaleTransform: decoded once);
-    otherwise the box only of a full-size colour JPEG (vgg.jpeg, where it could be built; the same
+    take several scales of one opened image (vgg.evaluation.inputs.MultiScaleTransform: decoded once);
+    otherwise the box only of a full-size colour JPEG (vgg.data.jpeg, where it could be built; the same
     pixels, 1.2-1.4x faster than decoding the whole file), and `decode_uint8` for the others.
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
@@ -291,7 +291,7 @@ class TrainTransform:
     are equal), random crop_size x crop_size crop, random horizontal flip -> `TrainCrop(uint8 [3, crop,
     crop], colour-shift alphas [3])`.
 
-    Called with the sample's `index` (vgg.data.ImageFolder passes it), every draw comes from
+    Called with the sample's `index` (vgg.data.folders.ImageFolder passes it), every draw comes from
     `sample_generator(seed, epoch, index)`: the run's seed, the epoch set by `set_epoch` (before the
     epoch's DataLoader starts its workers, which copy the transform) and the index. Without an index
     it draws from torch's global RNG (quick looks, benchmarks).
@@ -310,7 +310,7 @@ class TrainTransform:
         self.epoch = epoch
 
     def __call__(self, image, index: int | None = None) -> TrainCrop:
-        """image: a file's path or its bytes (vgg.data.ImageFolder and vgg.shards pass these: a colour
+        """image: a file's path or its bytes (vgg.data.folders.ImageFolder and vgg.data.shards pass these: a colour
         JPEG's header is then read by libjpeg, in a tenth of the time of PIL's Image.open, and only its crop box
         decoded), or a PIL image from Image.open. OSError/ValueError/SyntaxError for a damaged file."""
         generator = None if index is None else sample_generator(self.seed, self.epoch, index)
@@ -382,7 +382,7 @@ def normalize(images: torch.Tensor, mean_rgb) -> torch.Tensor:
     first and subtracting in place is ~2x faster on the CPU than one mixed-dtype subtraction.
 
     mean_rgb: 3 numbers, or a float32 tensor [3] already on the images' device (the training loop's,
-    `vgg.engine.DeviceStats`): numbers are copied to the device on every call, which on CUDA is a
+    `vgg.training.step.DeviceStats`): numbers are copied to the device on every call, which on CUDA is a
     blocking copy, so per-step callers pass the tensor.
     """
     mean = torch.as_tensor(mean_rgb, dtype=torch.float32, device=images.device).view(3, 1, 1)
@@ -402,7 +402,7 @@ def color_shift(images: torch.Tensor, stats, std: float = 0.1,
     here are on the 0..255 scale minus the mean, so the shift is multiplied by 255.
 
     stats: anything with `eigval` [3] and `eigvec` [3, 3]: a DatasetStats (numbers, copied to the
-    device on every call: a blocking copy on CUDA), or `vgg.engine.DeviceStats` (float32 tensors
+    device on every call: a blocking copy on CUDA), or `vgg.training.step.DeviceStats` (float32 tensors
     already on the images' device, as the training loop passes them: no copy).
     alphas: the images' standard-normal draws [B, 3] (a training batch's `TrainCrop.alphas`, drawn
     per sample), multiplied by std here; no copy when already on the images' device. Without them

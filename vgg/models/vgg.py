@@ -15,7 +15,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from vgg.errors import UserError
+from vgg.core.errors import UserError
 
 CFGS: dict[str, list[list]] = {
     "A": [[64], [128], [256, 256], [512, 512], [512, 512]],

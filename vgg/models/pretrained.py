@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import torchvision
 
-from vgg.data import IMAGENET_STATS, DatasetStats
-from vgg.errors import UserError
-from vgg.models import TORCHVISION_NAMES, VGG, _torchvision_twin, build_vgg
+from vgg.core.errors import UserError
+from vgg.data.stats import IMAGENET_STATS, DatasetStats
+from vgg.models.vgg import TORCHVISION_NAMES, VGG, _torchvision_twin, build_vgg
 
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation (its weights' transforms())
 TORCHVISION_STD = (0.229, 0.224, 0.225)

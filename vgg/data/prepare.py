@@ -24,9 +24,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from vgg.data import IMG_EXTENSIONS, _check_name, read_devkit_classes, read_val_labels
-from vgg.distributed import get_logger, progress_bar
-from vgg.errors import UserError
+from vgg.core.errors import UserError
+from vgg.core.progress import get_logger, progress_bar
+from vgg.data.folders import IMG_EXTENSIONS
+from vgg.data.labels import _check_name, read_devkit_classes, read_val_labels
 
 log = get_logger()
 

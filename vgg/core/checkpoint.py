@@ -5,7 +5,7 @@ same folder, fsync, rename), so a crash or `kill -9` mid-write leaves the previo
 Training saves through a `CheckpointWriter`, which does that write on a background thread.
 
     model      state dict of the unwrapped, uncompiled VGG (torchvision-compatible keys)
-    arch       model.arch_kwargs(): rebuilds the net with vgg.zoo.build_net(**arch)
+    arch       model.arch_kwargs(): rebuilds the net with vgg.models.zoo.build_net(**arch)
     optimizer, scheduler   their state dicts
     epoch      epochs completed before this one; step: optimizer steps done within `epoch`
     lr_drops   how many times the plateau schedule has divided the lr
@@ -36,9 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vgg.errors import UserError
-from vgg.models import VGG
-from vgg.zoo import build_net_from_kwargs
+from vgg.core.errors import UserError
 
 # What each use of a checkpoint needs in it.
 MODEL_KEYS = ("model", "arch")
@@ -138,8 +136,14 @@ def load_checkpoint(path, map_location="cpu", require=MODEL_KEYS) -> dict:
 
     UserError (one line naming the file) if it is missing, unreadable, refused as unsafe, or lacks
     one of the `require`d keys. Model keys lose any DDP `module.` / torch.compile `_orig_mod.` prefix.
+    (vgg.models.checkpoint.load_net_checkpoint also takes torchvision's bare state dicts.)
     """
     path = Path(path)
+    return check_checkpoint(read_checkpoint_file(path, map_location), path, require)
+
+
+def read_checkpoint_file(path: Path, map_location="cpu") -> dict:
+    """The dict a checkpoint file holds, read with weights_only; UserError if it is not one."""
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
@@ -153,10 +157,12 @@ def load_checkpoint(path, map_location="cpu", require=MODEL_KEYS) -> dict:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a vgg-imagenet checkpoint (it holds a {type(ckpt).__name__})")
-    from vgg import pretrained  # (imports vgg.data, which this module's importers may be importing)
+    return ckpt
 
-    if pretrained.is_bare_state_dict(ckpt):  # torchvision's vgg11/13/16/19 .pth: its normalisation folded in
-        ckpt = pretrained.checkpoint_from_state_dict(strip_wrapper_prefixes(ckpt), f"{path.name}")
+
+def check_checkpoint(ckpt: dict, path: Path, require=MODEL_KEYS) -> dict:
+    """UserError (one line naming the file) if `ckpt` lacks a `require`d key or holds one of the wrong type;
+    its model keys without DDP `module.` / torch.compile `_orig_mod.` prefixes."""
     missing = [key for key in require if key not in ckpt]
     if missing:
         raise UserError(f"{path} has no {', '.join(missing)} entry: not a checkpoint train.py wrote, "
@@ -187,28 +193,6 @@ def strip_wrapper_prefixes(state: dict) -> dict:
         return name
 
     return {strip(name): value for name, value in state.items()}
-
-
-def build_model_from_checkpoint(ckpt: dict, path="checkpoint") -> VGG:
-    """Rebuild the net the checkpoint was trained as and load its weights; UserError if they do not fit."""
-    try:
-        model = build_net_from_kwargs(ckpt["arch"])
-    except (TypeError, ValueError, KeyError) as e:
-        raise UserError(f"{path}: cannot build the net it names ({ckpt['arch']}): {e}") from None
-    load_model_state(model, ckpt["model"], path)
-    return model
-
-
-def load_model_state(model: VGG, state: dict, path) -> None:
-    """model.load_state_dict (of a checkpoint's prefix-free "model"), a misfit as one line naming the file."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        reason = " ".join(str(e).split())
-        if len(reason) > 300:
-            reason = reason[:300] + " ..."
-        raise UserError(f"{path}: its weights do not fit net {model.arch_name} ({model.arch_kwargs()}): "
-                        f"{reason}") from None
 
 
 def rng_state() -> dict:

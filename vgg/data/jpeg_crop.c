@@ -1,6 +1,6 @@
 /* Decode one rectangle of a JPEG file with libjpeg-turbo, skipping the IDCT and colour conversion of
  * everything outside it (jpeg_crop_scanline, jpeg_skip_scanlines) and stopping after its last row.
- * vgg/jpeg.py compiles this file on first use and calls it through ctypes (issue 16: the training
+ * vgg/data/jpeg.py compiles this file on first use and calls it through ctypes (issue 16: the training
  * transform only needs the crop box of each image, paper §3.1).
  *
  * At the left and right edges of a cropped region libjpeg-turbo's fancy (smooth) chroma upsampling

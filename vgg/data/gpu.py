@@ -5,17 +5,17 @@ DataLoader workers only read file bytes (cheap). The main process then, per batc
   1. `decode_batch`: one batched `torchcodec.decoders.decode_jpeg(..., device="cuda")` call. Files
      nvJPEG cannot take (CMYK/YCCK JPEGs, PNGs named .JPEG, anything it rejects) are decoded on the
      CPU instead (TorchCodec, then PIL) and moved over; files nobody can read or decode are skipped,
-     and handed to the training loop as `vgg.data.Unreadable` records (as on the CPU path), which
+     and handed to the training loop as `vgg.data.folders.Unreadable` records (as on the CPU path), which
      warns once per file.
   2. `gpu_train_augment`: the paper's training augmentation (§3.1), drawn exactly as the CPU path's
-     `vgg.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
+     `vgg.data.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
      rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop
      (only the crop box is resampled, the whole batch in a few batched matmuls), a horizontal flip
      with probability 1/2, each sample's draws (and its colour-shift alphas) from
-     `vgg.transforms.sample_generator(seed, epoch, index)` as on the CPU path, so both paths pick the
+     `vgg.data.transforms.sample_generator(seed, epoch, index)` as on the CPU path, so both paths pick the
      same S, crop box, flip and alphas for the same sample. Output `TrainCrop(uint8 [B, 3, crop, crop],
      alphas [B, 3])`.
-The mean subtraction and colour shift then happen in the trainer's `vgg.engine.BatchAugment`, the
+The mean subtraction and colour shift then happen in the trainer's `vgg.training.step.BatchAugment`, the
 same code for both paths. A background thread runs steps 1-2 for the next batch (on its own CUDA stream) while the current
 batch trains, so decoding overlaps the training step.
 
@@ -36,9 +36,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import decode_jpeg
 
-from vgg.data import DECODE_ERRORS, ImageFolder, Unreadable, split_unreadable
-from vgg.errors import UserError
-from vgg.transforms import TrainCrop, draw_alphas, draw_train_crop, load_rgb, sample_generator, to_uint8_tensor
+from vgg.core.errors import UserError
+from vgg.data.folders import DECODE_ERRORS, ImageFolder, Unreadable, split_unreadable
+from vgg.data.transforms import TrainCrop, draw_alphas, draw_train_crop, load_rgb, sample_generator, to_uint8_tensor
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger, like vgg.data's
 
@@ -56,7 +56,7 @@ class EncodedImages(Dataset):
     index) for a file that cannot be read (silently: this runs in DataLoader workers). The index picks
     the sample's random draws (`sample_generator`).
 
-    `samples`: a vgg.data.ImageFolder, read through its numpy arrays (`path(i)`, `labels`) as the CPU
+    `samples`: a vgg.data.folders.ImageFolder, read through its numpy arrays (`path(i)`, `labels`) as the CPU
     path reads it, so persistent workers' memory stays flat over epochs (tests/test_loader_memory.py);
     or a list of (path, label) pairs. Only reads the file; decoding happens batched on the device.
     """
@@ -142,7 +142,7 @@ def jpeg_components(data: torch.Tensor) -> int:
 def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>",
                   unreadable: list | None = None) -> torch.Tensor | None:
     """Decode one image on the CPU: TorchCodec for JPEGs, else the CPU path's PIL decoder
-    (`vgg.transforms.load_rgb`: PNGs named .JPEG, CMYK, ...; truncated files are refused, as there).
+    (`vgg.data.transforms.load_rgb`: PNGs named .JPEG, CMYK, ...; truncated files are refused, as there).
     Returns uint8 [3, H, W], or None: with an Unreadable(name, reason) appended to `unreadable` if
     given (the training loop warns once per file), else with one warning line naming the file."""
     def skip(reason: str) -> None:
@@ -214,7 +214,7 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """uint8 [3, H, W] images (any sizes, on one device) -> uint8 [B, 3, crop, crop] on that device.
 
-    Per image: draw (S, crop box, flip) with `vgg.transforms.draw_train_crop`, the CPU path's own
+    Per image: draw (S, crop box, flip) with `vgg.data.transforms.draw_train_crop`, the CPU path's own
     draw; the crop is the crop_size x crop_size box at (top, left) of the image rescaled isotropically
     (smallest side S) with antialiased bilinear interpolation (the triangle filter PIL and
     F.interpolate(antialias=True) use, the CPU path's), flipped if drawn so. The random draws use
@@ -445,7 +445,7 @@ def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, 
                            scale_max: int, seed: int = 0, epoch: int = 0, workers: int = 8, sampler=None,
                            shuffle: bool = False, drop_last: bool = True,
                            channels_last: bool = False, prefetch: bool = True) -> GpuTrainLoader:
-    """The `data_path: gpu` training loader over `dataset` (a vgg.data.ImageFolder, whose transform
+    """The `data_path: gpu` training loader over `dataset` (a vgg.data.folders.ImageFolder, whose transform
     is ignored, or any list of (path, label) samples).
 
     sampler / shuffle / drop_last / workers mean what they mean for a DataLoader; `seed` seeds the

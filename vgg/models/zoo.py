@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-from vgg.errors import UserError
-from vgg.models import CFGS, DenseVGG, INIT_SCHEMES, init_weights, build_vgg
+from vgg.core.errors import UserError
+from vgg.models.vgg import CFGS, INIT_SCHEMES, DenseVGG, build_vgg, init_weights
 
 VGG_ARCHS = tuple(CFGS)
 TORCHVISION_ARCHS = ("alexnet", "googlenet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",

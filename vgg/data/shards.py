@@ -18,7 +18,7 @@ the shards its part overlaps, skipping at most one shard's leading samples (tar 
 A worker shuffles its part through a buffer of SHUFFLE_BUFFER images and makes batches. So every
 image is trained on exactly once per epoch, whatever the shard sizes; every rank makes the same
 number of steps (`num_steps`), those that run short filling up with empty batches, which the
-training loop turns into zero-weight steps (vgg.engine.train_one_epoch): no DDP hang on uneven
+training loop turns into zero-weight steps (vgg.training.loop.train_one_epoch): no DDP hang on uneven
 shards. A sample's augmentation draws come from sample_generator(seed, epoch, its position in
 `_info.json`'s order), as for class folders.
 
@@ -45,11 +45,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from vgg import data as vdata
-from vgg.distributed import get_logger, progress_bar
-from vgg.errors import UserError
-from vgg.prepare import check_class_order
-from vgg.transforms import EvalTransform
+from vgg.core.errors import UserError
+from vgg.core.progress import get_logger, progress_bar
+from vgg.data import cache as vcache
+from vgg.data import folders as vfolders
+from vgg.data import loaders as vloaders
+from vgg.data import stats as vstats
+from vgg.data.prepare import check_class_order
+from vgg.data.transforms import EvalTransform
 
 log = get_logger()
 
@@ -98,7 +101,7 @@ def write_shards(src, dest, *, images_per_shard: int = 1252, seed: int = 0) -> d
         if not (src / split).is_dir():
             raise UserError(f"{src / split} not found: SRC must hold train/<wnid>/* and val/<wnid>/* "
                             "(see `python -m vgg.data prepare`)")
-        files[split] = vdata.list_files(src / split)
+        files[split] = vfolders.list_files(src / split)
     classes = sorted(files["train"])
     check_class_order(classes, src / "train")
     unknown = sorted(set(files["val"]) - set(classes))
@@ -226,16 +229,16 @@ def open_split(root, split: str) -> ShardSplit:
 
 
 def _decode(data: bytes, label: int, where: str, transform, index: int):
-    """(transform(image), label), or (None, label, Unreadable) as vgg.data.ImageFolder gives them."""
+    """(transform(image), label), or (None, label, Unreadable) as vgg.data.folders.ImageFolder gives them."""
     try:
         if transform is not None and index is not None:  # the training transform: it opens the bytes itself
             return transform(data, index), label
         with Image.open(io.BytesIO(data)) as image:
             if transform is None:
-                return vdata.load_rgb(image), label
+                return vfolders.load_rgb(image), label
             return transform(image), label
-    except vdata.DECODE_ERRORS as e:
-        return None, label, vdata.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
+    except vfolders.DECODE_ERRORS as e:
+        return None, label, vfolders.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
 
 
 def _image_and_label(key: str, parts: dict, tar: tarfile.TarFile, path: Path) -> tuple[tarfile.TarInfo, int]:
@@ -265,7 +268,7 @@ class ShardStream(IterableDataset):
     """This rank's training batches of one epoch, streamed from shards (see the module docstring).
 
     Yields lists of (TrainCrop, label) / (None, label, Unreadable) items, a batch each: build the
-    DataLoader with batch_size=None and vgg.data.collate_batch (`loader`). `len()` is the number of
+    DataLoader with batch_size=None and vgg.data.loaders.collate_batch (`loader`). `len()` is the number of
     training images (all ranks), as for an ImageFolder.
     """
 
@@ -349,7 +352,7 @@ class ShardStream(IterableDataset):
     def loader(self, *, epoch: int, start_step: int = 0, seed: int = 0):
         """The epoch's DataLoader: `workers` processes (the count num_steps was planned for)."""
         self.set_epoch(epoch, start_step)  # before the loader copies the stream into its workers
-        return vdata.build_loader(self, batch_size=None, workers=self.workers, collate_fn=vdata.collate_batch,
+        return vloaders.build_loader(self, batch_size=None, workers=self.workers, collate_fn=vloaders.collate_batch,
                                   seed=seed)
 
 
@@ -359,7 +362,7 @@ class ShardStream(IterableDataset):
 
 class ShardImages(Dataset):
     """A split's images by position: i -> (transform(image), label), or (None, label, Unreadable),
-    like vgg.data.ImageFolder. Indexes the tar headers of the split's shards on creation."""
+    like vgg.data.folders.ImageFolder. Indexes the tar headers of the split's shards on creation."""
 
     def __init__(self, split: ShardSplit, transform=None, limit: int | None = None):
         self.split, self.transform, self.classes = split, transform, list(split.classes)
@@ -388,8 +391,8 @@ def open_val(root, transform) -> ShardImages:
 
 
 def open_training_sets(config, *, rank: int, world_size: int, per_rank_batch: int):
-    """(the training stream, the validation images) of the shard folder config.data, for vgg.trainer."""
-    from vgg.transforms import CenterCropTransform, TrainTransform
+    """(the training stream, the validation images) of the shard folder config.data, for vgg.training.run."""
+    from vgg.data.transforms import CenterCropTransform, TrainTransform
 
     if config.data_path == "gpu":
         raise UserError("--data-path gpu reads class folders; shards are decoded by the CPU workers: "
@@ -410,21 +413,21 @@ def open_training_sets(config, *, rank: int, world_size: int, per_rank_batch: in
 # --------------------------------------------------------------------------------------------------
 
 def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
-                          progress_every_s: float = 30.0) -> vdata.DatasetStats:
-    """vgg.data.load_or_compute_stats for a shard folder (train_dir: `<shard folder>/train`, which need
+                          progress_every_s: float = 30.0) -> vstats.DatasetStats:
+    """vgg.data.stats.load_or_compute_stats for a shard folder (train_dir: `<shard folder>/train`, which need
     not exist): the first `num_images` training images in _info.json's order (`write_shards` dealt them
     over the shards at random, so they are a random sample; so are timm's), cached as vgg_stats.json.
     The training stream is not used: a sample of fixed images, read once, by position."""
     root = Path(train_dir).parent
-    paths = vdata._cache_paths(root, vdata.STATS_NAME)
-    cached = vdata._read_json(paths, lambda c: c.get("num_images") == num_images and c.get("seed") == seed
+    paths = vcache._cache_paths(root, vstats.STATS_NAME)
+    cached = vcache._read_json(paths, lambda c: c.get("num_images") == num_images and c.get("seed") == seed
                               and "mean_rgb" in c)
     if cached is not None:
-        return vdata.DatasetStats.from_dict(cached)
-    dataset = ShardImages(open_split(root, SPLITS["train"]), EvalTransform(scale=vdata.STATS_SIDE), limit=num_images)
-    stats, used, skipped = vdata.stats_of_images(dataset, where=f"the first {len(dataset)} training images in {root}",
+        return vstats.DatasetStats.from_dict(cached)
+    dataset = ShardImages(open_split(root, SPLITS["train"]), EvalTransform(scale=vstats.STATS_SIDE), limit=num_images)
+    stats, used, skipped = vstats.stats_of_images(dataset, where=f"the first {len(dataset)} training images in {root}",
                                                  seed=seed, workers=workers, progress_every_s=progress_every_s)
-    vdata._write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
+    vcache._write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
                               "train_dir": str(root), "skipped": skipped})
     log.info(f"dataset statistics from the first {used} training images of {root}")
     return stats

@@ -4,13 +4,13 @@ through ctypes.
 A training crop (paper §3.1) covers a third to a half of the decoded image; libjpeg-turbo can skip
 the inverse DCT and colour conversion of the columns outside it and of the rows above it, and stop
 after its last row (only the entropy decoding of those rows remains). The pixels are those of a full
-decode (vgg/jpeg_crop.c says how; tests/test_crop_decode.py checks it), so the training images are
+decode (vgg/data/jpeg_crop.c says how; tests/test_crop_decode.py checks it), so the training images are
 the same as before, 1.2-1.4x faster to make (bench/transforms.py).
 
-No Python package exposes that part of libjpeg-turbo, so vgg/jpeg_crop.c is compiled on first use
+No Python package exposes that part of libjpeg-turbo, so vgg/data/jpeg_crop.c is compiled on first use
 with the system's C compiler against its libjpeg(-turbo) headers (`cc`, and Debian's
 libjpeg62-turbo-dev), into the user's cache folder. Where that is impossible, `available()` is false
-and vgg.transforms decodes whole files as before (one line in the log says so).
+and vgg.data.transforms decodes whole files as before (one line in the log says so).
 """
 
 import ctypes
@@ -40,7 +40,7 @@ _library = None  # the loaded library; False once building it failed (never retr
 def _build() -> Path:
     """Compile jpeg_crop.c into <cache>/jpeg_crop-<hash of source>.so (atomically: DataLoader
     workers may build it at the same time); reuse it if there."""
-    from vgg.data import user_cache_dir  # (vgg.data imports vgg.transforms, which imports this module)
+    from vgg.data.cache import user_cache_dir  # (vgg.data imports vgg.data.transforms, which imports this module)
 
     source = SOURCE.read_bytes()
     target = user_cache_dir() / f"jpeg_crop-{hashlib.sha256(source).hexdigest()[:16]}.so"
@@ -118,7 +118,7 @@ def read_colour_jpeg(data: bytes) -> JpegFile | None:
 
 def decode_crop(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor:
     """Rows top..top+height-1 and columns left..left+width-1 of the full-size RGB decode of a colour
-    JPEG file -> uint8 [3, height, width] (a CHW view of HWC pixels, as vgg.transforms.to_uint8_tensor).
+    JPEG file -> uint8 [3, height, width] (a CHW view of HWC pixels, as vgg.data.transforms.to_uint8_tensor).
 
     OSError for a damaged file: libjpeg's errors and its warnings (corrupt data, premature end).
     """

@@ -1,0 +1,166 @@
+"""Dataset statistics (paper §2.1; AlexNet §4.1): mean RGB and the eigen-decomposition of the RGB
+covariance, computed once from a sample of training images and cached as `<root>/vgg_stats.json`.
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vgg.core.errors import UserError
+from vgg.core.progress import progress_bar
+from vgg.data.cache import _cache_paths, _read_json, _write_json
+from vgg.data.folders import ImageFolder, warn_unreadable
+from vgg.data.loaders import build_loader, collate_list
+from vgg.data.transforms import EvalTransform
+
+log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
+STATS_NAME = "vgg_stats.json"
+STATS_SIDE = 64  # images are rescaled to this smallest side for the statistics (each weighs alike)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset statistics (paper §2.1 mean subtraction; AlexNet §4.1 PCA colour shift)
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetStats:
+    """The training set's colour statistics.
+
+    mean_rgb: mean R, G, B on the 0..255 scale (subtracted from every pixel, paper §2.1).
+    eigval, eigvec: eigenvalues (descending) and eigenvectors of the 3x3 RGB covariance of pixel
+    values scaled to [0, 1] (AlexNet §4.1's convention); eigvec[i][j] is component i (R, G, B) of
+    eigenvector j, i.e. the columns are the eigenvectors. Their signs are arbitrary (the colour
+    shift's alphas are symmetric).
+    """
+
+    mean_rgb: tuple[float, float, float]
+    eigval: tuple[float, float, float]
+    eigvec: tuple[tuple[float, float, float], ...]
+
+    def to_dict(self) -> dict:
+        return {"mean_rgb": list(self.mean_rgb), "eigval": list(self.eigval),
+                "eigvec": [list(row) for row in self.eigvec]}
+
+    @classmethod
+    def from_dict(cls, d) -> "DatasetStats":
+        """From `to_dict()`'s output (a checkpoint's "stats", a JSON file); extra keys of the stats
+        cache (num_images, seed, train_dir, skipped) are allowed, anything else is an error."""
+        allowed = {"mean_rgb", "eigval", "eigvec", "num_images", "seed", "train_dir", "skipped"}
+        if not isinstance(d, dict):
+            raise UserError(f"dataset statistics must be a mapping with keys mean_rgb, eigval, eigvec; got {d!r}")
+        unknown = sorted(set(d) - allowed)
+        missing = sorted({"mean_rgb", "eigval", "eigvec"} - set(d))
+        if unknown or missing:
+            raise UserError(f"dataset statistics: unknown keys {unknown}, missing keys {missing}; "
+                            f"allowed: mean_rgb, eigval, eigvec (+ {sorted(allowed - {'mean_rgb', 'eigval', 'eigvec'})})")
+        try:
+            mean = np.asarray(d["mean_rgb"], dtype=np.float64)
+            eigval = np.asarray(d["eigval"], dtype=np.float64)
+            eigvec = np.asarray(d["eigvec"], dtype=np.float64)
+        except (TypeError, ValueError):
+            raise UserError(f"dataset statistics must hold numbers: {d!r}") from None
+        if mean.shape != (3,) or eigval.shape != (3,) or eigvec.shape != (3, 3) or not (
+                np.isfinite(mean).all() and np.isfinite(eigval).all() and np.isfinite(eigvec).all()):
+            raise UserError("dataset statistics must be mean_rgb: 3 numbers, eigval: 3 numbers, "
+                            f"eigvec: 3x3 numbers; got {d['mean_rgb']!r}, {d['eigval']!r}, {d['eigvec']!r}")
+        return cls(mean_rgb=tuple(mean.tolist()), eigval=tuple(eigval.tolist()),
+                   eigvec=tuple(tuple(row) for row in eigvec.tolist()))
+
+
+# The well-known ImageNet values: mean RGB as in the Caffe VGG release; the PCA of AlexNet §4.1 as
+# published with fb.resnet.torch (pixels scaled to [0, 1]). Use them with `--stats imagenet`.
+IMAGENET_STATS = DatasetStats(
+    mean_rgb=(123.68, 116.78, 103.94),
+    eigval=(0.2175, 0.0188, 0.0045),
+    eigvec=((-0.5675, 0.7192, 0.4009),
+            (-0.5808, -0.0045, -0.8140),
+            (-0.5836, -0.6948, 0.4203)),
+)
+
+
+def compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
+                  progress_every_s: float = 30.0) -> tuple[DatasetStats, int, int]:
+    """Mean RGB and RGB-covariance PCA from `num_images` random training images (all if fewer).
+
+    Each image is rescaled to a smallest side of STATS_SIDE pixels first (decoded at a reduced
+    scale, so this is fast), so every image weighs about the same. Unreadable images are skipped
+    (one warning each). Returns (stats, number of images used, number of images skipped).
+    """
+    dataset = ImageFolder(train_dir, EvalTransform(scale=STATS_SIDE))
+    count = min(_check_positive("num_images", num_images), len(dataset))
+    chosen = np.sort(np.random.default_rng(seed).choice(len(dataset), size=count, replace=False))
+    return stats_of_images(torch.utils.data.Subset(dataset, chosen.tolist()), where=f"the {count} sampled images in "
+                           f"{train_dir}", seed=seed, workers=workers, progress_every_s=progress_every_s)
+
+
+def stats_of_images(dataset, *, where: str, seed: int = 0, workers: int | None = None,
+                    progress_every_s: float = 30.0) -> tuple[DatasetStats, int, int]:
+    """The statistics of every image of `dataset` ((uint8 [3,H,W], label) items; unreadable ones
+    skipped with one warning each) -> (stats, images used, images skipped). `where` names the
+    images in the progress bar and the error raised when none can be decoded."""
+    workers = min(8, os.cpu_count() or 1) if workers is None else workers
+    loader = build_loader(dataset, batch_size=32, workers=workers, collate_fn=collate_list, seed=seed)
+    total = np.zeros(3)
+    outer = np.zeros((3, 3))
+    pixels, used, skipped = 0, 0, 0
+    with progress_bar(total=len(dataset), desc=f"dataset statistics ({where})", unit="img",
+                      every_s=progress_every_s) as bar:
+        for images, _, unreadable in loader:
+            warn_unreadable(unreadable)
+            for image in images:
+                x = image.reshape(3, -1).double().numpy() / 255.0
+                total += x.sum(axis=1)
+                outer += x @ x.T
+                pixels += x.shape[1]
+            used, skipped = used + len(images), skipped + len(unreadable)
+            bar.update(len(images) + len(unreadable))
+    if pixels == 0:
+        raise UserError(f"none of {where} could be decoded")
+    mean = total / pixels
+    cov = outer / pixels - np.outer(mean, mean)
+    eigval, eigvec = np.linalg.eigh(cov)  # ascending
+    eigval, eigvec = eigval[::-1].clip(min=0), eigvec[:, ::-1]
+    eigvec = eigvec * np.where(eigvec[0] < 0, -1.0, 1.0)  # a fixed sign: first component >= 0
+    stats = DatasetStats(mean_rgb=tuple((255.0 * mean).tolist()), eigval=tuple(eigval.tolist()),
+                         eigvec=tuple(tuple(row) for row in eigvec.tolist()))
+    return stats, used, skipped
+
+
+def _check_positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
+                          progress_every_s: float = 30.0) -> DatasetStats:
+    """The training set's statistics from `<root>/vgg_stats.json` (root = train_dir's parent), or
+    computed by `compute_stats` (with a progress bar) and cached there (or under ~/.cache/vgg-imagenet/
+    when the data folder is read-only). The cache is reused when it was made with the same
+    num_images and seed."""
+    train_dir = Path(train_dir)
+    paths = _cache_paths(train_dir.parent, STATS_NAME)
+    def is_valid(content: dict) -> bool:
+        try:
+            DatasetStats.from_dict(content)
+        except UserError:
+            return False  # a damaged cache: compute again
+        return content.get("num_images") == num_images and content.get("seed") == seed
+
+    cached = _read_json(paths, is_valid)
+    if cached is not None:
+        return DatasetStats.from_dict(cached)
+    stats, used, skipped = compute_stats(train_dir, num_images=num_images, seed=seed, workers=workers,
+                                         progress_every_s=progress_every_s)
+    where = _write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
+                                "train_dir": str(train_dir), "skipped": skipped})
+    # The images actually used: fewer than asked for when the folder holds fewer, minus unreadable ones.
+    log.info(f"dataset statistics from {used} images of {train_dir}"
+             + (f" ({skipped} unreadable skipped)" if skipped else "") + ": mean RGB "
+             f"{', '.join(f'{v:.2f}' for v in stats.mean_rgb)}; eigenvalues "
+             f"{', '.join(f'{v:.4f}' for v in stats.eigval)}" + (f"; cached in {where}" if where else ""))
+    return stats

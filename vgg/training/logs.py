@@ -1,0 +1,81 @@
+"""What a run leaves for people to read: the skipped-files list, the TensorBoard dashboard and its
+per-epoch scalars and image grid.
+"""
+
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from vgg.core.progress import get_logger
+from vgg.data.transforms import TrainCrop
+from vgg.training.step import BatchAugment
+
+log = get_logger()
+
+
+# Per-epoch metrics that are no numbers for metrics.jsonl: loop state and the unreadable files' list.
+NOT_IN_ROW = ("interrupted", "step", "sums", "unreadable")
+SKIPPED_LIST = "skipped.txt"
+
+
+def read_skipped_list(path: Path) -> dict[str, str]:
+    """skipped.txt -> {path: reason}."""
+    lines = [line.split("\t", 1) for line in path.read_text().splitlines() if line.strip()]
+    return {parts[0]: parts[1] if len(parts) > 1 else "" for parts in lines}
+
+
+def write_skipped_list(path: Path, files: dict[str, str]) -> None:
+    """The run's unreadable files, one `path<TAB>reason` line each, sorted."""
+    path.write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(files.items())))
+
+
+# The TensorBoard custom-scalars page ("CUSTOM SCALARS"): the charts to look at first, then the rest.
+# Every scalar is logged against the global optimizer step, so a chart can overlay per-step tags
+# and per-epoch ones. (The layout cannot set a log scale: each chart has a log-scale toggle.)
+DASHBOARD_LAYOUT = {
+    "1. training": {
+        "top-1 error (%): train vs val": ["Multiline", ["^epoch/train_top1_err$", "^val/top1_err$"]],
+        "loss: train (running) vs val": ["Multiline", ["^train/loss$", "^val/loss$"]],
+        "learning rate": ["Multiline", ["^train/lr$"]],
+        "images/s": ["Multiline", ["^speed/images_per_s$"]],
+        "fraction of time waiting for data": ["Multiline", ["^speed/data_wait_fraction$"]],
+    },
+    "2. more": {
+        "top-5 error (%): train vs val": ["Multiline", ["^epoch/train_top5_err$", "^val/top5_err$"]],
+        "running train error (%)": ["Multiline", [r"^train/top\d_err$"]],
+        "epoch time (s)": ["Multiline", ["^epoch/time_s$"]],
+        "GPU memory (GB)": ["Multiline", ["^epoch/gpu_memory_gb$"]],
+    },
+}
+
+
+def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, count: int = 32) -> None:
+    """A grid of training images as the net sees them (after every augmentation), for a sanity look."""
+    for images, labels, _ in loader:  # the first batch with a readable image
+        if labels.numel():
+            break
+    else:
+        log.warning("warning: no readable training image for the TensorBoard image grid; none logged")
+        return
+    images = TrainCrop(*(part[:count] for part in images)) if isinstance(images, TrainCrop) else images[:count]
+    batch = augment(images, train=True).float().cpu()
+    mean = torch.tensor(augment.stats.mean_rgb).view(1, 3, 1, 1)
+    writer.add_images("train/augmented_images", ((batch + mean) / 255).clamp(0, 1), 0)
+
+
+def log_epoch(writer: SummaryWriter, step: int, row: dict, device: torch.device) -> None:
+    """An epoch's row, at `step`: the global optimizer step at the end of the epoch (the per-step
+    tags' axis, so both kinds can share a chart)."""
+    writer.add_scalar("val/top1_err", row["val_top1_err"], step)
+    writer.add_scalar("val/top5_err", row["val_top5_err"], step)
+    writer.add_scalar("val/loss", row["val_loss"], step)
+    writer.add_scalar("epoch/train_top1_err", row["train_top1_err"], step)
+    writer.add_scalar("epoch/train_top5_err", row["train_top5_err"], step)
+    writer.add_scalar("epoch/lr", row["lr"], step)
+    writer.add_scalar("epoch/time_s", row["train_epoch_time_s"], step)
+    writer.add_scalar("epoch/images_per_s", row["train_images_per_s"], step)
+    writer.add_scalar("epoch/data_wait_fraction", row["train_data_wait_fraction"], step)
+    if device.type == "cuda":
+        writer.add_scalar("epoch/gpu_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30, step)
+    writer.flush()
