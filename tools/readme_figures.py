@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -172,10 +173,15 @@ def when(record: dict) -> str:
             f"{record['machine']['load_average_1min']:.1f}")
 
 
+def wrapped(sentence: str) -> str:
+    """A rendered sentence in lines of about the README's width (Markdown reads a line break as a space)."""
+    return textwrap.fill(sentence, width=100, break_long_words=False, break_on_hyphens=False)
+
+
 def render_demo(record: dict) -> str:
     demo, evaluation = record["demo"], record["evaluation"]
     chance = 100 * (1 - 1 / evaluation["classes"])
-    return (f"measured by `tools/readme_figures.py` on {when(record)}, one torch thread, torch "
+    return wrapped(f"measured by `tools/readme_figures.py` on {when(record)}, one torch thread, torch "
             f"{record['versions']['torch']}, recorded in `docs/readme_figures.json`: the demo trained in "
             f"{demo['wall_s']:.0f} s to a best val top-1 error of {demo['best_val_top1_err']:.1f} % at epoch "
             f"{demo['best_epoch']} (epochs count from 0), chance being {chance:.1f} %; the evaluation took "
@@ -189,7 +195,7 @@ def render_table(record: dict) -> str:
 
 def render_lenet5(record: dict) -> str:
     lenet5 = record["lenet5_demo"]
-    return (f"{lenet5['wall_s']:.0f} s on {when(record)}; best val top-1 error "
+    return wrapped(f"{lenet5['wall_s']:.0f} s on {when(record)}; best val top-1 error "
             f"{lenet5['best_val_top1_err']:.1f} % at epoch {lenet5['best_epoch']} (of {lenet5['epochs']}, counted "
             "from 0), chance 90 %")
 
@@ -199,7 +205,7 @@ def render_reproduce(record: dict) -> str:
     if timing is None:
         return "not timed yet (`tools/readme_figures.py --reproduce`)"
     minutes, seconds = divmod(round(timing["wall_s"]), 60)
-    return f"{minutes} min {seconds} s with `OMP_NUM_THREADS=1` ({when(timing)})"
+    return wrapped(f"{minutes} min {seconds} s with `OMP_NUM_THREADS=1` ({when(timing)})")
 
 
 RENDERERS = {"demo": render_demo, "eval-table": render_table, "lenet5": render_lenet5,
