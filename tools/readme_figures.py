@@ -158,12 +158,14 @@ def compare(record: dict, fresh: dict) -> list[str]:
             differences.append(f"{name}: best epoch {new['best_epoch']} against the record's {old['best_epoch']}")
     tolerance = 100 / record["evaluation"]["images"] + 1e-9
     old_rows = {row["method"]: row for row in record["evaluation"]["rows"]}
-    for row in fresh["evaluation"]["rows"]:
-        old = old_rows.get(row["method"])
+    new_rows = {row["method"]: row for row in fresh["evaluation"]["rows"]}
+    if list(new_rows) != list(old_rows):
+        return differences + [f"evaluation: methods {list(new_rows)} against the record's {list(old_rows)}"]
+    for method, row in new_rows.items():
         for key in ("top1_err", "top5_err"):
-            if old is None or abs(old[key] - row[key]) > tolerance:
-                differences.append(f"evaluation {row['method']}: {key} {row[key]:.2f} against the record's "
-                                   f"{old[key] if old else None}")
+            if abs(old_rows[method][key] - row[key]) > tolerance:
+                differences.append(f"evaluation {method}: {key} {row[key]:.2f} against the record's "
+                                   f"{old_rows[method][key]:.2f}")
     return differences
 
 
