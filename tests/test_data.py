@@ -57,12 +57,15 @@ class LogLines:
         self.handler = logging.Handler()
         self.handler.emit = lambda record: self.lines.append(record.getMessage())
 
-    def __enter__(self):
+    def __enter__(self):  # INFO and up, whatever level an earlier test's run left (test_hardening_ddp_data)
+        self.level = logging.getLogger("vgg.data").level
+        logging.getLogger("vgg.data").setLevel(logging.INFO)
         logging.getLogger("vgg.data").addHandler(self.handler)
         return self.lines
 
     def __exit__(self, *exc):
         logging.getLogger("vgg.data").removeHandler(self.handler)
+        logging.getLogger("vgg.data").setLevel(self.level)
 
 
 @pytest.fixture

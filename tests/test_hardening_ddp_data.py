@@ -35,7 +35,9 @@ from vgg.training.step import BatchAugment
 
 
 class LogLines:
-    """Collect the messages of a 'vgg.*' logger (the 'vgg' logger may not propagate to caplog)."""
+    """Collect the messages of a 'vgg.*' logger (the 'vgg' logger may not propagate to caplog), INFO and up
+    as the CLIs show them. The level is set here: until a run's setup_logging sets the 'vgg' logger to INFO,
+    it inherits the root's WARNING, so a test run alone would miss the INFO lines it sees after other tests."""
 
     def __init__(self, name: str):
         self.logger = logging.getLogger(name)
@@ -44,11 +46,14 @@ class LogLines:
         self.handler.emit = lambda record: self.lines.append(record.getMessage())
 
     def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(logging.INFO)
         self.logger.addHandler(self.handler)
         return self.lines
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.level)
 
 
 def metrics_rows(run_dir) -> list[dict]:

@@ -1,9 +1,26 @@
 """Persistent DataLoader workers and the samples kept in numpy arrays: a worker's private memory stays
-flat over epochs (a list of (path, label) tuples is copied page by page into every worker that reads it)."""
+flat over epochs (a list of (path, label) tuples is copied page by page into every worker that reads it).
 
+A worker's private memory also counts every page it shares with the process it was forked from that
+either side writes afterwards, whatever the dataset. The worst such writer is a full garbage collection
+in the worker: it writes the header of every tracked object the worker inherited, copying their pages.
+Whether one runs during the measurement depends on the collector's counters at fork time, that is on
+what ran before: most likely why this test measured 108 MB after 249 tests of the suite ("assert
+107.62 < 32") and under 32 alone. One forced mid-run (by hand, 2026-12-04) copied 51 MB in a fresh
+process and 174 MB with a million more objects held. So each measurement runs in a fresh Python process (this file run as a
+script), which holds the same objects whatever ran before, and freezes them (gc.freeze(), as one does
+before forking workers) so that no collection walks them: the same forced collection then copies 8.5 MB
+with or without the million objects, and the tuple list's reads still copy its pages (174 MB)"""
+
+import gc
+import json
 import pathlib
+import subprocess
+import sys
+import tempfile
 
 import torch
+from conftest import ROOT, subprocess_env
 
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
@@ -31,11 +48,11 @@ class TupleList(LabelsOnly):
         return len(path) + label
 
 
-def fake_files(tmp_path, monkeypatch):
-    """1 M file names in 1000 class folders, listed without any file on disk."""
+def fake_files():
+    """1 M file names in 1000 class folders, listed without any file on disk, and every file read as 1 byte."""
     files = {f"n{c:08d}": [f"n{c:08d}_{k}.JPEG" for k in range(NUM_SAMPLES // CLASSES)] for c in range(CLASSES)}
-    monkeypatch.setattr(vfolders, "list_files", lambda root: files)
-    return tmp_path
+    vfolders.list_files = lambda root: files
+    pathlib.Path.read_bytes = lambda self: b"x"
 
 
 def private_mb(pid: int) -> float:
@@ -59,28 +76,57 @@ def worker_growth_mb(dataset, epochs: int, collate_fn=torch.utils.data.default_c
     return private_mb(next(iter(pids))) - start, pids
 
 
-def test_worker_memory_stays_flat_over_three_epochs_of_a_million_samples(tmp_path, monkeypatch):
-    root = fake_files(tmp_path, monkeypatch)
-    growth, pids = worker_growth_mb(LabelsOnly(root), epochs=3)
-    assert len(pids) == 1  # one worker, kept across the epochs
-    assert growth < 32, growth  # (a few MB of allocator noise; the control below gains ~180 MB)
-    # the control: the measurement sees what the former tuple list costs in a single epoch
-    growth, _ = worker_growth_mb(TupleList(root), epochs=1)
-    assert growth > 100, growth
-
-
 def path_lengths_and_labels(items):
     """EncodedImages items -> one small tensor a batch (what the bytes are does not matter here)."""
     return torch.tensor([len(path) + label for _, label, path, _ in items])
 
 
-def test_gpu_path_reads_the_folder_arrays_with_flat_worker_memory(tmp_path, monkeypatch):
+# name -> (the dataset over a folder root, its collate function)
+DATASETS = {
+    "arrays": (LabelsOnly, torch.utils.data.default_collate),
+    "tuples": (TupleList, torch.utils.data.default_collate),
+    "gpu-arrays": (lambda root: EncodedImages(LabelsOnly(root)), path_lengths_and_labels),
+    "gpu-pairs": (lambda root: EncodedImages(LabelsOnly(root).samples), path_lengths_and_labels),
+}
+
+
+def measure(dataset: str, epochs: int) -> None:
+    """In this (fresh) process: a worker's growth over `epochs` epochs of DATASETS[dataset], printed as JSON."""
+    fake_files()
+    make, collate_fn = DATASETS[dataset]
+    with tempfile.TemporaryDirectory() as root:
+        samples = make(root)
+        gc.freeze()  # no collection in the worker walks what it inherits (see the module docstring)
+        growth, pids = worker_growth_mb(samples, epochs, collate_fn=collate_fn)
+    print(json.dumps({"growth_mb": growth, "workers": len(pids)}))
+
+
+def fresh_growth_mb(dataset: str, epochs: int) -> float:
+    """A worker's growth measured in a fresh process (see the module docstring); one worker all along."""
+    proc = subprocess.run([sys.executable, __file__, dataset, str(epochs)], capture_output=True, text=True,
+                          env=subprocess_env(), cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.splitlines()[-1])
+    assert measured["workers"] == 1  # one worker, kept across the epochs
+    return measured["growth_mb"]
+
+
+def test_worker_memory_stays_flat_over_three_epochs_of_a_million_samples():
+    growth = fresh_growth_mb("arrays", epochs=3)
+    assert growth < 32, growth  # (a few MB of allocator noise; the control below gains ~180 MB)
+    # the control: the measurement sees what the former tuple list costs in a single epoch
+    growth = fresh_growth_mb("tuples", epochs=1)
+    assert growth > 100, growth
+
+
+def test_gpu_path_reads_the_folder_arrays_with_flat_worker_memory():
     """data_path: gpu's dataset (vgg.data.gpu.EncodedImages) reads the ImageFolder's arrays, not a list."""
-    root = fake_files(tmp_path, monkeypatch)
-    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: b"x")  # no files: every read returns 1 byte
-    growth, pids = worker_growth_mb(EncodedImages(LabelsOnly(root)), epochs=3, collate_fn=path_lengths_and_labels)
-    assert len(pids) == 1
+    growth = fresh_growth_mb("gpu-arrays", epochs=3)
     assert growth < 32, growth
     # the control: a list of (path, label) pairs handed to EncodedImages grows the worker as before
-    growth, _ = worker_growth_mb(EncodedImages(LabelsOnly(root).samples), epochs=1, collate_fn=path_lengths_and_labels)
+    growth = fresh_growth_mb("gpu-pairs", epochs=1)
     assert growth > 100, growth
+
+
+if __name__ == "__main__":
+    measure(sys.argv[1], int(sys.argv[2]))
