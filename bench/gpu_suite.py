@@ -310,8 +310,9 @@ def extra_nets(ctx: Context, matmul: float | None) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def worker_counts() -> list[int]:
-    """cores - 1 (a core left for the training process) and 2, largest first."""
-    return sorted({max(1, cpu_cores() - 1), 2}, reverse=True)
+    """cores - 1 (a core left for the training process; the headline figures), then 2."""
+    first = max(1, cpu_cores() - 1)
+    return [first] if first == 2 else [first, 2]
 
 
 def data_step(ctx: Context, classes: int):
@@ -514,20 +515,25 @@ def record_rows(report: dict, device: torch.device) -> None:
     print(f"added {len(SECTIONS_ORDER)} rows to {BENCH_FILE}")
 
 
+def usage_error(message: str) -> None:
+    """Bad input: one `error:` line and exit code 2, as train.py and evaluate.py do."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def choose_device(smoke: bool) -> torch.device:
     if smoke:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise SystemExit("error: PyTorch sees no CUDA GPU: run on the GPU machine, or --smoke to check the "
-                         "suite on the CPU")
+        usage_error("PyTorch sees no CUDA GPU: run on the GPU machine, or --smoke to check the suite on the CPU")
     return torch.device("cuda")
 
 
 def main(argv=None) -> dict:
     args = get_args_parser().parse_args(argv)
     out = Path(args.out)
-    if not os.access(out.parent if str(out.parent) else ".", os.W_OK):
-        raise SystemExit(f"error: cannot write --out {out}: {out.parent} is not a writable folder")
+    if not (out.parent.is_dir() and os.access(out.parent, os.W_OK)):
+        usage_error(f"cannot write --out {out}: {out.parent} is not a writable folder")
     settings = SMOKE if args.smoke else FULL
     ctx = Context(settings, choose_device(args.smoke), Path(args.work_dir))
     print(f"GPU suite{' (smoke: tiny settings on the CPU)' if settings.smoke else ''}, device {ctx.device}, "
