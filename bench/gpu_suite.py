@@ -48,15 +48,14 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 try:  # vgg imports TorchCodec at the top (vgg/transforms.py): without it only `versions` can run
-    from bench.common import (BENCH_FILE, cpu_cores, cpu_model, record, synchronize,  # noqa: E402
-                              time_loop, trainer_optimizer)
+    from bench.common import (BENCH_FILE, cpu_cores, cpu_model, make_train_step, prepare_model,  # noqa: E402
+                              record, synchronize, time_loop, trainer_optimizer)
+    from bench.learnable_data import make_learnable_set  # noqa: E402
     from bench.suite_checks import (CheckFailed, check_decoder, check_evaluation, check_learning,  # noqa: E402
                                     check_two_gpus)
     from bench.train_epoch import (build_path_loader, make_jpeg_set, run_fed,  # noqa: E402
                                    step_alone_timer)
     from bench.train_step import StepCase, ours_case, peer_case, time_rounds, warm_up  # noqa: E402
-    from bench.learnable_data import make_learnable_set  # noqa: E402
-    from bench.common import make_train_step, prepare_model  # noqa: E402
     from vgg import data as vdata  # noqa: E402
     from vgg.engine import BatchAugment  # noqa: E402
     from vgg.models import build_vgg  # noqa: E402
@@ -132,6 +131,10 @@ class Context:
     def time_left(self) -> float:
         return self.settings.budget_s - (time.monotonic() - self.started)
 
+    def no_cuda(self) -> str:
+        """Why a CUDA-only part does not run: no GPU, or a smoke run (the CPU only)."""
+        return "smoke runs on the CPU only" if torch.cuda.is_available() else "no CUDA"
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,7 +194,7 @@ def section_machine(ctx: Context) -> dict:
             out["why_null"]["driver"] = "nvidia-smi not found or failed"
     else:
         out.update(gpu=None, gpu_count=0, gpu_memory_gib=None, driver=None, cuda=torch.version.cuda, cudnn=None)
-        out["why_null"].update(gpu="no CUDA", gpu_memory_gib="no CUDA", driver="no CUDA", cudnn="no CUDA")
+        out["why_null"].update(dict.fromkeys(("gpu", "gpu_memory_gib", "driver", "cudnn"), ctx.no_cuda()))
     out["versions"] = library_versions()
     out["matmul_tflops"], out["matmul_dtype"] = matmul_tflops(device, s.matmul_size, s.ceiling_iters)
     out["copy_gb_s"] = copy_gb_s(device, s.copy_mib, s.ceiling_iters)
@@ -246,7 +249,7 @@ def step_cases(ctx: Context) -> tuple[dict, dict, dict]:
         compile_model=on_cuda, cudnn_benchmark=on_cuda, label="ours net D", **size), ctx)
     for key, (label, bf16, channels_last, compile_model, autotune) in PEERS.items():
         if (bf16 or compile_model) and not on_cuda:
-            skipped[key] = "no CUDA"
+            skipped[key] = ctx.no_cuda()
             continue
         cases[key], memory[key] = built_and_warmed(lambda: peer_case(
             label, bf16=bf16, channels_last=channels_last, compile_model=compile_model, cudnn_benchmark=autotune,
@@ -286,7 +289,8 @@ def section_step(ctx: Context) -> dict:
     extra = out["extra_nets"]
     parts.append(f"nets A, E: skipped ({extra['skipped']})" if "skipped" in extra else
                  ", ".join(f"{f['name']} {f['img_s']:.4g} img/s" for f in extra.values()))
-    out["summary"] = f"batch {s.step_batch}, {s.step_image_size}px, median of {s.step_repeats} rounds: " + "; ".join(parts)
+    out["summary"] = (f"batch {s.step_batch}, {s.step_image_size}px, median of {s.step_repeats} rounds: "
+                      + "; ".join(parts))
     return out
 
 
@@ -341,7 +345,7 @@ def section_data(ctx: Context) -> dict:
     runs, why_null = [], {}
     for path in ("cpu", "gpu"):
         if path == "gpu" and not on_cuda:
-            why_null["gpu_fed_over_step"] = "no CUDA"
+            why_null["gpu_fed_over_step"] = ctx.no_cuda()
             continue
         for count in workers:
             loader = build_path_loader(path, train_set, batch=s.data_batch, device=device, crop_size=s.data_crop,
@@ -373,7 +377,7 @@ def section_data(ctx: Context) -> dict:
 
 def section_decoder(ctx: Context) -> dict:
     if ctx.device.type != "cuda":
-        raise Skip("no CUDA")
+        raise Skip(ctx.no_cuda())
     return check_decoder(ctx.device)
 
 
@@ -394,7 +398,7 @@ def section_evaluation(ctx: Context) -> dict:
 
 def section_two_gpus(ctx: Context) -> dict:
     if ctx.device.type != "cuda":
-        raise Skip("no CUDA")
+        raise Skip(ctx.no_cuda())
     if torch.cuda.device_count() < 2:
         raise Skip("one GPU")
     s = ctx.settings
