@@ -27,6 +27,8 @@ Sections, each independent (one that fails says why in one line, and the rest st
   versions    torch (2.11 or newer), torchvision, TorchCodec, Pillow, decoder libraries.
 """
 
+from __future__ import annotations  # annotations name classes that are absent when vgg cannot be imported
+
 import argparse
 import datetime
 import gc
@@ -63,6 +65,11 @@ try:  # vgg imports TorchCodec at the top (vgg/transforms.py): without it only `
     IMPORT_ERROR = None
 except ImportError as error:
     IMPORT_ERROR = f"cannot import vgg ({error})"
+
+    class CheckFailed(Exception):  # stands in for bench.suite_checks' (not importable): `versions` raises it
+        def __init__(self, reason: str, figures: dict):
+            super().__init__(reason)
+            self.figures = figures
 
 OLDEST_TORCH = (2, 11)
 SECTIONS_ORDER = ("machine", "step", "data", "decoder", "learning", "evaluation", "two_gpus", "versions")
