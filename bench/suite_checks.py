@@ -21,6 +21,7 @@ from PIL import Image
 
 from bench.common import REPO, synchronize, time_loop
 from bench.learnable_data import chance_top1_err, make_learnable_set
+from vgg.checkpoint import load_checkpoint
 from vgg.engine import autocast_context
 from vgg.evaluation import CROPS_PER_FORWARD, GRID, MULTI_CROP, evaluate_dataset, load_eval_net
 from vgg.gpu_data import decode_batch
@@ -329,8 +330,6 @@ def check_two_gpus(device: torch.device, work: Path, data: Path, *, steps: int, 
 def stop_and_resume(device: torch.device, run_root: Path, data: Path, *, batch: int, timeout: float) -> dict:
     """SIGUSR1 to rank 1 once the run has started; then the same command with --resume (and one more
     epoch than the saved one, so it ends soon)."""
-    from vgg.checkpoint import load_checkpoint
-
     run_dir = run_root / "checkpoints" / "stopped"
     args = ddp_args(data, run_root, "stopped", device=device, epochs=1000, steps=1000, batch=batch)
     procs = start_ranks(args, 2, cwd=run_root)
