@@ -122,11 +122,12 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix()] + sys.argv[1:])
 
 
-def record(device: torch.device, figures: str, enabled: bool = True) -> None:
+def record(device: torch.device, figures: str, enabled: bool = True, echo: bool = True) -> None:
     """Print the figures line and (unless disabled) add (date, device, command, figures) as the last
     row of the measured-figures table of docs/benchmarks.md (the first table with BENCH_HEADER;
-    sections after it stay where they are)."""
-    print(figures, flush=True)
+    sections after it stay where they are). echo=False: print nothing (the caller reports)."""
+    if echo:
+        print(figures, flush=True)
     if not enabled:
         return
     BENCH_FILE.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,8 @@ def record(device: torch.device, figures: str, enabled: bool = True) -> None:
     while end < len(text) and text.startswith("|", end):  # past the table's rows
         end = text.find("\n", end) + 1 or len(text)
     BENCH_FILE.write_text(text[:end] + row + text[end:])
-    print(f"added a row to {BENCH_FILE}")
+    if echo:
+        print(f"added a row to {BENCH_FILE}")
 
 
 def time_loop(fn, steps: int, device: torch.device) -> float:

@@ -93,33 +93,60 @@ def make_jpeg_set(root: Path, count: int, *, classes: int = 10, workers: int = 1
     return root
 
 
+def endless(loader):
+    """The loader's batches, pass after pass (a fresh iterator whenever one is spent)."""
+    while True:
+        yield from loader
+
+
+def build_path_loader(name: str, train_set, *, batch: int, device, crop_size: int, scale_min: int,
+                      scale_max: int, workers: int, channels_last: bool):
+    """The training loader of data path `name`: cpu (decode and augment in workers) or gpu (workers
+    read bytes; nvJPEG decode and augmentation on the device)."""
+    if name == "cpu":
+        return vloaders.build_loader(train_set, batch_size=batch, shuffle=True, workers=workers,
+                                  collate_fn=vloaders.collate_batch, seed=0, drop_last=True)
+    if name == "gpu":
+        return build_gpu_train_loader(train_set, batch_size=batch, device=device, crop_size=crop_size,
+                                      scale_min=scale_min, scale_max=scale_max, seed=0, workers=workers,
+                                      shuffle=True, channels_last=channels_last)
+    raise SystemExit(f"error: unknown --data-path {name!r}; allowed: cpu, gpu")
+
+
 def run_fed(step, loader, augment: BatchAugment, *, warmup: int, steps: int, device) -> dict:
-    """Train `steps` steps fed by `loader` after `warmup` untimed ones (the loader restarts when done)."""
-    iterator = iter(loader)
-
-    def next_batch():
-        nonlocal iterator
-        try:
-            return next(iterator)
-        except StopIteration:
-            iterator = iter(loader)
-            return next(iterator)
-
+    """Train `steps` steps fed by `loader` after `warmup` untimed ones (the loader restarts when done).
+    With step=None, the data path alone: decode and augment (BatchAugment included), no training."""
+    batches = endless(loader)
     wait, images_seen, skipped, start = 0.0, 0, 0, 0.0
     for i in range(warmup + steps):
         if i == warmup:
             synchronize(device)
             wait, images_seen, skipped, start = 0.0, 0, 0, time.perf_counter()
         fetch = time.perf_counter()
-        images, labels, unreadable = next_batch()
+        images, labels, unreadable = next(batches)
         wait += time.perf_counter() - fetch
-        step(augment(images, train=True), labels.to(device, non_blocking=True))
+        images, labels = augment(images, train=True), labels.to(device, non_blocking=True)
+        if step is not None:
+            step(images, labels)
         images_seen += labels.shape[0]
         skipped += len(unreadable)
     synchronize(device)
     elapsed = time.perf_counter() - start
-    del iterator
+    batches.close()
     return {"images_per_s": images_seen / elapsed, "wait_fraction": wait / elapsed, "skipped": skipped}
+
+
+def step_alone_timer(step, augment: BatchAugment, *, batch: int, crop_size: int, classes: int, device):
+    """A function of `steps` that times that many steps on one uint8 batch already on the device
+    (still through BatchAugment): the most a data path could reach. It returns images/s."""
+    images = torch.randint(0, 256, (batch, 3, crop_size, crop_size), dtype=torch.uint8, device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+
+    def step_alone(steps: int) -> float:
+        synchronize(device)
+        seconds = time_loop(lambda: step(augment(images, train=True), labels), steps, device)
+        return batch * steps / seconds
+    return step_alone
 
 
 def main(argv=None) -> str:
@@ -150,38 +177,24 @@ def main(argv=None) -> str:
     augment = BatchAugment(stats, device, channels_last=channels_last, generator=torch.Generator().manual_seed(0))
 
     load_before = load_average()
-    # 1. The step alone, on one uint8 batch already on the device (still through BatchAugment).
-    #    Timed before and after the fed runs, the faster kept: an under-warmed first timing would
-    #    make the data overhead look smaller than it is.
-    images = torch.randint(0, 256, (args.batch, 3, args.crop_size, args.crop_size), dtype=torch.uint8,
-                           device=device)
-    labels = torch.randint(0, len(train_set.classes), (args.batch,), device=device)
-
-    def step_alone() -> float:
-        synchronize(device)
-        seconds = time_loop(lambda: step(augment(images, train=True), labels), args.steps, device)
-        return args.batch * args.steps / seconds
-
-    for _ in range(args.warmup):
-        step(augment(images, train=True), labels)
-    alone = step_alone()
+    # 1. The step alone, timed before and after the fed runs, the faster kept: an under-warmed first
+    #    timing would make the data overhead look smaller than it is.
+    step_alone = step_alone_timer(step, augment, batch=args.batch, crop_size=args.crop_size,
+                                  classes=len(train_set.classes), device=device)
+    step_alone(args.warmup)  # untimed: compilation, autotuning
+    alone = step_alone(args.steps)
     print(f"step alone {alone:,.0f} img/s", flush=True)
 
     # 2. Fed from disk by each data path.
     fed = {}
     for name in paths:
-        if name == "cpu":
-            loader = vloaders.build_loader(train_set, batch_size=args.batch, shuffle=True, workers=args.workers,
-                                        collate_fn=vloaders.collate_batch, seed=0, drop_last=True)
-        else:
-            loader = build_gpu_train_loader(train_set, batch_size=args.batch, device=device,
-                                            crop_size=args.crop_size, scale_min=args.scale_min,
-                                            scale_max=args.scale_max, seed=0, workers=args.workers,
-                                            shuffle=True, channels_last=channels_last)
+        loader = build_path_loader(name, train_set, batch=args.batch, device=device, crop_size=args.crop_size,
+                                   scale_min=args.scale_min, scale_max=args.scale_max, workers=args.workers,
+                                   channels_last=channels_last)
         fed[name] = run_fed(step, loader, augment, warmup=args.warmup, steps=args.steps, device=device)
         print(f"{name} data path: {fed[name]['images_per_s']:,.0f} img/s", flush=True)
         del loader
-    alone = max(alone, step_alone())
+    alone = max(alone, step_alone(args.steps))
 
     parts = [f"step alone {alone:,.0f} img/s"]
     for name, result in fed.items():

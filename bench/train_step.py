@@ -27,7 +27,9 @@ A quick check that it works (tiny nets, nothing recorded):
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -99,6 +101,60 @@ def plain_skip_reason(args) -> str | None:
     return None
 
 
+@dataclass
+class StepCase:
+    """One way of training one net, ready to time: its step, its own batch on the device, the FLOP
+    one image costs (3 x 2 x forward multiply-adds) and the cuDNN autotuning it runs under."""
+    name: str
+    step: Callable
+    batch: tuple
+    flops_per_image: float
+    cudnn_benchmark: bool
+
+
+def ours_case(name: str, *, device, batch: int, image_size: int, width: float = 1.0, fc_width: int = 4096,
+              bf16: bool, channels_last: bool, compile_model: bool, cudnn_benchmark: bool,
+              label: str | None = None) -> StepCase:
+    """Our net `name` (Table 1) trained by the trainer's step, as the trainer sets it up."""
+    model = build_vgg(name, width=width, fc_width=fc_width, image_size=image_size).to(device)
+    flops = 6 * count_macs(model, image_size)
+    model = prepare_model(model, device, channels_last=channels_last, compile_model=compile_model)
+    return StepCase(label or f"net {name}", make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16),
+                    synthetic_batch(batch, image_size, device, channels_last), flops, cudnn_benchmark)
+
+
+def peer_case(label: str, *, device, batch: int, image_size: int, bf16: bool, channels_last: bool,
+              compile_model: bool, cudnn_benchmark: bool, model=None) -> StepCase:
+    """torchvision's vgg16 (or `model`) trained by the same step and optimizer: only the net differs."""
+    import torchvision
+
+    model = (model if model is not None else torchvision.models.vgg16(weights=None)).to(device)
+    flops = 6 * count_macs(model, image_size)
+    model = prepare_model(model, device, channels_last=channels_last, compile_model=compile_model)
+    return StepCase(label, make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16),
+                    synthetic_batch(batch, image_size, device, channels_last), flops, cudnn_benchmark)
+
+
+def warm_up(case: StepCase, steps: int, device) -> None:
+    """Untimed steps (compilation, cuDNN autotuning), ended by one synchronisation."""
+    torch.backends.cudnn.benchmark = case.cudnn_benchmark
+    for _ in range(steps):
+        case.step(*case.batch)
+    synchronize(device)
+
+
+def time_rounds(cases: list[StepCase], *, steps: int, repeats: int, device) -> dict[str, list[float]]:
+    """Images/s of each case in each of `repeats` rounds of `steps` steps, the cases in turn within a
+    round, so that a slow spell of the machine falls on all of them."""
+    rates = {case.name: [] for case in cases}
+    for _ in range(repeats):
+        for case in cases:
+            torch.backends.cudnn.benchmark = case.cudnn_benchmark
+            seconds = time_loop(lambda: case.step(*case.batch), steps, device)
+            rates[case.name].append(case.batch[1].shape[0] * steps / seconds)
+    return rates
+
+
 def main(argv=None) -> str:
     args = get_args_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -112,49 +168,30 @@ def main(argv=None) -> str:
     print(f"device: {describe_device(device)}; load average {load_before}", flush=True)
 
     # Every net and its step, built first, then timed in turns.
-    steps, flops, batches = {}, {}, {}
-    for name in nets:
-        model = build_vgg(name, width=args.width, fc_width=args.fc_width, image_size=args.image_size).to(device)
-        flops[name] = 6 * count_macs(model, args.image_size)
-        model = prepare_model(model, device, channels_last=channels_last, compile_model=use_compile)
-        steps[name] = (make_train_step(model, trainer_optimizer(model), device=device, bf16=bf16), bf16,
-                       on_cuda and args.cudnn_benchmark)
-        batches[name] = synthetic_batch(args.batch, args.image_size, device, channels_last)
+    cases = [ours_case(name, device=device, batch=args.batch, image_size=args.image_size, width=args.width,
+                       fc_width=args.fc_width, bf16=bf16, channels_last=channels_last, compile_model=use_compile,
+                       cudnn_benchmark=on_cuda and args.cudnn_benchmark) for name in nets]
     skip = plain_skip_reason(args) if args.plain else "not asked for"
     plain = "plain torchvision vgg16 fp32"
     if skip is None:
         # What a user would write from torchvision's docs: fp32, NCHW, eager, default cuDNN settings.
-        import torchvision
-
-        model = torchvision.models.vgg16(weights=None).to(device)
-        flops[plain] = 6 * count_macs(model, args.image_size)
-        steps[plain] = (make_train_step(model, trainer_optimizer(model), device=device, bf16=False), False, False)
-        batches[plain] = synthetic_batch(args.batch, args.image_size, device, channels_last=False)
-
-    rates = {name: [] for name in steps}
-    for round_ in range(args.repeats + 1):  # round 0: the untimed warm-up
-        for name, (step, _, cudnn_benchmark) in steps.items():
-            torch.backends.cudnn.benchmark = cudnn_benchmark
-            images, labels = batches[name]
-            if round_ == 0:
-                for _ in range(args.warmup):
-                    step(images, labels)
-                synchronize(device)
-                continue
-            seconds = time_loop(lambda: step(images, labels), args.steps, device)
-            rates[name].append(args.batch * args.steps / seconds)
+        cases.append(peer_case(plain, device=device, batch=args.batch, image_size=args.image_size, bf16=False,
+                               channels_last=False, compile_model=False, cudnn_benchmark=False))
+    for case in cases:
+        warm_up(case, args.warmup, device)
+    rates = {name: statistics.median(r) for name, r in
+             time_rounds(cases, steps=args.steps, repeats=args.repeats, device=device).items()}
 
     parts = []
-    for name in steps:
-        rate = statistics.median(rates[name])
-        label = name if name == plain else f"net {name}"
-        mfu = f", MFU {100 * rate * flops[name] / peak:.1f}%" if peak and name != plain else ""
-        parts.append(f"{label}: {rate:,.0f} img/s{mfu}" if rate >= 100 else f"{label}: {rate:.3g} img/s{mfu}")
+    for case in cases:
+        rate = rates[case.name]
+        mfu = f", MFU {100 * rate * case.flops_per_image / peak:.1f}%" if peak and case.name != plain else ""
+        parts.append(f"{case.name}: {rate:,.0f} img/s{mfu}" if rate >= 100 else f"{case.name}: {rate:.3g} img/s{mfu}")
         print(parts[-1], flush=True)
     if skip is not None:
         parts.append(f"{plain}: skipped, {skip}")
-    elif "D" in steps:
-        parts.append(f"net D / plain = {statistics.median(rates['D']) / statistics.median(rates[plain]):.2f}x")
+    elif "D" in nets:
+        parts.append(f"net D / plain = {rates['net D'] / rates[plain]:.2f}x")
     if peak is None:
         parts.append("MFU: not given (no known peak for this device"
                      + (")" if device.type == "cuda" and bf16 else " and precision)"))
