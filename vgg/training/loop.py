@@ -189,6 +189,9 @@ def validate(model, loader, augment: BatchAugment, *, bf16: bool | str = "auto",
     """
     device = augment.device
     model.eval()
+    # A short batch (the shard's last, or one that lost unreadable files) is padded to the loader's batch
+    # size, its padding's outputs dropped: one input shape, so a compiled net compiles validation once.
+    full = getattr(loader, "batch_size", None) or 0
     sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss*n, top1, top5, n, skipped
     unreadable_files = []
     with progress_bar(total=len(loader), desc=desc, unit="batches", every_s=progress_every_s,
@@ -203,12 +206,14 @@ def validate(model, loader, augment: BatchAugment, *, bf16: bool | str = "auto",
                 # collective (our nets have no buffers to broadcast), and the shards' batch counts may
                 # differ anyway; the one all-reduce comes after the loop.
                 continue
+            n = labels.shape[0]
+            if n < full:
+                images = torch.cat([images, images.new_zeros((full - n, *images.shape[1:]))])
             images = augment(images, train=False)
             labels = labels.to(device, non_blocking=True)
             with autocast_context(device, bf16):
-                logits = model(images).float()
+                logits = model(images).float()[:n]
             top1, top5 = topk_hits(logits, labels).sum(dim=1)
-            n = labels.shape[0]
             sums[0] += F.cross_entropy(logits, labels, reduction="sum").double()
             sums[1] += top1
             sums[2] += top5
