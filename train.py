@@ -14,7 +14,8 @@ SLURM's time-limit warning, "requeue me") or SIGTERM (143) on any process: every
 same step and last.pt holds it (continue with --resume, or --resume if-exists as scripts/slurm/ do).
 
 Any config field can be overridden: `python train.py --config D --lr 0.005 --batch-size 128`.
-`python train.py --help` lists them all with the paper's defaults.
+`python train.py --help` lists them all with the defaults of the config named (`--config D --help`: net D's,
+the paper's; without --config: the demo's, configs/demo.yaml).
 """
 
 import argparse

@@ -2,6 +2,7 @@
 console, metrics.jsonl and TensorBoard, and the dashboard layout (issue 13)."""
 
 import collections
+import itertools
 import fcntl
 import os
 import pty
@@ -128,7 +129,8 @@ def test_redirected_stderr_gets_plain_lines_and_one_warning_per_file(sample_root
         assert f"epoch {epoch}: 3/3 steps" in text and "val: 1/" in text
 
     # Each unreadable file: one warning in the run (the val ones are met every epoch), from the main
-    # process, in lines of their own; one summary line per epoch; all of them listed in skipped.txt.
+    # process, in lines of their own; a summary line only for an epoch that met new ones (issue 30: not
+    # the same count again after every epoch); all of them listed in skipped.txt.
     warned = [re.search(r"skipping unreadable image (\S+) \(", line).group(1) for line in lines
               if "skipping unreadable image" in line]
     assert all(line.startswith("warning: skipping") for line in lines if "skipping unreadable image" in line)
@@ -137,9 +139,12 @@ def test_redirected_stderr_gets_plain_lines_and_one_warning_per_file(sample_root
     run_dir = tmp_path / "checkpoints" / "plain"
     listed = {line.split("\t")[0] for line in (run_dir / SKIPPED_LIST).read_text().splitlines()}
     rows = metrics_rows(run_dir)
-    summary = f"unreadable files skipped; list in {run_dir / SKIPPED_LIST}"
-    summaries = [line for line in lines if line.endswith(summary)]
-    assert [int(line.split()[0]) for line in summaries] == [r["train_skipped"] + r["val_skipped"] for r in rows]
+    summaries = [line for line in lines if f"in all; list in {run_dir / SKIPPED_LIST}" in line]
+    new_counts = [int(line.split()[0]) for line in summaries]
+    assert 1 <= len(summaries) <= len(rows) and all(n > 0 for n in new_counts)
+    assert [int(line.split(", ")[1].split()[0]) for line in summaries] == list(itertools.accumulate(new_counts))
+    assert sum(new_counts) == len(listed)
+    assert rows[0]["val_skipped"] == rows[1]["val_skipped"] > 0  # met again each epoch, said once
     assert set(warned) == bad_train | bad_val  # the statistics read every train file, validation every val file
     assert bad_val <= listed < set(warned)  # the 3 steps of training met only some of the train files
 

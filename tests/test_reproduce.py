@@ -218,3 +218,24 @@ def test_an_out_dir_of_the_other_scale_is_refused(demo, sample_root):
     work, _, _ = demo
     proc = reproduce_cli("--scale", "paper", "--data", str(sample_root), "--out-dir", str(work / "out"), "--dry-run")
     assert_one_line_error(proc, "marks a --scale demo run", "use another --out-dir")
+
+
+def test_the_curves_number_epochs_as_the_logs_do(tmp_path, monkeypatch):
+    """metrics.jsonl and the log lines count epochs from 0: so do the plots' x axes (issue 30)."""
+    import matplotlib.figure
+
+    from vgg.reproduce.report import plot_curves
+
+    plotted = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def capturing_savefig(fig, *args, **kwargs):
+        plotted.extend([float(x) for x in line.get_xdata()] for ax in fig.axes for line in ax.lines)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capturing_savefig)
+    metrics = [{"epoch": e, "val_top1_err": 50.0 - e, "val_top5_err": 20.0 - e, "train_loss": 2.0 - e / 10}
+               for e in range(3)]
+    plot_curves("A", metrics, tmp_path / "A.png")
+    assert plotted == [[0.0, 1.0, 2.0]] * 3  # val top-1, val top-5, train loss
+    assert (tmp_path / "A.png").stat().st_size > 0

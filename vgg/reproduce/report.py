@@ -73,14 +73,14 @@ def plot_curves(stage: str, metrics: list[dict], path: Path) -> None:
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    epochs = [m["epoch"] + 1 for m in metrics]
+    epochs = [m["epoch"] for m in metrics]  # numbered as the logs and metrics.jsonl number them, from 0
     fig, (err_ax, loss_ax) = plt.subplots(1, 2, figsize=(9, 3.2))
     err_ax.plot(epochs, [m["val_top1_err"] for m in metrics], "o-", label="val top-1 error")
     err_ax.plot(epochs, [m["val_top5_err"] for m in metrics], "s-", label="val top-5 error")
-    err_ax.set(xlabel="epoch", ylabel="error (%)", title=f"{stage}: validation")
+    err_ax.set(xlabel="epoch (from 0)", ylabel="error (%)", title=f"{stage}: validation")
     err_ax.legend()
     loss_ax.plot(epochs, [m["train_loss"] for m in metrics], "o-", color="tab:red")
-    loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{stage}: training loss")
+    loss_ax.set(xlabel="epoch (from 0)", ylabel="loss", title=f"{stage}: training loss")
     for ax in (err_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)

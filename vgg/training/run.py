@@ -477,11 +477,15 @@ def record_epoch(parts: RunParts, epoch: int, last_step: int, epoch_lr: float, n
              f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
              f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s | "
              f"lr {epoch_lr:g}{dropped}")
-    skipped = train_metrics["skipped"] + val_metrics["skipped"]
-    if skipped:
-        folder.skipped_files.update({f.path: f.reason for rank_files in unreadable for f in rank_files})
+    # Said once per file: a line only for an epoch that met files the list does not hold yet (each
+    # epoch's count is in its row); validation meets the same unreadable files every epoch.
+    found = {f.path: f.reason for rank_files in unreadable for f in rank_files}
+    new = found.keys() - folder.skipped_files.keys()
+    if new:
+        folder.skipped_files.update(found)
         write_skipped_list(folder.path / SKIPPED_LIST, folder.skipped_files)
-        log.info(f"{skipped} unreadable files skipped; list in {folder.path / SKIPPED_LIST}")
+        log.info(f"{len(new)} unreadable files met for the first time, {len(folder.skipped_files)} in all; "
+                 f"list in {folder.path / SKIPPED_LIST}")
 
 
 def finish_run(parts: RunParts, last_step: int) -> None:
