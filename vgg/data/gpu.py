@@ -372,11 +372,10 @@ class GpuTrainLoader:
         return TrainCrop(images, alphas.to(self.device, non_blocking=True)), labels, unreadable
 
     def __iter__(self):
+        batches = iter(self.loader)  # its workers start reading now (the trainer starts an epoch early)
         if not self.prefetch:
-            for batch in self.loader:
-                yield self.prepare(batch)
-            return
-        yield from _prefetched(self.loader, self.prepare, self.device)
+            return (self.prepare(batch) for batch in batches)
+        return _prefetched(batches, self.prepare, self.device)
 
 
 _DONE = object()

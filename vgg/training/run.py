@@ -391,17 +391,22 @@ def train_epochs(parts: RunParts, stop: StopFlag) -> tuple[dict, int]:
         train_loader = build_train_loader(config, data.train_set, data.sampler, data.per_rank_batch, dist.device,
                                           seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
     augment = BatchAugment(data.stats, dist.device, config.color_shift_std, channels_last=parts.speed.channels_last)
-    val_metrics = {}
+    val_metrics, batches = {}, None
     for epoch in range(start_epoch, config.epochs):
-        data.sampler.set_epoch(epoch, start=position.step * data.per_rank_batch)  # (read by the loader's next pass)
-        if data.streamed:  # a shard stream learns its epoch before its workers copy it: one loader an epoch
-            train_loader = data.train_set.loader(epoch=epoch, start_step=position.step,
-                                                 seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank)
-        if config.data_path == "gpu":
-            train_loader.set_epoch(epoch)
-        if parts.folder.writer is not None and epoch == start_epoch and start_step == 0 and epoch == 0:
-            log_augmented_images(parts.folder.writer, train_loader, augment)
-        train_metrics = train_epoch(parts, train_loader, augment, epoch, stop)
+        if batches is None:  # the run's first epoch; later ones were started before the last validation
+            train_loader = epoch_loader(parts, train_loader, epoch)
+            if parts.folder.writer is not None and start_step == 0 and epoch == 0:
+                log_augmented_images(parts.folder.writer, train_loader, augment)
+            batches = iter(train_loader)
+        train_metrics = train_epoch(parts, batches, augment, epoch, stop)
+        batches = None
+        if epoch + 1 < config.epochs:
+            # The next epoch's order is known: its loader workers start reading and decoding now, while
+            # this epoch validates, so its first steps do not wait for them (issue 25). (Every draw
+            # depends on the seed, the epoch and the image only, and the loader has its own generator:
+            # the numbers and the RNG state the checkpoints save are those of starting it after.)
+            train_loader = epoch_loader(parts, train_loader, epoch + 1)
+            batches = iter(train_loader)
         val_metrics, epoch_lr, next_lr, improved = validate_and_schedule(parts, augment, epoch)
         if improved:
             save(parts, "best.pt", epoch + 1, 0)
@@ -414,12 +419,25 @@ def train_epochs(parts: RunParts, stop: StopFlag) -> tuple[dict, int]:
     return val_metrics, last_step
 
 
-def train_epoch(parts: RunParts, train_loader, augment: BatchAugment, epoch: int, stop: StopFlag) -> dict:
+def epoch_loader(parts: RunParts, train_loader, epoch: int):
+    """The training loader told its epoch (and where in it a resumed run starts): the sampler's order, a
+    shard stream's own loader (one an epoch), the GPU path's draws."""
+    config, data, dist, position = parts.config, parts.data, parts.dist, parts.position
+    data.sampler.set_epoch(epoch, start=position.step * data.per_rank_batch)  # (read by the loader's next pass)
+    if data.streamed:  # a shard stream learns its epoch before its workers copy it: one loader an epoch
+        train_loader = data.train_set.loader(epoch=epoch, start_step=position.step,
+                                             seed=config.seed * 1_000_003 + epoch * 1_009 + dist.rank)
+    if config.data_path == "gpu":
+        train_loader.set_epoch(epoch)
+    return train_loader
+
+
+def train_epoch(parts: RunParts, batches, augment: BatchAugment, epoch: int, stop: StopFlag) -> dict:
     """One epoch's training from the run's position; a stop request (a signal on any rank) saves at the
     step every rank stopped at and exits 128 + the signal."""
     config, position = parts.config, parts.position
     train_metrics = train_one_epoch(
-        parts.net.model, train_loader, parts.net.optimizer, augment, epoch=epoch,
+        parts.net.model, batches, parts.net.optimizer, augment, epoch=epoch,
         num_steps=parts.data.steps_per_epoch, start_step=position.step, bf16=parts.speed.bf16,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every, stop_requested=stop,
         writer=parts.folder.writer, on_checkpoint=lambda step, sums: save(parts, "last.pt", epoch, step, sums),
