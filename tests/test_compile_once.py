@@ -53,3 +53,26 @@ def test_a_short_validation_batch_gives_the_same_metrics_padded(sample_root, tmp
     for key in ("top1_err", "top5_err", "images", "skipped"):
         assert results[16][key] == results[1][key], key
     assert results[16]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["A", "A-LRN", "B", "C", "D", "E"])
+def test_the_compiled_forward_and_loss_have_no_graph_break(arch):
+    """What the trainer compiles (each VGG's forward), with the mean subtraction, colour shift and loss around
+    it, traces as one graph (torch._dynamo.explain): nothing in them falls back to Python each step."""
+    from vgg.data.stats import IMAGENET_STATS
+    from vgg.data.transforms import TrainCrop
+    from vgg.models import build_vgg
+    from vgg.models.zoo import training_loss
+    from vgg.training.step import BatchAugment
+
+    torch._dynamo.reset()
+    model = build_vgg(arch, num_classes=10, width=0.125, fc_width=64, image_size=32)
+    augment = BatchAugment(IMAGENET_STATS, torch.device("cpu"), channels_last=True)
+    batch = TrainCrop(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8), torch.randn(2, 3))
+
+    def augment_forward_loss(batch, labels):
+        return training_loss(model(augment(batch, train=True)), labels)
+
+    explained = torch._dynamo.explain(augment_forward_loss)(batch, torch.tensor([1, 2]))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
