@@ -32,6 +32,7 @@ Validation and evaluation read the validation shards by position (`ShardImages`:
 once per process, each image read at its offset), as evaluation files each image's result by position.
 """
 
+import hashlib
 import io
 import json
 import math
@@ -283,6 +284,11 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         return sum(self.split.lengths)
 
+    def fingerprint(self) -> dict:
+        """What an epoch's order is built from (as ImageFolder.fingerprint): the shards' names and lengths."""
+        listing = "\n".join(f"{path.name}\t{length}" for path, length in zip(self.split.paths, self.split.lengths))
+        return {"count": len(self), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+
     def worker_counts(self) -> list[list[int]]:
         """Images per rank and worker, the same every epoch."""
         return [_parts(rank_count, max(1, self.workers)) for rank_count in _parts(len(self), self.world_size)]
@@ -420,8 +426,7 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     The training stream is not used: a sample of fixed images, read once, by position."""
     root = Path(train_dir).parent
     paths = vcache._cache_paths(root, vstats.STATS_NAME)
-    cached = vcache._read_json(paths, lambda c: c.get("num_images") == num_images and c.get("seed") == seed
-                              and "mean_rgb" in c)
+    cached = vcache._read_json(paths, lambda c: vstats.is_valid_cache(c, num_images=num_images, seed=seed))
     if cached is not None:
         return vstats.DatasetStats.from_dict(cached)
     dataset = ShardImages(open_split(root, SPLITS["train"]), EvalTransform(scale=vstats.STATS_SIDE), limit=num_images)
