@@ -52,6 +52,7 @@ from vgg.data import cache as vcache
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
 from vgg.data import stats as vstats
+from vgg.data.labels import read_lines
 from vgg.data.prepare import check_class_order
 from vgg.data.transforms import EvalTransform
 
@@ -251,7 +252,7 @@ def open_split(root, split: str) -> ShardSplit:
                         f"shard_lengths ({sum(lengths)})")
     classes = info.get("classes")
     if classes is None and (root / CLASSES_NAME).is_file():
-        classes = [line.split()[0] for line in (root / CLASSES_NAME).read_text().splitlines() if line.strip()]
+        classes = [line.split()[0] for line in read_lines(root / CLASSES_NAME) if line.strip()]
     if classes and not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
         raise UserError(f"{root / INFO_NAME}: \"classes\" must be a list of wnids, got {str(classes)[:100]}")
     if not classes:
