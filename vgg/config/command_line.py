@@ -36,12 +36,34 @@ def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases (`*a`: a config has no use for them, and nested ones expand
+    without bound when printed) and without a key given twice (the later one would silently win)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"aliases (*{event.anchor}) are not allowed in a config",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=True) for key, _ in node.value]
+        twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+        if twice is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} given twice", node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: Path) -> dict:
     """Read a config file; unknown keys and wrong types fail loudly (STYLE: fail on bad config)."""
     try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+        values = yaml.load(path.read_bytes().decode("utf-8"), Loader=_ConfigLoader) or {}
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
+        detail = getattr(e, "problem", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "")
+        raise UserError(f"{path}: not valid YAML ({e.__class__.__name__}{': ' + detail if detail else ''})") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of config fields")
     for key, value in values.items():

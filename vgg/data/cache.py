@@ -27,7 +27,7 @@ def _read_json(paths: list[Path], is_valid) -> dict | None:
     for path in paths:
         try:
             content = json.loads(path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8 or JSON, nested too deep
             continue
         if isinstance(content, dict) and is_valid(content):
             return content

@@ -8,6 +8,7 @@ folders (their names or modification times) change.
 """
 
 import errno
+import hashlib
 import logging
 import os
 import struct
@@ -110,6 +111,14 @@ def warn_unreadable(files) -> None:
         _warn_once(f"warning: skipping unreadable image {file.path} ({file.reason})", key=f"unreadable:{file.path}")
 
 
+def _is_file_list(files, folders: dict) -> bool:
+    """A cached {wnid: [file name]} for exactly these class folders, of plain file names (a damaged or
+    hand-edited cache could hold anything: numbers, `../x`, a folder that is gone)."""
+    return (isinstance(files, dict) and sorted(files) == sorted(folders)
+            and all(isinstance(names, list) and all(isinstance(n, str) and n not in ("", ".", "..") and "/" not in n
+                                                    for n in names) for names in files.values()))
+
+
 def list_files(split_dir) -> dict[str, list[str]]:
     """{wnid: sorted image file names} for `split_dir/<wnid>/*`, from the cache when it is current.
 
@@ -125,7 +134,8 @@ def list_files(split_dir) -> dict[str, list[str]]:
     folders, loops = _class_folders(split_dir)
     paths = _cache_paths(split_dir, FILELIST_NAME)
     cached = _read_json(paths, lambda c: c.get("version") == FILELIST_VERSION and c.get("folders") == folders
-                        and isinstance(c.get("files"), dict) and isinstance(c.get("loops", []), list))
+                        and _is_file_list(c.get("files"), folders)
+                        and isinstance(c.get("loops", []), list) and all(isinstance(n, str) for n in c.get("loops", [])))
     if cached is not None:
         files = cached["files"]
         loops += cached.get("loops", [])
@@ -195,6 +205,13 @@ class ImageFolder(Dataset):
                                dtype=np.int64)
         self.transform = transform
 
+    def fingerprint(self) -> dict:
+        """What an epoch's order is built from: the number of files and a hash of their sorted list
+        (checkpoints keep it, so that a mid-epoch resume can tell a changed training set, issue 29)."""
+        digest = hashlib.sha256(self._names.tobytes())
+        digest.update(self._offsets.tobytes())
+        return {"count": len(self), "sha256": digest.hexdigest()}
+
     def path(self, index: int) -> str:
         name = self._names[self._offsets[index]:self._offsets[index + 1]].tobytes()
         return os.path.join(self.root, os.fsdecode(name))
@@ -230,6 +247,20 @@ class ImageFolder(Dataset):
     def __repr__(self) -> str:
         return (f"ImageFolder({str(self.root)!r}: {len(self)} images, {len(self.classes)} classes, "
                 f"transform={self.transform!r})")
+
+
+def require_a_readable_image(dataset, where) -> None:
+    """UserError unless some image of `dataset` (ImageFolder-like items) decodes: a validation set of
+    unreadable files would report 100 % error and drop the lr every epoch (issue 29). Stops at the first
+    readable image, so a sound set costs one decode."""
+    unreadable = []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        if item[0] is not None:
+            return
+        unreadable.append(item[2])
+    example = f", e.g. {unreadable[0].path}: {unreadable[0].reason}" if unreadable else ""
+    raise UserError(f"no readable image in {where} ({len(unreadable)} unreadable{example})")
 
 
 def split_unreadable(items) -> tuple[list, list[Unreadable]]:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchcodec.decoders import decode_jpeg
 
 from vgg.core.errors import UserError
+from vgg.data import jpeg as vjpeg
 from vgg.data.folders import DECODE_ERRORS, ImageFolder, Unreadable, split_unreadable
 from vgg.data.transforms import TrainCrop, draw_alphas, draw_train_crop, load_rgb, sample_generator, to_uint8_tensor
 
@@ -158,9 +159,10 @@ def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>",
         return None
     if data[:3].numpy().tobytes() == JPEG_MAGIC:
         try:
+            vjpeg.check_whole(data.numpy().tobytes())  # TorchCodec would fill a file cut short grey
             return decode_jpeg(data, mode="RGB")
-        except RuntimeError:
-            pass  # e.g. truncated: let PIL have a go, as the CPU path would
+        except (RuntimeError, OSError):
+            pass  # e.g. truncated: let PIL have a go, as the CPU path would (and it refuses it likewise)
     try:  # the CPU path's decoder: same conversions (CMYK, grey, palette -> RGB), same refusals
         with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
             return to_uint8_tensor(load_rgb(image)).contiguous()

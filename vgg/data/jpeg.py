@@ -85,6 +85,7 @@ def _load():
         library.vgg_jpeg_decode_crop.argtypes = [buffer, size, ints, ints, ints, ints, ctypes.c_void_p,
                                                  ctypes.c_char_p]
         library.vgg_jpeg_header.argtypes = [buffer, size, ctypes.c_void_p, ctypes.c_char_p]
+        library.vgg_jpeg_check.argtypes = [buffer, size, ctypes.c_char_p]
         _library = library
     return _library
 
@@ -116,11 +117,25 @@ def read_colour_jpeg(data: bytes) -> JpegFile | None:
     return JpegFile(data, header[0], header[1])
 
 
+def check_whole(data: bytes) -> None:
+    """OSError if libjpeg warns on the JPEG file `data` (a file cut short but ending in an end-of-image
+    marker: "premature end of data segment"; corrupt data), which PIL and TorchCodec decode without a
+    word, filling the missing rows grey; their callers ask this first. Reads the file's coefficients
+    only (no IDCT). A file without its end marker is left to those decoders, which refuse it ("image file
+    is truncated"); nothing is checked where the cropped decoder could not be built."""
+    if data[:3] != JPEG_START or not data.endswith(JPEG_END) or not available():
+        return
+    message = ctypes.create_string_buffer(MESSAGE_SIZE)
+    if _load().vgg_jpeg_check(data, len(data), message) != 0:
+        raise OSError(message.value.decode(errors="replace"))
+
+
 def decode_crop(data: bytes, top: int, left: int, height: int, width: int) -> torch.Tensor:
     """Rows top..top+height-1 and columns left..left+width-1 of the full-size RGB decode of a colour
     JPEG file -> uint8 [3, height, width] (a CHW view of HWC pixels, as vgg.data.transforms.to_uint8_tensor).
 
-    OSError for a damaged file: libjpeg's errors and its warnings (corrupt data, premature end).
+    OSError for a damaged file: libjpeg's errors and its warnings (corrupt data, premature end), also
+    below the box (its rows are entropy-decoded, not transformed, to reach the file's end).
     """
     pixels = np.empty((height, width, 3), dtype=np.uint8)
     message = ctypes.create_string_buffer(MESSAGE_SIZE)

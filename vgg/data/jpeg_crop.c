@@ -71,6 +71,27 @@ int vgg_jpeg_header(const unsigned char *data, unsigned long size, int *out, cha
     return 0;
 }
 
+/* Whether a JPEG file's entropy-coded data is whole: 0, or -1 with a message (JMSG_LENGTH_MAX bytes).
+ * A file cut short but ending in an end-of-image marker decodes without an error: libjpeg only warns
+ * ("premature end of data segment") and fills the rest grey, and PIL and TorchCodec pass that warning
+ * by. This reads all of its coefficients (entropy decoding only: no IDCT, no colour conversion), so that
+ * warning, and any other, makes the file unreadable for the decoders that cannot tell (issue 29). */
+int vgg_jpeg_check(const unsigned char *data, unsigned long size, char *message) {
+    struct jpeg_decompress_struct cinfo;
+    struct error_handler handler;
+    use_handler(&cinfo, &handler, message);
+    if (setjmp(handler.jump)) {
+        jpeg_destroy_decompress(&cinfo);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_mem_src(&cinfo, data, size);
+    jpeg_read_header(&cinfo, TRUE);
+    jpeg_read_coefficients(&cinfo);
+    jpeg_destroy_decompress(&cinfo);
+    return 0;
+}
+
 /* Rows [top, top + height) and columns [left, left + width) of the full-size RGB decode, into `out`
  * (height x width x 3 bytes, row-major). Returns 0, or -1 with a message (JMSG_LENGTH_MAX bytes). */
 int vgg_jpeg_decode_crop(const unsigned char *data, unsigned long size, int top, int left, int height,
@@ -120,9 +141,15 @@ int vgg_jpeg_decode_crop(const unsigned char *data, unsigned long size, int top,
         for (int i = 0; i < got; i++)
             if (y + i >= top) memcpy(out + (size_t)(y + i - top) * row_bytes, rows[i] + offset, row_bytes);
     }
+    /* The rows below are not needed, but their entropy-coded data is read (the IDCT of whole skipped
+     * iMCU rows is not done), so that a file cut short below the box warns, hence fails, as it does for a
+     * box that reaches the cut: a damaged file is skipped whatever its crop (issue 29). */
+    int last = image_h - 1;
+    if ((int)cinfo.output_scanline < last) jpeg_skip_scanlines(&cinfo, (JDIMENSION)(last - (int)cinfo.output_scanline));
+    if ((int)cinfo.output_scanline < image_h) jpeg_read_scanlines(&cinfo, rows, 1);
     free(rows_buffer);
     rows_buffer = NULL;
-    jpeg_abort_decompress(&cinfo);  /* the rows below are not needed */
+    jpeg_abort_decompress(&cinfo);
     jpeg_destroy_decompress(&cinfo);
     return 0;
 }

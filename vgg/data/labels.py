@@ -23,6 +23,16 @@ def _check_name(kind: str, name: str, where: str) -> str:
     return name
 
 
+def read_lines(path: Path) -> list[str]:
+    """A text file's lines; UserError naming it when it cannot be read or is not UTF-8 text."""
+    try:
+        return Path(path).read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); expected a plain text file") from None
+    except OSError as e:
+        raise UserError(f"{path} cannot be read ({e.strerror or e})") from None
+
+
 def read_devkit_classes(path) -> list[str]:
     """The wnids in ILSVRC2012_ID order (ID 1 first): from the devkit's data/meta.mat, or a text file
     with one wnid per line (extra words after the wnid, as in synset_words.txt, are ignored)."""
@@ -41,7 +51,7 @@ def read_devkit_classes(path) -> list[str]:
         if [i for i, _ in leaves] != list(range(1, len(leaves) + 1)):
             raise UserError(f"{path}: the leaf synsets' ILSVRC2012_IDs are not 1..{len(leaves)}")
         return [wnid for _, wnid in leaves]
-    wnids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    wnids = [line.split()[0] for line in read_lines(path) if line.strip()]
     for wnid in wnids:
         _check_name("wnid", wnid, str(path))
     if len(set(wnids)) != len(wnids):
@@ -63,7 +73,7 @@ def read_val_labels(labels_file, devkit_classes=None) -> dict[str, str]:
     path = Path(labels_file)
     if not path.is_file():
         raise UserError(f"labels file {path} not found")
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in read_lines(path) if line.strip()]
     if lines and lines[0].strip().replace(" ", "") == "ImageId,PredictionString":
         return _read_kaggle_labels(path, lines[1:])
     rows = [line.split() for line in lines]

@@ -15,19 +15,22 @@ n01440764 (tench); a source that disagrees is refused with one line (the classic
 taking the devkit's ILSVRC2012_IDs, which follow the WordNet hierarchy, as class indices).
 """
 
+import contextlib
 import json
+import lzma
 import os
 import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections import Counter
 from pathlib import Path
 
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger, progress_bar
 from vgg.data.folders import IMG_EXTENSIONS
-from vgg.data.labels import _check_name, read_devkit_classes, read_val_labels
+from vgg.data.labels import _check_name, read_devkit_classes, read_lines, read_val_labels
 
 log = get_logger()
 
@@ -131,9 +134,12 @@ class Writer:
         if self._present(path, size):
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            shutil.copyfileobj(fileobj, f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(fileobj, f)
+            os.replace(tmp, path)
+        finally:  # an archive cut short (or an interrupt) leaves no half file behind, hidden or not
+            tmp.unlink(missing_ok=True)
         self.counts["extracted"] += 1
 
     # An archive unpacked whole is recorded (name, size, mtime), so a repeated run skips it unread.
@@ -193,11 +199,23 @@ def unpack(writer: Writer, split: str, archive: Path, name_to_wnid, every_s: flo
     if writer.archive_done(archive):
         log.info(f"{archive.name}: unpacked by an earlier run, skipped")
         return
-    for member_name, fileobj, size in tar_members(archive, every_s, f"{split}: {archive.name}"):
-        if _is_image(member_name):
-            wnid, name = name_to_wnid(member_name)
-            writer.extract(split, wnid, name, fileobj, size)
+    with _reading(archive):
+        for member_name, fileobj, size in tar_members(archive, every_s, f"{split}: {archive.name}"):
+            if _is_image(member_name):
+                wnid, name = name_to_wnid(member_name)
+                writer.extract(split, wnid, name, fileobj, size)
     writer.mark_done(archive)
+
+
+@contextlib.contextmanager
+def _reading(archive: Path):
+    """One line for an archive cut short or damaged while its members are read (tar_members reports only
+    what tarfile raises between members; a member's bytes are read by its consumer)."""
+    try:
+        yield
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as e:
+        raise UserError(f"{archive} is cut short or damaged ({type(e).__name__}: {' '.join(str(e).split())}): "
+                        "download it again") from None
 
 
 def check_dest(dest: Path) -> tuple[list[str], int, int]:
@@ -236,7 +254,7 @@ def prepare_kaggle(src: Path, writer: Writer, every_s: float) -> None:
     check_class_order(classes, loc / "train")
     mapping = src / "LOC_synset_mapping.txt"
     if mapping.is_file():
-        listed = [line.split()[0] for line in mapping.read_text().splitlines() if line.strip()]
+        listed = [line.split()[0] for line in read_lines(mapping) if line.strip()]
         check_class_order(listed, mapping)
         if listed != classes:
             raise UserError(f"{mapping} lists {len(listed)} classes, {loc / 'train'} holds {len(classes)} "
@@ -344,7 +362,7 @@ def prepare_devkit(src: Path, writer: Writer, every_s: float) -> None:
         link_all(writer, "train", [(w, p) for w in sorted(classes) for p in classes[w]], every_s)
     elif train_tar.is_file():
         if not writer.archive_done(train_tar):
-            with tempfile.TemporaryDirectory(dir=writer.dest) as scratch:
+            with tempfile.TemporaryDirectory(dir=writer.dest) as scratch, _reading(train_tar):
                 # The archive holds one tar per class; each is unpacked from a scratch copy, one at a time.
                 for name, fileobj, _ in tar_members(train_tar, every_s, f"train: {train_tar.name}"):
                     inner = Path(scratch) / _check_name("file name", name, str(train_tar))

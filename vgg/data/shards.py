@@ -32,6 +32,7 @@ Validation and evaluation read the validation shards by position (`ShardImages`:
 once per process, each image read at its offset), as evaluation files each image's result by position.
 """
 
+import hashlib
 import io
 import json
 import math
@@ -51,6 +52,7 @@ from vgg.data import cache as vcache
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
 from vgg.data import stats as vstats
+from vgg.data.labels import read_lines
 from vgg.data.prepare import check_class_order
 from vgg.data.transforms import EvalTransform
 
@@ -62,6 +64,34 @@ PREFIX = "imagenet1k"
 SPLITS = {"train": "train", "val": "validation"}  # class-folder split -> shard split name (timm's)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # images (their JPEG bytes, ~110 kB each on ImageNet) per DataLoader worker
+
+
+class ShardError(UserError):
+    """A damaged or truncated shard, met in a DataLoader worker. The DataLoader raises it again in the main
+    process as ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback ..."):
+    that is cut back here to the one line it was raised with, so the command lines print one line."""
+
+    def __init__(self, message: str):
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if last.startswith(f"{__name__}.ShardError: ") else last
+        super().__init__(message)
+
+
+# What reading a damaged tar raises: bad headers and data cut short (TarError, EOFError), a .cls that is
+# no number (ValueError, UnicodeDecodeError), a sample without its members (UserError), I/O errors.
+SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, UserError)
+
+
+def _damaged(path: Path, error: BaseException) -> ShardError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return ShardError(f"shard {path} is damaged or cut short ({reason[:200]}): write it again or download it again")
+
+
+def _check_count(path: Path, count: int, expected: int) -> None:
+    if count != expected:
+        raise ShardError(f"shard {path} holds {count} samples where {INFO_NAME} says {expected}: it is damaged "
+                         "or cut short; write it again or download it again")
 
 
 def is_shard_dir(path) -> bool:
@@ -212,6 +242,8 @@ def open_split(root, split: str) -> ShardSplit:
         raise UserError(f"{root}: {len(missing)} of the {len(paths)} {split} shards in {INFO_NAME} are missing "
                         f"(first: {missing[0] if missing else 'none listed'})")
     lengths = entry.get("shard_lengths")
+    if isinstance(lengths, list) and not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
+        raise UserError(f"{root / INFO_NAME}: {split} shard_lengths must be whole numbers >= 0, got {lengths[:5]!r}")
     if not (isinstance(lengths, list) and len(lengths) == len(paths)):
         log.info(f"{root / INFO_NAME} gives no shard_lengths for {split}: counting the samples of {len(paths)} shards")
         lengths = [_count_samples(p) for p in paths]
@@ -220,7 +252,9 @@ def open_split(root, split: str) -> ShardSplit:
                         f"shard_lengths ({sum(lengths)})")
     classes = info.get("classes")
     if classes is None and (root / CLASSES_NAME).is_file():
-        classes = [line.split()[0] for line in (root / CLASSES_NAME).read_text().splitlines() if line.strip()]
+        classes = [line.split()[0] for line in read_lines(root / CLASSES_NAME) if line.strip()]
+    if classes and not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
+        raise UserError(f"{root / INFO_NAME}: \"classes\" must be a list of wnids, got {str(classes)[:100]}")
     if not classes:
         raise UserError(f"{root}: no class list: add \"classes\" (the sorted wnids) to {INFO_NAME}, or a "
                         f"{CLASSES_NAME} with one wnid per line in sorted order (e.g. Kaggle's LOC_synset_mapping.txt)")
@@ -253,6 +287,25 @@ def _image_and_label(key: str, parts: dict, tar: tarfile.TarFile, path: Path) ->
 # Training: the stream
 # --------------------------------------------------------------------------------------------------
 
+def _read_shard(path: Path, skip: int, take: int, offset: int):
+    """(bytes, label, index, where) of samples skip..take-1 of a training shard; ShardError if it is damaged
+    or holds fewer samples than _info.json says (tarfile ends a cut tar without a word)."""
+    count = skip
+    try:
+        for i, (key, parts, tar) in enumerate(_iter_samples(path, skip), start=skip):
+            if i >= take:
+                break
+            image, label = _image_and_label(key, parts, tar, path)
+            data = tar.extractfile(image).read()
+            if len(data) != image.size:
+                raise EOFError(f"sample {key} cut short")
+            count += 1
+            yield data, label, offset + i, f"{path.name}:{key}"
+    except SHARD_ERRORS as e:
+        raise _damaged(path, e) from None
+    _check_count(path, count, take)
+
+
 def _parts(total: int, n: int) -> list[int]:
     """`total` items dealt into n contiguous parts, the first ones one larger: [7, 7, 6] for (20, 3)."""
     return [total // n + (1 if i < total % n else 0) for i in range(n)]
@@ -282,6 +335,11 @@ class ShardStream(IterableDataset):
 
     def __len__(self) -> int:
         return sum(self.split.lengths)
+
+    def fingerprint(self) -> dict:
+        """What an epoch's order is built from (as ImageFolder.fingerprint): the shards' names and lengths."""
+        listing = "\n".join(f"{path.name}\t{length}" for path, length in zip(self.split.paths, self.split.lengths))
+        return {"count": len(self), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
     def worker_counts(self) -> list[list[int]]:
         """Images per rank and worker, the same every epoch."""
@@ -315,11 +373,7 @@ class ShardStream(IterableDataset):
             length, path = self.split.lengths[shard], self.split.paths[shard]
             if position + length > first and position < stop:
                 skip, take = max(0, first - position), min(length, stop - position)
-                for i, (key, parts, tar) in enumerate(_iter_samples(path, skip), start=skip):
-                    if i >= take:
-                        break
-                    image, label = _image_and_label(key, parts, tar, path)
-                    yield tar.extractfile(image).read(), label, offsets[shard] + i, f"{path.name}:{key}"
+                yield from _read_shard(path, skip, take, offsets[shard])
             position += length
             if position >= stop:
                 return
@@ -367,22 +421,35 @@ class ShardImages(Dataset):
     def __init__(self, split: ShardSplit, transform=None, limit: int | None = None):
         self.split, self.transform, self.classes = split, transform, list(split.classes)
         self.samples = []  # (shard path, image offset, image size, label, key)
-        for path in split.paths:
-            for key, parts, tar in _iter_samples(path):
-                image, label = _image_and_label(key, parts, tar, path)
-                self.samples.append((str(path), image.offset_data, image.size, label, key))
-                if limit is not None and len(self.samples) >= limit:
-                    return
+        for path, length in zip(split.paths, split.lengths):
+            before, size = len(self.samples), path.stat().st_size
+            try:
+                for key, parts, tar in _iter_samples(path):
+                    image, label = _image_and_label(key, parts, tar, path)
+                    if image.offset_data + image.size > size:
+                        raise EOFError(f"sample {key} cut short")
+                    self.samples.append((str(path), image.offset_data, image.size, label, key))
+                    if limit is not None and len(self.samples) >= limit:
+                        return
+            except SHARD_ERRORS as e:
+                raise _damaged(path, e) from None
+            _check_count(path, len(self.samples) - before, length)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
         path, offset, size, label, key = self.samples[index]
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
-        return _decode(data, label, f"{Path(path).name}:{key}", self.transform, None)
+        where = f"{Path(path).name}:{key}"
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except OSError as e:  # the shard went away or cannot be read any more: this image is unreadable
+            return None, label, vfolders.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
+        if len(data) != size:
+            return None, label, vfolders.Unreadable(where, f"cut short: {len(data)} of {size} bytes")
+        return _decode(data, label, where, self.transform, None)
 
 
 def open_val(root, transform) -> ShardImages:
@@ -420,8 +487,7 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     The training stream is not used: a sample of fixed images, read once, by position."""
     root = Path(train_dir).parent
     paths = vcache._cache_paths(root, vstats.STATS_NAME)
-    cached = vcache._read_json(paths, lambda c: c.get("num_images") == num_images and c.get("seed") == seed
-                              and "mean_rgb" in c)
+    cached = vcache._read_json(paths, lambda c: vstats.is_valid_cache(c, num_images=num_images, seed=seed))
     if cached is not None:
         return vstats.DatasetStats.from_dict(cached)
     dataset = ShardImages(open_split(root, SPLITS["train"]), EvalTransform(scale=vstats.STATS_SIDE), limit=num_images)

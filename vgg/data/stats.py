@@ -2,6 +2,7 @@
 covariance, computed once from a sample of training images and cached as `<root>/vgg_stats.json`.
 """
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -69,6 +70,38 @@ class DatasetStats:
                             f"eigvec: 3x3 numbers; got {d['mean_rgb']!r}, {d['eigval']!r}, {d['eigvec']!r}")
         return cls(mean_rgb=tuple(mean.tolist()), eigval=tuple(eigval.tolist()),
                    eigvec=tuple(tuple(row) for row in eigvec.tolist()))
+
+
+def _unique_keys(pairs: list) -> dict:
+    keys = [key for key, _ in pairs]
+    duplicates = sorted({key for key in keys if keys.count(key) > 1})
+    if duplicates:
+        raise ValueError(f"key {duplicates[0]!r} given twice")
+    return dict(pairs)
+
+
+def read_stats_file(path) -> DatasetStats:
+    """A `--stats FILE`: JSON as `DatasetStats.to_dict` writes it; UserError naming the file for anything
+    else (not UTF-8, not JSON, nested too deep, a key given twice, wrong values)."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=_unique_keys)
+        return DatasetStats.from_dict(content)
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested too deep" if isinstance(e, RecursionError) else " ".join(f"{type(e).__name__}: {e}".split())
+        raise UserError(f"stats file {path} is not a JSON file of mean_rgb, eigval, eigvec ({reason[:200]})") from None
+    except UserError as e:
+        raise UserError(f"stats file {path}: {e}") from None
+
+
+def is_valid_cache(content: dict, *, num_images: int, seed: int) -> bool:
+    """Whether a statistics cache holds sound statistics made with num_images and seed (a damaged one is
+    computed again)."""
+    try:
+        DatasetStats.from_dict(content)
+    except UserError:
+        return False
+    return content.get("num_images") == num_images and content.get("seed") == seed
 
 
 # The well-known ImageNet values: mean RGB as in the Caffe VGG release; the PCA of AlexNet §4.1 as
@@ -144,14 +177,7 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     num_images and seed."""
     train_dir = Path(train_dir)
     paths = _cache_paths(train_dir.parent, STATS_NAME)
-    def is_valid(content: dict) -> bool:
-        try:
-            DatasetStats.from_dict(content)
-        except UserError:
-            return False  # a damaged cache: compute again
-        return content.get("num_images") == num_images and content.get("seed") == seed
-
-    cached = _read_json(paths, is_valid)
+    cached = _read_json(paths, lambda content: is_valid_cache(content, num_images=num_images, seed=seed))
     if cached is not None:
         return DatasetStats.from_dict(cached)
     stats, used, skipped = compute_stats(train_dir, num_images=num_images, seed=seed, workers=workers,

@@ -51,7 +51,9 @@ from vgg.data import jpeg as vjpeg
 
 # Decoding. PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays at its default, False, on purpose: a truncated
 # JPEG raises OSError("image file is truncated") when loaded, and vgg.data.folders.ImageFolder skips the file
-# with a warning instead of training on an image whose lower part is grey filler.
+# with a warning instead of training on an image whose lower part is grey filler. A JPEG cut short but
+# ending in an end-of-image marker gets past that check (libjpeg only warns, "premature end of data
+# segment", and PIL and TorchCodec drop its warnings): vgg.data.jpeg.check_whole refuses it first.
 
 # 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
 # value above 255, which turns them all white, so load_rgb scales them to 8 bits first (`_to_8_bit`).
@@ -77,6 +79,7 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if isinstance(image, (str, Path)):
         image = Image.open(image)
     if _is_unloaded(image):
+        _check_whole_jpeg(image)
         _set_draft(image, min_side)
         image.load()
     elif min_side is not None and min(image.size) < min_side and _drafted_scale(image) > 1 \
@@ -88,6 +91,14 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
     if image.mode in SIXTEEN_BIT_MODES:
         image = _to_8_bit(image)
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _check_whole_jpeg(image: Image.Image) -> None:
+    """OSError for a JPEG that libjpeg warns on (cut short but ending in an end-of-image marker: PIL
+    would fill its lower part grey without a word, even with LOAD_TRUNCATED_IMAGES False)."""
+    if image.format == "JPEG":
+        image.fp.seek(0)
+        vjpeg.check_whole(image.fp.read())
 
 
 def _set_draft(image: Image.Image, min_side: int | None) -> None:
@@ -120,6 +131,7 @@ def decode_uint8(image, min_side: int | None = None) -> torch.Tensor:
 
 def _decode_jpeg_file(data: bytes) -> torch.Tensor:
     """A colour JPEG file's bytes -> uint8 [3, H, W], by TorchCodec; OSError for a damaged file."""
+    vjpeg.check_whole(data)  # TorchCodec only prints libjpeg's warnings (a file cut short: grey rows)
     try:
         return decode_jpeg(data, mode="RGB")
     except RuntimeError as e:  # TorchCodec's error for a corrupt or truncated file

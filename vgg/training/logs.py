@@ -2,6 +2,8 @@
 per-epoch scalars and image grid.
 """
 
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,15 +21,39 @@ NOT_IN_ROW = ("interrupted", "step", "sums", "unreadable")
 SKIPPED_LIST = "skipped.txt"
 
 
+# skipped.txt holds one `path<TAB>reason` line a file, UTF-8. A path (or reason) may hold any byte but
+# "/" and NUL: bytes that are not UTF-8 (a name from another system's encoding, which Python keeps as
+# surrogates), a backslash, a tab, a newline or a carriage return are written as \xNN, \\, \t, \n, \r,
+# so that every line stays one file and the list reads back exactly (issue 29).
+_ESCAPES = {b"\\": b"\\\\", b"\t": b"\\t", b"\n": b"\\n", b"\r": b"\\r"}
+_UNESCAPES = {b"\\": b"\\", b"t": b"\t", b"n": b"\n", b"r": b"\r"}
+_ESCAPED = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)", re.DOTALL)
+
+
+def escape_name(text: str) -> str:
+    raw = os.fsencode(text) if isinstance(text, str) else text
+    raw = re.sub(rb"[\\\t\n\r]", lambda m: _ESCAPES[m.group()], raw)
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def unescape_name(text: str) -> str:
+    def one(match):
+        code = match.group(1)
+        return bytes([int(code[1:], 16)]) if code[:1] == b"x" and len(code) == 3 else _UNESCAPES.get(code, code)
+    return os.fsdecode(_ESCAPED.sub(one, text.encode("utf-8", "surrogateescape")))
+
+
 def read_skipped_list(path: Path) -> dict[str, str]:
-    """skipped.txt -> {path: reason}."""
-    lines = [line.split("\t", 1) for line in path.read_text().splitlines() if line.strip()]
-    return {parts[0]: parts[1] if len(parts) > 1 else "" for parts in lines}
+    """skipped.txt -> {path: reason}, as write_skipped_list wrote them."""
+    text = path.read_bytes().decode("utf-8", "surrogateescape")  # (older lists could hold raw bytes)
+    lines = [line.split("\t", 1) for line in text.split("\n") if line.strip()]
+    return {unescape_name(parts[0]): unescape_name(parts[1]) if len(parts) > 1 else "" for parts in lines}
 
 
 def write_skipped_list(path: Path, files: dict[str, str]) -> None:
-    """The run's unreadable files, one `path<TAB>reason` line each, sorted."""
-    path.write_text("".join(f"{name}\t{reason}\n" for name, reason in sorted(files.items())))
+    """The run's unreadable files, one `path<TAB>reason` line each, sorted, awkward bytes escaped."""
+    text = "".join(f"{escape_name(name)}\t{escape_name(reason)}\n" for name, reason in sorted(files.items()))
+    path.write_text(text, encoding="utf-8")
 
 
 # The TensorBoard custom-scalars page ("CUSTOM SCALARS"): the charts to look at first, then the rest.

@@ -86,7 +86,7 @@ def load_stats(config: Config, train_dir: Path) -> vstats.DatasetStats:
         path = Path(config.stats)
         if not path.is_file():
             raise UserError(f"stats file not found: {path} (use --stats auto or imagenet)")
-        return vstats.DatasetStats.from_dict(json.loads(path.read_text()))
+        return vstats.read_stats_file(path)
     stats = None
     if is_main_process():
         shards = vshards.is_shard_dir(train_dir.parent)
@@ -141,6 +141,7 @@ class RunData:
     sampler: EpochSampler
     per_rank_batch: int
     steps_per_epoch: int
+    train_files: dict | None = None  # what the epoch's order is built from (count, hash), kept in checkpoints
 
     @property
     def classes(self) -> list[str]:
@@ -279,6 +280,9 @@ def build_data(config: Config, ckpt: dict | None, dist: DistInfo) -> RunData:
     if val_set.classes != train_set.classes:
         raise UserError(f"{root / 'val'} has {len(val_set.classes)} classes, {root / 'train'} has "
                         f"{len(train_set.classes)}: the class folders must be the same")
+    vfolders.require_a_readable_image(val_set, getattr(val_set, "root", f"the validation shards of {root}"))
+    train_files = train_set.fingerprint()
+    check_training_set(ckpt, train_files)
     sampler = EpochSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)
     steps_per_epoch = sampler.per_rank() // per_rank_batch
     if isinstance(train_set, vshards.ShardStream):  # every image once an epoch, the same steps on every rank
@@ -291,7 +295,23 @@ def build_data(config: Config, ckpt: dict | None, dist: DistInfo) -> RunData:
         torch.utils.data.Subset(val_set, shard_indices(len(val_set), dist.rank, dist.world_size)),
         batch_size=per_rank_batch, shuffle=False, workers=config.workers,
         collate_fn=vloaders.collate_batch, seed=config.seed)
-    return RunData(stats, train_set, val_set, val_loader, sampler, per_rank_batch, steps_per_epoch)
+    return RunData(stats, train_set, val_set, val_loader, sampler, per_rank_batch, steps_per_epoch, train_files)
+
+
+def check_training_set(ckpt: dict | None, files: dict) -> None:
+    """A mid-epoch resume deals the rest of the epoch's order, which was built from the training file
+    list: with files added, removed or renamed since, some images would be trained twice and others
+    not at all, so it is refused; at an epoch boundary the run goes on, with one line (issue 29)."""
+    saved = ckpt.get("train_files") if ckpt else None
+    if not isinstance(saved, dict) or saved == files:  # older checkpoints do not record it
+        return
+    what = (f"{saved.get('count')} training files then, {files['count']} now" if saved.get("count") != files["count"]
+            else f"{files['count']} training files then and now, a different list")
+    if ckpt["step"]:
+        raise UserError(f"the training set changed since the checkpoint of epoch {ckpt['epoch']} step {ckpt['step']} "
+                        f"({what}): the rest of that epoch would train some images twice and skip others; put the "
+                        "files back, or resume from a checkpoint saved at an epoch's end")
+    log.info(f"the training set changed since the checkpoint ({what}): epoch {ckpt['epoch']} on is dealt from the new list")
 
 
 def build_net_and_optimizer(config: Config, data: RunData, speed: Speed, dist: DistInfo) -> Net:
@@ -377,7 +397,7 @@ def save(parts: RunParts, name: str, epoch: int, step: int, epoch_sums: list[flo
         optimizer=net.optimizer.state_dict(), scheduler=net.scheduler.state_dict(), epoch=epoch, step=step,
         lr_drops=position.lr_drops, world_size=parts.dist.world_size, rng=rng_state(),
         config=parts.config.to_dict(), stats=parts.data.stats.to_dict(), classes=parts.data.classes,
-        best_top1=position.best_top1, best=position.best, epoch_sums=epoch_sums)
+        best_top1=position.best_top1, best=position.best, epoch_sums=epoch_sums, train_files=parts.data.train_files)
 
 
 def train_epochs(parts: RunParts, stop: StopFlag) -> tuple[dict, int]:
