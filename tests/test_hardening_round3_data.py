@@ -13,15 +13,13 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, assert_one_line_error, subprocess_env
+from conftest import assert_one_line_error
 from PIL import Image
 from test_train import common_cli_args, tiny_config, train_cli
 
