@@ -2,10 +2,14 @@
 every rank stops at the same step and the run saves there.
 """
 
+import logging
 import os
 import signal
+import sys
+import time
 
 from vgg.core.distributed import all_reduce_max
+from vgg.core.launch import report
 from vgg.core.progress import get_logger
 
 log = get_logger()
@@ -15,6 +19,12 @@ log = get_logger()
 # Ctrl-C; SIGTERM (kill, and SLURM's preemption or scancel); SIGUSR1 (the warning SLURM sends before
 # the time limit, as scripts/slurm/ ask for it: that exit, 138, means "requeue me").
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# A second SIGINT this soon after the first is the same Ctrl-C delivered twice (to the process and, through
+# a launcher or a cluster's job step, again), not a second press.
+SECOND_PRESS_AFTER_S = 0.5
+
+
+STOPPED_AT_ONCE = "stopped at once by a second Ctrl-C, without saving: last.pt holds the last save before it"
 
 
 class StopFlag:
@@ -25,14 +35,23 @@ class StopFlag:
     the terminal's whole process group (as SLURM's signals reach every process of a job step): the
     handler acts in the process that installed it only (workers ignore the signal; the main process
     shuts them down), so the message is printed once.
+
+    A second Ctrl-C (SECOND_PRESS_AFTER_S or more after the first) ends the process at once, in the
+    handler, with one line and exit 130: no exception unwinds through whatever was running (a DataLoader
+    wait, a collective, the interpreter's exit). Checkpoints are written atomically, so last.pt is then
+    the last save that finished. Once a stop was asked for, `restore` keeps the handler: the process
+    is on its way out, and a Ctrl-C during its exit is a second one too.
     """
 
     def __init__(self):
         self.signal = None
+        self.since = 0.0  # when the stop was asked for (time.monotonic())
         self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
     def restore(self) -> None:
+        if self.signal is not None:  # stopping: the process exits next (see above)
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -40,11 +59,16 @@ class StopFlag:
         if os.getpid() != self.pid:  # a DataLoader worker
             return
         if self.signal is not None:
-            if signum == signal.SIGINT:  # a second Ctrl-C: stop right away
-                raise KeyboardInterrupt
+            if signum == signal.SIGINT and time.monotonic() - self.since > SECOND_PRESS_AFTER_S:
+                report(STOPPED_AT_ONCE)  # a second Ctrl-C: stop right away
+                logging.shutdown()
+                sys.stdout.flush()
+                os._exit(128 + signal.SIGINT)
             return  # (a batch script's forwarded USR1 and SLURM's own, say: one stop is enough)
-        self.signal = signum
-        log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the next step, then stopping")
+        self.signal, self.since = signum, time.monotonic()
+        again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
+        log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the next step, then "
+                    f"stopping{again}")
 
     def __call__(self) -> bool:
         return self.signal is not None
