@@ -1,11 +1,15 @@
 """One live run per run folder: a lock a crashed run does not leave behind, and the folders a refused run made.
 
 Two runs on one --run-name would interleave metrics.jsonl and overwrite each other's last.pt, best.pt and
-config.yaml. The run holds `fcntl.flock` on RUN_LOCK in its folder while it lives: the kernel drops the
-lock when the process ends, however it ends (kill -9 and an out-of-memory kill included), so no stale
-lock ever needs removing by hand. The file holds the holder's pid, for the refusal's line.
+config.yaml. The run holds a POSIX record lock (`fcntl.lockf`) on RUN_LOCK in its folder while it lives:
+the kernel drops it when the process ends, however it ends (kill -9 and an out-of-memory kill included),
+so no stale lock ever needs removing by hand. Not `flock`: its lock belongs to the open file, which the
+run's forked DataLoader workers share, so a run killed with -9 would stay locked until its orphaned
+workers noticed (seconds); a record lock belongs to the process alone. The file holds the holder's pid,
+for the refusal's line.
 """
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -26,8 +30,11 @@ class RunLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks: run unguarded
+                    os.close(fd)
+                    return
                 holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
                 os.close(fd)
                 raise UserError(f"{self.folder} is in use by a live run (pid {holder}): wait for it to end, "
