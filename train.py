@@ -11,7 +11,8 @@
 
 Exit codes: 0 done; 2 bad input (one `error:` line); 128 + signal after SIGINT (130), SIGUSR1 (138:
 SLURM's time-limit warning, "requeue me") or SIGTERM (143) on any process: every process stops at the
-same step and last.pt holds it (continue with --resume, or --resume if-exists as scripts/slurm/ do).
+same step and last.pt holds it (continue with --resume, or --resume if-exists as scripts/slurm/ do); a
+second Ctrl-C stops at once without saving (130, one line).
 
 Any config field can be overridden: `python train.py --config D --lr 0.005 --batch-size 128`.
 `python train.py --help` lists them all with the paper's defaults.

@@ -139,7 +139,8 @@ def test_gpus_without_cuda_is_refused_in_one_line(tmp_path):
     processes: one line that says so and how to ask for CPU processes, nothing started, no folder made."""
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", "D", "--gpus", "4",
                              "--out-dir", str(tmp_path / "checkpoints"), "--log-dir", str(tmp_path / "runs")],
-                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+                            cwd=ROOT, env={**subprocess_env(), "CUDA_VISIBLE_DEVICES": ""},  # none, on any machine
+                            capture_output=True, text=True, timeout=240)
     assert_one_line_error(result, "--gpus 4", "no CUDA GPU", "--device cpu")
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "runs").exists()
 
