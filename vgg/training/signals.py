@@ -2,7 +2,8 @@
 every rank stops at the same step and the run saves there.
 """
 
-import logging
+import contextlib
+import multiprocessing
 import os
 import signal
 import sys
@@ -36,16 +37,16 @@ class StopFlag:
     handler acts in the process that installed it only (workers ignore the signal; the main process
     shuts them down), so the message is printed once.
 
-    A second Ctrl-C (SECOND_PRESS_AFTER_S or more after the first) ends the process at once, in the
-    handler, with one line and exit 130: no exception unwinds through whatever was running (a DataLoader
-    wait, a collective, the interpreter's exit). Checkpoints are written atomically, so last.pt is then
+    A Ctrl-C once a stop was asked for (and SECOND_PRESS_AFTER_S or more after any Ctrl-C before it) ends
+    the process at once, in the handler, with one line and exit 130: no exception unwinds through whatever
+    was running (a DataLoader wait, a collective, the interpreter's exit). Checkpoints are written atomically, so last.pt is then
     the last save that finished. Once a stop was asked for, `restore` keeps the handler: the process
     is on its way out, and a Ctrl-C during its exit is a second one too.
     """
 
     def __init__(self):
         self.signal = None
-        self.since = 0.0  # when the stop was asked for (time.monotonic())
+        self.last_ctrl_c = -SECOND_PRESS_AFTER_S  # when SIGINT last came (time.monotonic())
         self.pid = os.getpid()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
 
@@ -58,17 +59,27 @@ class StopFlag:
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:  # a DataLoader worker
             return
+        now = time.monotonic()
+        since_ctrl_c, self.last_ctrl_c = now - self.last_ctrl_c, now if signum == signal.SIGINT else self.last_ctrl_c
         if self.signal is not None:
-            if signum == signal.SIGINT and time.monotonic() - self.since > SECOND_PRESS_AFTER_S:
-                report(STOPPED_AT_ONCE)  # a second Ctrl-C: stop right away
-                logging.shutdown()
-                sys.stdout.flush()
-                os._exit(128 + signal.SIGINT)
+            if signum == signal.SIGINT and since_ctrl_c >= SECOND_PRESS_AFTER_S:
+                self._stop_at_once()
             return  # (a batch script's forwarded USR1 and SLURM's own, say: one stop is enough)
-        self.signal, self.since = signum, time.monotonic()
+        self.signal = signum
         again = " (Ctrl-C again: stop at once, without saving)" if signum == signal.SIGINT else ""
         log.warning(f"{signal.Signals(signum).name} received: saving a checkpoint at the next step, then "
                     f"stopping{again}")
+
+    @staticmethod
+    def _stop_at_once() -> None:
+        """A second Ctrl-C: the DataLoader workers killed first (left behind, one would print a traceback
+        when its talk with this process broke off), one line, exit 130."""
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(OSError):
+                child.kill()
+        report(STOPPED_AT_ONCE)
+        sys.stdout.flush()
+        os._exit(128 + signal.SIGINT)
 
     def __call__(self) -> bool:
         return self.signal is not None
