@@ -18,7 +18,6 @@ with their own input normalisation (vgg/models/pretrained.py).
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 

@@ -37,11 +37,12 @@ class StopFlag:
     handler acts in the process that installed it only (workers ignore the signal; the main process
     shuts them down), so the message is printed once.
 
-    A Ctrl-C once a stop was asked for (and SECOND_PRESS_AFTER_S or more after any Ctrl-C before it) ends
-    the process at once, in the handler, with one line and exit 130: no exception unwinds through whatever
-    was running (a DataLoader wait, a collective, the interpreter's exit). Checkpoints are written atomically, so last.pt is then
-    the last save that finished. Once a stop was asked for, `restore` keeps the handler: the process
-    is on its way out, and a Ctrl-C during its exit is a second one too.
+    A Ctrl-C once a stop was asked for (and SECOND_PRESS_AFTER_S or more after any Ctrl-C before it)
+    ends the process at once, in the handler, with one line and exit 130: no exception unwinds through
+    whatever was running (a DataLoader wait, a collective, the interpreter's exit). Checkpoints are
+    written atomically, so last.pt is then the last save that finished. Once a stop was asked for,
+    `restore` keeps the handler: the process is on its way out, and a Ctrl-C during its exit is a
+    second one too.
     """
 
     def __init__(self):
