@@ -18,7 +18,6 @@ with their own input normalisation (vgg/models/pretrained.py).
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -28,11 +27,11 @@ from vgg.core.distributed import (
     exit_process,
     init_distributed,
     is_main_process,
-    launch_if_needed,
     set_cpu_threads,
 )
 from vgg.core.errors import UserError, out_of_memory_message
-from vgg.core.progress import get_logger, rank_prefix
+from vgg.core.launch import launch_if_needed, report
+from vgg.core.progress import get_logger
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -94,7 +93,7 @@ def main(argv=None) -> int:
         setattr(args, name, runtime_value(args, name))
     try:
         nets, val_dir = prepare(args)
-        launch_if_needed(args.gpus)  # --gpus N: re-run this script as N processes, then exit
+        launch_if_needed(args.gpus, args.device)  # --gpus N: re-run this script as N processes, then exit
         set_cpu_threads(args.device, args.workers)  # the first log line: how many threads on a CPU run
         dist = init_distributed(args.device)
         try:
@@ -102,14 +101,14 @@ def main(argv=None) -> int:
         finally:
             cleanup_distributed()
     except UserError as e:
-        print(f"{rank_prefix()}error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         return 2
     except (RuntimeError, MemoryError) as e:
         message = out_of_memory_message(e, f"lower --batch-size (now {args.batch_size}) or the test scales "
                                            "(--scales, --single-scale)")
         if message is None:
             raise
-        print(f"{rank_prefix()}error: {message}", file=sys.stderr)
+        report(f"error: {message}")
         return 2
     return 0
 

@@ -421,11 +421,24 @@ def test_stop_flag_first_signal_wins_second_ctrl_c_stops_at_once_and_workers_ign
         assert lines == ["SIGTERM received: saving a checkpoint at the next step, then stopping"]
         signal.raise_signal(signal.SIGUSR1)  # a second request changes nothing
         assert flag.signal == signal.SIGTERM
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)  # a second Ctrl-C: stop now
+        reported = []
+        monkeypatch.setattr(vsignals, "report", reported.append)
+        monkeypatch.setattr(vsignals.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
+        with pytest.raises(SystemExit) as stopped:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C while stopping: out at once, one line
+        assert stopped.value.code == 128 + signal.SIGINT and reported == [vsignals.STOPPED_AT_ONCE]
+        monkeypatch.undo()
+        flag.restore()  # stopping: the handler stays for the process's exit
+        assert all(signal.getsignal(sig) == flag._handle for sig in vsignals.STOP_SIGNALS)
     finally:
-        flag.restore()
-    assert all(signal.getsignal(sig) == flag.previous[sig] for sig in vsignals.STOP_SIGNALS)
+        for sig, handler in flag.previous.items():
+            signal.signal(sig, handler)
+    quiet = vsignals.StopFlag()
+    try:
+        quiet.restore()  # no stop asked for: the handlers before it come back
+        assert all(signal.getsignal(sig) == quiet.previous[sig] for sig in vsignals.STOP_SIGNALS)
+    finally:
+        quiet.restore()
 
     worker = vsignals.StopFlag()
     try:

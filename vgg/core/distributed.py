@@ -1,7 +1,7 @@
 """Processes: process-group setup, reductions, launching, SLURM's environment, CPU threads.
 
-One GPU or many use the same code. `--gpus N` (N > 1) re-executes the script under torchrun on this
-machine; several machines run it under torchrun directly (or under SLURM's `srun`, one task per GPU:
+One GPU or many use the same code. `--gpus N` (N > 1) re-executes the script as N processes on this
+machine (vgg/core/launch.py); several machines run it under torchrun directly (or under SLURM's `srun`, one task per GPU:
 see scripts/slurm/). Either way the script finds torchrun's RANK / WORLD_SIZE / LOCAL_RANK (or
 SLURM's SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) in its environment and `init_distributed` joins
 the process group: NCCL on CUDA, gloo on CPU (so tests can run two processes on a machine without a GPU).
@@ -288,33 +288,6 @@ def batches_side_by_side(device: str) -> int:
     if resolve_device(device) != "cpu" or _thread_variable():
         return 1
     return max(1, _cpu_share() // torch.get_num_threads())
-
-
-def launch_if_needed(gpus: int) -> None:
-    """With --gpus N > 1 and not already under torchrun: re-run this script as N processes, then exit.
-
-    The child processes see RANK/WORLD_SIZE/LOCAL_RANK and take the normal path through
-    `init_distributed`. Single-machine only; for several machines run torchrun yourself. torchrun
-    runs in this process, so that a child's failure ends the launcher with the child's exit code and
-    no second report: the child has already printed its one `error:` line (or its traceback).
-    """
-    if gpus <= 1 or "RANK" in os.environ:
-        return
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
-
-    # torchrun's own report of a failed child (a traceback-sized block) would bury the child's line.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, set here without its banner
-    try:
-        run(parse_args(["--standalone", f"--nproc-per-node={gpus}", sys.argv[0], *sys.argv[1:]]))
-    except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
-        if failure.exitcode < 0:  # killed by a signal: it could not say why itself
-            print(f"error: process rank {rank} was killed by {failure.signal_name()}", file=sys.stderr)
-            sys.exit(128 - failure.exitcode)
-        sys.exit(failure.exitcode)
-    sys.exit(0)
 
 
 def shard_indices(num_items: int, rank: int, world_size: int) -> list[int]:

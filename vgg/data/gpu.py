@@ -39,6 +39,7 @@ from torchcodec.decoders import decode_jpeg
 from vgg.core.errors import UserError
 from vgg.data import jpeg as vjpeg
 from vgg.data.folders import DECODE_ERRORS, ImageFolder, Unreadable, split_unreadable
+from vgg.data.loaders import ignore_stop_signals
 from vgg.data.transforms import TrainCrop, draw_alphas, draw_train_crop, load_rgb, sample_generator, to_uint8_tensor
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger, like vgg.data's
@@ -456,7 +457,7 @@ def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, 
     # the epoch set on the GpuTrainLoader), so the copy of the dataset they started with stays right.
     loader = DataLoader(EncodedImages(dataset), batch_size=batch_size, sampler=sampler,
                         shuffle=shuffle if sampler is None else False, num_workers=workers,
-                        collate_fn=collate_encoded, drop_last=drop_last,
+                        collate_fn=collate_encoded, drop_last=drop_last, worker_init_fn=ignore_stop_signals,
                         generator=torch.Generator().manual_seed(seed),
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
     return GpuTrainLoader(loader, device=device, crop_size=crop_size, scale_min=scale_min,

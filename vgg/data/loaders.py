@@ -3,6 +3,7 @@
 
 import math
 import random
+import signal
 
 import numpy as np
 import torch
@@ -65,11 +66,25 @@ def worker_init_fn(worker_id: int) -> None:
     the loader's generator every time an iterator (an epoch) starts: so workers differ, epochs differ,
     and a loader built with the same seed repeats exactly. Seeding the other two RNGs from it makes
     any transform that uses them follow the same rule.
+
+    The worker also ignores the stop signals (SIGINT, SIGTERM, SIGUSR1). SLURM, Kubernetes and Ctrl-C
+    signal every process of a job, workers included; a worker that died of one (torch's own SIGTERM
+    handler ends it) would fail the main process's next batch before it could stop at a step and save.
+    The main process ends its workers itself once it has stopped (the loader's shutdown; a worker whose
+    main process is gone ends on its own).
     """
+    ignore_stop_signals()
     seed = torch.initial_seed()
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """A DataLoader worker's `worker_init_fn` (or its first step): SIGINT, SIGTERM and SIGUSR1 are the main
+    process's to handle (see worker_init_fn)."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def build_loader(dataset, *, batch_size: int, shuffle: bool = False, workers: int, collate_fn,

@@ -1,6 +1,7 @@
 """A whole training run (paper §3.1): build everything from the config, loop over epochs, checkpoint.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from vgg.core.distributed import (
 )
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
+from vgg.core.runlock import RunLock
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
 from vgg.data import sample as vsample
@@ -193,13 +195,34 @@ def run(config: Config, resume: str = "") -> dict:
     stop = StopFlag()
     checkpoints = CheckpointWriter()
     try:
-        try:
-            return _run(config, resume, dist, stop, checkpoints)
-        finally:
-            checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
+        with hold_run_folder(Path(config.out_dir) / config.run_name):
+            try:
+                return _run(config, resume, dist, stop, checkpoints)
+            finally:
+                checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
     finally:
         stop.restore()
         cleanup_distributed()
+
+
+@contextlib.contextmanager
+def hold_run_folder(path: Path):
+    """Rank 0 holds the run folder's lock (vgg/core/runlock.py) for the whole run, taken before anything is
+    written there; every rank refuses, in one line, a folder that a live run (fresh or resumed) holds."""
+    lock = refused = None
+    if is_main_process():
+        try:
+            lock = RunLock(path)
+        except UserError as e:
+            refused = str(e)
+    refused = broadcast_object(refused)
+    if refused:
+        raise UserError(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoints: CheckpointWriter) -> dict:
