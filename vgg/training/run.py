@@ -49,6 +49,8 @@ from vgg.training.loop import train_one_epoch, validate
 from vgg.training.recipe import build_optimizer
 from vgg.training.resume import (
     apply_resume_changes,
+    check_checkpoint_fits_run,
+    check_resume_checkpoint,
     init_from_checkpoint,
     remove_stale_temp_files,
     restore_training_state,
@@ -212,11 +214,13 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
     # Checkpoints are read and checked before any data scan: a refused file or setting costs seconds.
     ckpt = load_checkpoint(resume_path, require=RESUME_KEYS) if resume_path else None
     changes = resume_changes(config, ckpt, resume_path, dist.world_size) if ckpt else []
+    if ckpt:
+        check_resume_checkpoint(ckpt, resume_path, config)  # every field: a crafted one fails here, not mid-run
     source_ckpt = None if resume_path else read_init_checkpoint(config)
     data = build_data(config, ckpt, dist)
     net = build_net_and_optimizer(config, data, speed, dist)
     if ckpt:
-        resume_from(ckpt, resume_path, net, changes, config, data.classes)
+        resume_from(ckpt, resume_path, net, changes, config, data.classes, data.steps_per_epoch)
     elif source_ckpt:
         copied = init_from_checkpoint(net.raw, source_ckpt, config.init_from, data.classes)
         log.info(f"initialised from {config.init_from}: copied {len(copied)} tensors: {', '.join(copied)}")
@@ -309,12 +313,14 @@ def build_net_and_optimizer(config: Config, data: RunData, speed: Speed, dist: D
     return Net(model, model, optimizer, scheduler)
 
 
-def resume_from(ckpt: dict, path: Path, net: Net, changes, config: Config, classes: list[str]) -> None:
+def resume_from(ckpt: dict, path: Path, net: Net, changes, config: Config, classes: list[str],
+                steps_per_epoch: int) -> None:
     """The checkpoint's weights, optimizer and schedule, with the changed flags applied (Position.of reads
     its place in the run)."""
     if ckpt["arch"] != net.raw.arch_kwargs() or ckpt["classes"] != classes:
         raise UserError(f"{path} was trained as {ckpt['arch']} on {len(ckpt['classes'])} "
                         f"classes, not as this run's {net.raw.arch_kwargs()}")
+    check_checkpoint_fits_run(ckpt, path, net.optimizer, steps_per_epoch)
     restore_training_state(ckpt, path, net.raw, net.optimizer, net.scheduler)
     apply_resume_changes(changes, net.optimizer, net.scheduler, config)
     log.info(f"resumed {path} at epoch {ckpt['epoch']}, step {ckpt['step']} (lr "
