@@ -1,9 +1,11 @@
 """Where a run starts from: a resumed checkpoint (every field checked, what may change on resume and how
-it is applied), or a warm start from another net (§3.1: deeper nets
+it is applied, the run folder's rows trimmed to it), or a warm start from another net (§3.1: deeper nets
 from net A, re-scaled nets from their own kind).
 """
 
+import json
 import math
+import os
 from pathlib import Path
 from typing import NoReturn
 
@@ -314,3 +316,30 @@ def remove_stale_temp_files(run_dir: Path) -> None:
     if stale:
         log.info(f"removed {len(stale)} stale temp file(s) of an interrupted save from {run_dir}")
 
+
+def drop_rows_to_rewrite(metrics: Path, epoch: int) -> None:
+    """metrics.jsonl as it stood when the checkpoint a run resumes from was saved: the rows of the `epoch`
+    epochs it had trained. A row of a later epoch was written after it (a save that then failed on a full
+    disk, a resume from an earlier checkpoint) and the resumed run writes it again; a row cut short by a
+    crash mid-append reads as no JSON. Rewritten atomically, and said in the log."""
+    if not metrics.is_file():
+        return
+    kept, dropped, unreadable = [], 0, 0
+    for line in metrics.read_text().splitlines():
+        try:
+            row_epoch = json.loads(line)["epoch"] if line.strip() else None
+        except (ValueError, TypeError, KeyError):
+            row_epoch = "unreadable"
+        if isinstance(row_epoch, int) and row_epoch < epoch:
+            kept.append(line)
+        elif isinstance(row_epoch, int):
+            dropped += 1
+        elif line.strip():
+            unreadable += 1
+    if not dropped and not unreadable:
+        return
+    temp = metrics.with_name(metrics.name + ".tmp")
+    temp.write_text("".join(line + "\n" for line in kept))
+    os.replace(temp, metrics)
+    log.info(f"{metrics}: dropped {dropped} row(s) of epoch {epoch} and later, which the resumed run writes "
+             f"again{f', and {unreadable} unreadable line(s)' if unreadable else ''}")

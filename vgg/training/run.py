@@ -24,7 +24,7 @@ from vgg.core.distributed import (
     shard_indices,
     wrap_ddp,
 )
-from vgg.core.errors import UserError
+from vgg.core.errors import UserError, is_disk_full
 from vgg.core.progress import get_logger
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
@@ -40,6 +40,7 @@ from vgg.training.logs import (
     DASHBOARD_LAYOUT,
     NOT_IN_ROW,
     SKIPPED_LIST,
+    hide_writer_thread_disk_full,
     log_augmented_images,
     log_epoch,
     read_skipped_list,
@@ -51,6 +52,7 @@ from vgg.training.resume import (
     apply_resume_changes,
     check_checkpoint_fits_run,
     check_resume_checkpoint,
+    drop_rows_to_rewrite,
     init_from_checkpoint,
     remove_stale_temp_files,
     restore_training_state,
@@ -196,6 +198,12 @@ def run(config: Config, resume: str = "") -> dict:
     try:
         try:
             return _run(config, resume, dist, stop, checkpoints)
+        except OSError as e:  # metrics.jsonl, TensorBoard's event file, config.yaml (a checkpoint: its writer)
+            if not is_disk_full(e):
+                raise
+            folders = f"{Path(config.out_dir) / config.run_name} or {Path(config.log_dir) / config.run_name}"
+            raise UserError(f"no space left on device while writing the run's files under {folders}: free space, "
+                            "then --resume from its last checkpoint") from None
         finally:
             checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
     finally:
@@ -354,11 +362,14 @@ def open_run_folder(parts: RunParts, resumed: bool) -> None:
     (folder.path / "config.yaml").write_text(config_text)
     if resumed and (folder.path / SKIPPED_LIST).is_file():
         folder.skipped_files = read_skipped_list(folder.path / SKIPPED_LIST)
+    if resumed:  # each epoch's row once: those the resumed run trains again go
+        drop_rows_to_rewrite(folder.path / "metrics.jsonl", parts.position.epoch)
     # Every scalar's x axis is the global optimizer step. Events after the step this run starts
     # from (those logged before an interruption, or by a run resumed from a later checkpoint)
     # are dropped when TensorBoard reads the folder, as this run logs those steps again: no curve
     # shows a doubled segment. A fresh run drops everything a former run left in the folder.
     last_step = parts.position.epoch * parts.data.steps_per_epoch + parts.position.step
+    hide_writer_thread_disk_full()
     folder.writer = SummaryWriter(str(Path(config.log_dir) / config.run_name),
                                   purge_step=last_step + 1 if resumed else 0)
     folder.writer.add_custom_scalars(DASHBOARD_LAYOUT)
@@ -501,6 +512,7 @@ def finish_run(parts: RunParts, last_step: int) -> None:
         final = {"hparam/val_top1_err": 100 - best_top1}
     hparams = {k: v for k, v in parts.config.to_dict().items() if isinstance(v, (int, float, str, bool))}
     writer = parts.folder.writer
+    writer.flush()  # a failed event write (a full disk) is raised by flush; close would drop it unsaid
     writer.add_hparams(hparams, final, run_name=".", global_step=last_step)  # purged on resume, like the rest
     writer.close()
     where = f" (epoch {best['epoch']})" if best is not None else ""
