@@ -1,5 +1,7 @@
-"""The one exception the CLIs turn into a single clear line (no traceback), and out-of-memory detection."""
+"""The one exception the CLIs turn into a single clear line (no traceback), and out-of-memory and
+full-disk detection."""
 
+import errno
 import re
 
 
@@ -32,3 +34,12 @@ def out_of_memory_message(error: BaseException, advice: str) -> str | None:
     else:
         size_text = size.group(1) if size else ""
     return f"out of memory{f' (tried to allocate {size_text})' if size_text else ''}: {advice}"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the chain: torch.save reports a failed write as a RuntimeError."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

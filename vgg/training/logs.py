@@ -4,11 +4,13 @@ per-epoch scalars and image grid.
 
 import os
 import re
+import threading
 from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from vgg.core.errors import is_disk_full
 from vgg.core.progress import get_logger
 from vgg.data.transforms import TrainCrop
 from vgg.training.step import BatchAugment
@@ -74,6 +76,24 @@ DASHBOARD_LAYOUT = {
         "GPU memory (GB)": ["Multiline", ["^epoch/gpu_memory_gb$"]],
     },
 }
+
+
+def hide_writer_thread_disk_full() -> None:
+    """TensorBoard writes its event file on a thread of its own: a write that fails there (a full disk)
+    prints the thread's traceback, then the writer's next call raises the same error on the training
+    thread, where the run turns it into one line (vgg.training.run.run). So that error, from that thread,
+    is not printed twice; any other goes to the hook as before. Installed once a process."""
+    previous = threading.excepthook
+    if getattr(previous, "hides_writer_disk_full", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and is_disk_full(args.exc_value):
+            return
+        previous(args)
+
+    hook.hides_writer_disk_full = True
+    threading.excepthook = hook
 
 
 def log_augmented_images(writer: SummaryWriter, loader, augment: BatchAugment, count: int = 32) -> None:

@@ -25,7 +25,7 @@ from vgg.core.distributed import (
     shard_indices,
     wrap_ddp,
 )
-from vgg.core.errors import UserError
+from vgg.core.errors import UserError, is_disk_full
 from vgg.core.progress import get_logger
 from vgg.core.runlock import RunLock
 from vgg.data import folders as vfolders
@@ -42,6 +42,7 @@ from vgg.training.logs import (
     DASHBOARD_LAYOUT,
     NOT_IN_ROW,
     SKIPPED_LIST,
+    hide_writer_thread_disk_full,
     log_augmented_images,
     log_epoch,
     read_skipped_list,
@@ -51,6 +52,9 @@ from vgg.training.loop import train_one_epoch, validate
 from vgg.training.recipe import build_optimizer
 from vgg.training.resume import (
     apply_resume_changes,
+    check_checkpoint_fits_run,
+    check_resume_checkpoint,
+    drop_rows_to_rewrite,
     init_from_checkpoint,
     remove_stale_temp_files,
     restore_training_state,
@@ -198,6 +202,12 @@ def run(config: Config, resume: str = "") -> dict:
         with hold_run_folder(Path(config.out_dir) / config.run_name):
             try:
                 return _run(config, resume, dist, stop, checkpoints)
+            except OSError as e:  # metrics.jsonl, TensorBoard's event file, config.yaml (a checkpoint: its writer)
+                if not is_disk_full(e):
+                    raise
+                folders = f"{Path(config.out_dir) / config.run_name} or {Path(config.log_dir) / config.run_name}"
+                raise UserError(f"no space left on device while writing the run's files under {folders}: free "
+                                "space, then --resume from its last checkpoint") from None
             finally:
                 checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
     finally:
@@ -236,11 +246,13 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
     # Checkpoints are read and checked before any data scan: a refused file or setting costs seconds.
     ckpt = load_checkpoint(resume_path, require=RESUME_KEYS) if resume_path else None
     changes = resume_changes(config, ckpt, resume_path, dist.world_size) if ckpt else []
+    if ckpt:
+        check_resume_checkpoint(ckpt, resume_path, config)  # every field: a crafted one fails here, not mid-run
     source_ckpt = None if resume_path else read_init_checkpoint(config)
     data = build_data(config, ckpt, dist)
     net = build_net_and_optimizer(config, data, speed, dist)
     if ckpt:
-        resume_from(ckpt, resume_path, net, changes, config, data.classes)
+        resume_from(ckpt, resume_path, net, changes, config, data.classes, data.steps_per_epoch)
     elif source_ckpt:
         copied = init_from_checkpoint(net.raw, source_ckpt, config.init_from, data.classes)
         log.info(f"initialised from {config.init_from}: copied {len(copied)} tensors: {', '.join(copied)}")
@@ -352,12 +364,14 @@ def build_net_and_optimizer(config: Config, data: RunData, speed: Speed, dist: D
     return Net(model, model, optimizer, scheduler)
 
 
-def resume_from(ckpt: dict, path: Path, net: Net, changes, config: Config, classes: list[str]) -> None:
+def resume_from(ckpt: dict, path: Path, net: Net, changes, config: Config, classes: list[str],
+                steps_per_epoch: int) -> None:
     """The checkpoint's weights, optimizer and schedule, with the changed flags applied (Position.of reads
     its place in the run)."""
     if ckpt["arch"] != net.raw.arch_kwargs() or ckpt["classes"] != classes:
         raise UserError(f"{path} was trained as {ckpt['arch']} on {len(ckpt['classes'])} "
                         f"classes, not as this run's {net.raw.arch_kwargs()}")
+    check_checkpoint_fits_run(ckpt, path, net.optimizer, steps_per_epoch)
     restore_training_state(ckpt, path, net.raw, net.optimizer, net.scheduler)
     apply_resume_changes(changes, net.optimizer, net.scheduler, config)
     log.info(f"resumed {path} at epoch {ckpt['epoch']}, step {ckpt['step']} (lr "
@@ -391,11 +405,14 @@ def open_run_folder(parts: RunParts, resumed: bool) -> None:
     (folder.path / "config.yaml").write_text(config_text)
     if resumed and (folder.path / SKIPPED_LIST).is_file():
         folder.skipped_files = read_skipped_list(folder.path / SKIPPED_LIST)
+    if resumed:  # each epoch's row once: those the resumed run trains again go
+        drop_rows_to_rewrite(folder.path / "metrics.jsonl", parts.position.epoch)
     # Every scalar's x axis is the global optimizer step. Events after the step this run starts
     # from (those logged before an interruption, or by a run resumed from a later checkpoint)
     # are dropped when TensorBoard reads the folder, as this run logs those steps again: no curve
     # shows a doubled segment. A fresh run drops everything a former run left in the folder.
     last_step = parts.position.epoch * parts.data.steps_per_epoch + parts.position.step
+    hide_writer_thread_disk_full()
     folder.writer = SummaryWriter(str(Path(config.log_dir) / config.run_name),
                                   purge_step=last_step + 1 if resumed else 0)
     folder.writer.add_custom_scalars(DASHBOARD_LAYOUT)
@@ -560,6 +577,7 @@ def finish_run(parts: RunParts, last_step: int) -> None:
         final = {"hparam/val_top1_err": 100 - best_top1}
     hparams = {k: v for k, v in parts.config.to_dict().items() if isinstance(v, (int, float, str, bool))}
     writer = parts.folder.writer
+    writer.flush()  # a failed event write (a full disk) is raised by flush; close would drop it unsaid
     writer.add_hparams(hparams, final, run_name=".", global_step=last_step)  # purged on resume, like the rest
     writer.close()
     where = f" (epoch {best['epoch']})" if best is not None else ""
