@@ -341,13 +341,18 @@ def test_stats_find_the_mean_and_the_colour_direction(colour_line_split):
 def test_stats_are_cached_beside_the_data(colour_line_split, monkeypatch):
     train, _ = colour_line_split
     stats = load_or_compute_stats(train, num_images=10, workers=0)
-    cache = train.parent / "vgg_stats.json"
+    cache = train.parent / "vgg_stats_10_seed0.json"
     assert json.loads(cache.read_text())["num_images"] == 10
     monkeypatch.setattr(vstats, "compute_stats", lambda *a, **k: pytest.fail("should come from the cache"))
     assert load_or_compute_stats(train, num_images=10) == stats
     monkeypatch.undo()
     other = load_or_compute_stats(train, num_images=12, seed=1, workers=0)  # other settings: computed again
-    assert other != stats and json.loads(cache.read_text())["num_images"] == 12
+    assert other != stats and json.loads((train.parent / "vgg_stats_12_seed1.json").read_text())["num_images"] == 12
+    # ... into a file of their own: the first setting's cache is still there, not rewritten (issue 30)
+    assert json.loads(cache.read_text())["num_images"] == 10
+    monkeypatch.setattr(vstats, "compute_stats", lambda *a, **k: pytest.fail("should come from the cache"))
+    assert load_or_compute_stats(train, num_images=10) == stats and load_or_compute_stats(
+        train, num_images=12, seed=1) == other
 
 
 # --- Sorting the official flat validation folder ------------------------------------------------
@@ -441,7 +446,7 @@ def test_sort_val_command_line(flat_val, tmp_path, capsys):
 
 def tree_digest(root) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha1(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith(".") and p.name != "vgg_stats.json"}
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.name.startswith((".", "vgg_stats_"))}
 
 
 def test_sample_dataset_layout_and_awkward_files(sample_root):

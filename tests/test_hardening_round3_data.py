@@ -295,7 +295,7 @@ def test_a_malformed_stats_cache_is_recomputed(sample_root, tmp_path):
 
     root = small_dataset(sample_root, tmp_path / "data")
     good = vstats.load_or_compute_stats(root / "train", num_images=8)
-    (root / vstats.STATS_NAME).write_text(json.dumps({"mean_rgb": ["a", 2, 3], "eigval": [1, 1], "eigvec": 3,
+    (root / vstats.stats_cache_name(8, 0)).write_text(json.dumps({"mean_rgb": ["a", 2, 3], "eigval": [1, 1], "eigvec": 3,
                                                       "num_images": 8, "seed": 0}))
     assert vstats.load_or_compute_stats(root / "train", num_images=8) == good
 

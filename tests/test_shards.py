@@ -85,7 +85,7 @@ def test_shards_cli_writes_timm_layout_and_train_and_evaluate_stream_from_them(s
     n_val = info["splits"]["validation"]["num_samples"]
     assert row["train_images"] + row["train_skipped"] == 2 * 16
     assert row["val_images"] + row["val_skipped"] == n_val
-    stats = json.loads((wds / "vgg_stats.json").read_text())
+    stats = json.loads((wds / "vgg_stats_20_seed0.json").read_text())
     assert stats["num_images"] == 20 and ckpt["stats"]["mean_rgb"] == stats["mean_rgb"]
 
     evaluated = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint",

@@ -1,7 +1,7 @@
 """Cache files beside the data, or in the user's cache folder when the data folder is read-only.
 
 The file list of a split and the dataset statistics are cached as JSON: first beside the data
-(`<split>/.vgg_filelist.json`, `<root>/vgg_stats.json`), else under ~/.cache/vgg-imagenet/. The cropped
+(`<split>/.vgg_filelist.json`, `<root>/vgg_stats_*.json`), else under ~/.cache/vgg-imagenet/. The cropped
 JPEG decoder's compiled library is cached there too (vgg/data/jpeg.py).
 """
 

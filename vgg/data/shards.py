@@ -483,10 +483,10 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
                           progress_every_s: float = 30.0) -> vstats.DatasetStats:
     """vgg.data.stats.load_or_compute_stats for a shard folder (train_dir: `<shard folder>/train`, which need
     not exist): the first `num_images` training images in _info.json's order (`write_shards` dealt them
-    over the shards at random, so they are a random sample; so are timm's), cached as vgg_stats.json.
+    over the shards at random, so they are a random sample; so are timm's), cached as vgg_stats_*.json.
     The training stream is not used: a sample of fixed images, read once, by position."""
     root = Path(train_dir).parent
-    paths = vcache._cache_paths(root, vstats.STATS_NAME)
+    paths = vcache._cache_paths(root, vstats.stats_cache_name(num_images, seed))
     cached = vcache._read_json(paths, lambda c: vstats.is_valid_cache(c, num_images=num_images, seed=seed))
     if cached is not None:
         return vstats.DatasetStats.from_dict(cached)

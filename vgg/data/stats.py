@@ -1,5 +1,5 @@
 """Dataset statistics (paper §2.1; AlexNet §4.1): mean RGB and the eigen-decomposition of the RGB
-covariance, computed once from a sample of training images and cached as `<root>/vgg_stats.json`.
+covariance, computed once from a sample of training images and cached as `<root>/vgg_stats_<images>_seed<seed>.json`.
 """
 
 import json
@@ -19,7 +19,12 @@ from vgg.data.loaders import build_loader, collate_list
 from vgg.data.transforms import EvalTransform
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
-STATS_NAME = "vgg_stats.json"
+STATS_NAME = "vgg_stats_{num_images}_seed{seed}.json"  # one file per setting: runs that sample the same
+# data differently (the demo and `reproduce.py --scale demo`, say) each keep their own, not one they rewrite
+
+
+def stats_cache_name(num_images: int, seed: int) -> str:
+    return STATS_NAME.format(num_images=num_images, seed=seed)
 STATS_SIDE = 64  # images are rescaled to this smallest side for the statistics (each weighs alike)
 
 
@@ -171,12 +176,13 @@ def _check_positive(name: str, value) -> int:
 
 def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
                           progress_every_s: float = 30.0) -> DatasetStats:
-    """The training set's statistics from `<root>/vgg_stats.json` (root = train_dir's parent), or
+    """The training set's statistics from `<root>/vgg_stats_<num_images>_seed<seed>.json` (root: train_dir's
+    parent), or
     computed by `compute_stats` (with a progress bar) and cached there (or under ~/.cache/vgg-imagenet/
     when the data folder is read-only). The cache is reused when it was made with the same
     num_images and seed."""
     train_dir = Path(train_dir)
-    paths = _cache_paths(train_dir.parent, STATS_NAME)
+    paths = _cache_paths(train_dir.parent, stats_cache_name(num_images, seed))
     cached = _read_json(paths, lambda content: is_valid_cache(content, num_images=num_images, seed=seed))
     if cached is not None:
         return DatasetStats.from_dict(cached)
