@@ -177,10 +177,8 @@ def _check_positive(name: str, value) -> int:
 def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
                           progress_every_s: float = 30.0) -> DatasetStats:
     """The training set's statistics from `<root>/vgg_stats_<num_images>_seed<seed>.json` (root: train_dir's
-    parent), or
-    computed by `compute_stats` (with a progress bar) and cached there (or under ~/.cache/vgg-imagenet/
-    when the data folder is read-only). The cache is reused when it was made with the same
-    num_images and seed."""
+    parent), or computed by `compute_stats` (with a progress bar) and cached there (or under
+    ~/.cache/vgg-imagenet/ when the data folder is read-only): one file for each setting."""
     train_dir = Path(train_dir)
     paths = _cache_paths(train_dir.parent, stats_cache_name(num_images, seed))
     cached = _read_json(paths, lambda content: is_valid_cache(content, num_images=num_images, seed=seed))
