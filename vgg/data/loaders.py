@@ -1,7 +1,9 @@
 """Batches: the collate functions, DataLoader workers, and the sampler that deals each epoch's order.
 """
 
+import atexit
 import math
+import multiprocessing
 import random
 import signal
 
@@ -78,6 +80,22 @@ def worker_init_fn(worker_id: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _kill_loader_workers_at_exit() -> None:
+    """DataLoader workers ignore SIGTERM (above), and multiprocessing's own exit handler terminates daemon
+    children with SIGTERM and then joins them: a worker whose loader was never shut down (one that an
+    exception's traceback kept alive, say) would keep the process from exiting, forever. Workers hold
+    nothing to save, so they are killed first (atexit runs the handler registered last first, and this
+    module is imported after multiprocessing)."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if workers:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report each one killed as an error
+        for worker in workers:
+            worker.kill()
+
+
+atexit.register(_kill_loader_workers_at_exit)
 
 
 def ignore_stop_signals(worker_id: int | None = None) -> None:
