@@ -128,7 +128,7 @@ def test_a_mid_epoch_resume_refuses_a_changed_training_set(sample_root, tmp_path
     boundary = load_checkpoint(last)
     assert boundary["train_files"]["count"] == 16
     # The same checkpoint as if saved after step 1 of epoch 0.
-    mid = {**boundary, "epoch": 0, "step": 1, "epoch_sums": None}
+    mid = {**boundary, "epoch": 0, "step": 1, "epoch_sums": None, "best": None, "best_top1": -1.0}  # no epoch done
     save_checkpoint(last, **mid)
     shutil.copy(sample_root / "train" / WNIDS[0] / f"{WNIDS[0]}_20.JPEG", root / "train" / WNIDS[0])
     with pytest.raises(UserError, match="16 training files then, 17 now"):
