@@ -30,6 +30,10 @@ import torch
 
 from vgg.core.errors import UserError
 
+# The signals that ask a run to stop at its next sync point, save last.pt and exit with 128 + signal:
+# Ctrl-C; SIGTERM (kill, and SLURM's preemption or scancel); SIGUSR1 (the warning SLURM sends before
+# the time limit, as scripts/slurm/ ask for it: that exit, 138, means "requeue me"). The launcher passes
+# them on, DataLoader workers ignore them, the training run handles them (vgg/training/signals.py).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 REPORTS_ENV = "VGG_LAUNCH_REPORTS"  # the folder a launched process writes its one line into
 FAIL_GRACE_S = 20.0  # how long a failed process's peers have to end by themselves before they are killed

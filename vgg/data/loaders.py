@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from vgg.core.launch import STOP_SIGNALS
 from vgg.data.folders import split_unreadable
 
 # --------------------------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ atexit.register(_kill_loader_workers_at_exit)
 def ignore_stop_signals(worker_id: int | None = None) -> None:
     """A DataLoader worker's `worker_init_fn` (or its first step): SIGINT, SIGTERM and SIGUSR1 are the main
     process's to handle (see worker_init_fn)."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
 

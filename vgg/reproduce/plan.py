@@ -26,9 +26,9 @@ from pathlib import Path
 
 from vgg.config import FIELDS, RUNTIME_FIELDS, config_path, load_yaml
 from vgg.core.errors import UserError
+from vgg.evaluation.methods import BOTH, DENSE, MULTI_CROP
 
 ROOT = Path(__file__).resolve().parents[2]
-DENSE, MULTI_CROP, BOTH = "dense", "multi-crop", "multi-crop & dense"  # as vgg.evaluation names them
 MARKER = "complete.json"
 
 # --- The plan (the paper's DAG) --------------------------------------------------------------------

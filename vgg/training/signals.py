@@ -10,16 +10,12 @@ import sys
 import time
 
 from vgg.core.distributed import all_reduce_max
-from vgg.core.launch import report
+from vgg.core.launch import STOP_SIGNALS, report
 from vgg.core.progress import get_logger
 
 log = get_logger()
 
 
-# The signals that ask a run to stop at its next sync point, save last.pt and exit with 128 + signal:
-# Ctrl-C; SIGTERM (kill, and SLURM's preemption or scancel); SIGUSR1 (the warning SLURM sends before
-# the time limit, as scripts/slurm/ ask for it: that exit, 138, means "requeue me").
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 # A second SIGINT this soon after the first is the same Ctrl-C delivered twice (to the process and, through
 # a launcher or a cluster's job step, again), not a second press.
 SECOND_PRESS_AFTER_S = 0.5
