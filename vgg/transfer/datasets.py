@@ -181,7 +181,8 @@ def _open_voc(root: Path, year: int | None) -> TransferSet:
         year = int(found.group(1))
     lists = _voc_lists(root)
     classes = sorted(lists)
-    labelled_test = all("test" in lists[c] and lists[c]["test"] is not None for c in classes)
+    # Test lists with labels for any class (VOC-2007): every class needs its own; none (VOC-2012): val.
+    labelled_test = any(lists[c].get("test") is not None for c in classes)
     train_split, test_split = ("trainval", "test") if labelled_test else ("train", "val")
     for cls in classes:
         for split in (train_split, test_split):
