@@ -152,6 +152,8 @@ def test_voc_ap_by_hand_with_a_difficult_image():
     as_negative = voc_ap(scores, [1, -1, -1, 1, -1, 1], 2012)
     assert as_negative == pytest.approx((1 + 2 / 4 + 3 / 6) / 3) and as_negative != voc_ap(scores, labels, 2012)
     assert voc_ap(scores[::-1], labels[::-1], 2012) == pytest.approx(voc_ap(scores, labels, 2012))  # order of input
+    for year in (2007, 2012):  # a difficult image ranked first changes nothing either (no 0/0 precision)
+        assert voc_ap([1.0, *scores], [0, *labels], year) == pytest.approx(voc_ap(scores, labels, year))
 
 
 # --- The command line ------------------------------------------------------------------------------
