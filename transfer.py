@@ -85,7 +85,7 @@ def prepare(args):
     args.cache = ensure_writable_dir(args.cache, "--cache")
     args.out = Path(args.out or Path("checkpoints/transfer") / f"{Path(args.data).resolve().name}-"
                                                                f"{time.strftime('%Y%m%d-%H%M%S')}")
-    ensure_writable_dir(args.out, "--out")
+    ensure_writable_dir(args.out.parent, "--out")  # the folder itself only on rank 0 (its name has the time)
     return tset, fnets
 
 
