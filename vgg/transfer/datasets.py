@@ -133,6 +133,9 @@ def _class_files(folder: Path) -> dict[str, list[str]]:
 def _open_caltech(root: Path, splits: int, seed: int, train_per_class, test_per_class) -> TransferSet:
     files = _class_files(root)
     classes = sorted(files)
+    if len(classes) < 2:
+        raise UserError(f"{root} holds one folder, {classes[0]}: --data must be the folder of class folders "
+                        "(e.g. 101_ObjectCategories)")
     kind = "caltech256" if all(CALTECH256_FOLDER.match(c) for c in classes) else "caltech101"
     paper_train, paper_test = CALTECH_SPLITS[kind]
     n_train = paper_train if train_per_class is None else train_per_class

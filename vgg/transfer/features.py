@@ -17,7 +17,6 @@ and its modification time: a retrained net or a changed image is extracted again
 import hashlib
 import os
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,7 +158,8 @@ class FeatureStore:
                 chunk = torch.load(path, map_location="cpu", weights_only=True)
                 found.update(zip(chunk["keys"], chunk["descriptors"]))
             except Exception as e:  # a damaged file: its images are extracted again
-                warnings.warn(f"feature cache {path} unreadable ({type(e).__name__}), extracting its images again")
+                get_logger().warning(f"warning: feature cache {path} unreadable ({type(e).__name__}), "
+                                     "extracting its images again")
         return found
 
     def write(self, keys: list[str], descriptors: torch.Tensor, rank: int) -> None:
