@@ -22,15 +22,9 @@ import time
 from pathlib import Path
 
 from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value
-from vgg.core.distributed import (
-    cleanup_distributed,
-    exit_process,
-    init_distributed,
-    is_main_process,
-    set_cpu_threads,
-)
-from vgg.core.errors import UserError, out_of_memory_message
-from vgg.core.launch import launch_if_needed, report
+from vgg.core.command import run_command
+from vgg.core.distributed import exit_process, is_main_process
+from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
 
 
@@ -91,26 +85,8 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     for name in RUNTIME_FIELDS:  # flags not given take the Config defaults
         setattr(args, name, runtime_value(args, name))
-    try:
-        nets, val_dir = prepare(args)
-        launch_if_needed(args.gpus, args.device)  # --gpus N: re-run this script as N processes, then exit
-        set_cpu_threads(args.device, args.workers)  # the first log line: how many threads on a CPU run
-        dist = init_distributed(args.device)
-        try:
-            run(args, nets, val_dir, dist)
-        finally:
-            cleanup_distributed()
-    except UserError as e:
-        report(f"error: {e}")
-        return 2
-    except (RuntimeError, MemoryError) as e:
-        message = out_of_memory_message(e, f"lower --batch-size (now {args.batch_size}) or the test scales "
-                                           "(--scales, --single-scale)")
-        if message is None:
-            raise
-        report(f"error: {message}")
-        return 2
-    return 0
+    return run_command(args, prepare, run, f"lower --batch-size (now {args.batch_size}) or the test scales "
+                                            "(--scales, --single-scale)")
 
 
 def run(args, nets, val_dir, dist) -> None:

@@ -19,8 +19,9 @@ MAY_IMPORT = {
     "training": {"core", "data", "models", "config"},
     "evaluation": {"core", "data", "models", "config", "training.step"},
     "reproduce": {"core", "data", "models", "config", "training", "evaluation"},
+    "transfer": {"core", "data", "models", "config", "training.step", "evaluation"},  # only transfer.py imports it
 }
-COMMAND_LINES = {"vgg.data.__main__"}
+COMMAND_LINES = {"vgg.data.__main__", "vgg.transfer.__main__"}
 FACES = {"vgg.sample_data"}  # `python -m vgg.sample_data`: the data command line under its older name
 MAX_FUNCTION_LINES = 80
 

@@ -43,6 +43,12 @@ def test_the_comparison_allows_one_image_and_no_more():
     fresh["evaluation"]["rows"][0]["top1_err"] += one_image
     assert [d.split(":")[0] for d in figures.compare(record, fresh)] == ["evaluation dense"]
     fresh = copy.deepcopy(record)
+    caltech = fresh["transfer"]["runs"][0]  # transfer.py's mean over the splits: one test image's worth too
+    caltech["rows"][0]["mean"] += 100 / caltech["test_images"]
+    assert figures.compare(record, fresh) == []
+    caltech["rows"][0]["mean"] += 100 / caltech["test_images"]
+    assert [d.split(":")[0] for d in figures.compare(record, fresh)] == ["transfer caltech"]
+    fresh = copy.deepcopy(record)
     fresh["demo"]["best_val_top1_err"] -= 2 * figures.one_image(record["demo"])
     assert [d.split(":")[0] for d in figures.compare(record, fresh)] == ["demo"]
     # another best epoch: accepted when the recorded one ties with it within one image, refused otherwise

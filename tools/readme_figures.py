@@ -1,6 +1,6 @@
 """Regenerate every figure the README quotes from a run, record them, and rewrite the README from the record.
 
-    python tools/readme_figures.py                 # the demo, its evaluation, the LeNet-5 demo; README rewritten
+    python tools/readme_figures.py                 # the demo, its evaluation and transfer.py runs, the LeNet-5 demo
     python tools/readme_figures.py --reproduce     # also time `reproduce.py --scale demo` (a minute or more)
     python tools/readme_figures.py --check         # run them afresh and compare with the record; writes nothing
     python tools/readme_figures.py --readme-only   # rewrite the README's figures from the record, run nothing
@@ -89,6 +89,29 @@ def evaluate_demo(scratch: Path, cwd: Path) -> dict:
                      for row in result["rows"]]}
 
 
+TRANSFER_RUNS = {"caltech": ["--scales", "32,48", "--train-per-class", "6", "--test-per-class", "4"],
+                 "VOC2007": ["--scales", "32,48"]}
+
+
+def transfer_demo(scratch: Path, cwd: Path, data: Path) -> dict:
+    """transfer.py (Appendix B) with the demo's best.pt on the generated Caltech-like and VOC sets: when and
+    where, and per run the printed table, its rows' figures and the first split's test images (one image's
+    worth of tolerance)."""
+    figures = {**context(), "runs": []}
+    for layout, extra in TRANSFER_RUNS.items():
+        out = scratch / f"transfer-{layout}"
+        args = ["transfer.py", "--checkpoint", str(scratch / "checkpoints/demo/best.pt"), "--data", str(data / layout),
+                *extra, "--cache", str(scratch / "transfer-cache"), "--out", str(out)]
+        stdout, wall_s = run(args, cwd)
+        result = json.loads((out / "results.json").read_text())
+        figures["runs"].append({"layout": layout, "command": shown(args, scratch), "wall_s": round(wall_s, 1),
+                                "table": stdout.split("\n\n")[0].rstrip().splitlines(),
+                                "test_images": result["rows"][0]["splits"][0]["test_images"],
+                                "rows": [{"net": row["net"], "mean": row["mean"], "std": row["std"]}
+                                         for row in result["rows"]]})
+    return figures
+
+
 def time_reproduce(data: Path, scratch: Path, cwd: Path) -> dict:
     """reproduce.py --scale demo (its twelve runs and evaluations) from nothing: the wall time only."""
     args = ["reproduce.py", "--scale", "demo", "--data", str(data), "--out-dir", str(scratch / "reproduce"),
@@ -121,6 +144,7 @@ def make_datasets(cwd: Path, data: Path, digits: Path) -> None:
     """Generate the datasets first (they are reused when current), so the timings are the runs' own."""
     run(["-m", "vgg.sample_data", "--out", str(data)], cwd)
     run(["-m", "vgg.sample_data", "--digits", "--out", str(digits)], cwd)
+    run(["-m", "vgg.transfer", "sample", "--out", str(digits.parent / "transfer")], cwd)
 
 
 def measure(data: Path, digits: Path, scratch: Path, cwd: Path = ROOT) -> dict:
@@ -129,9 +153,10 @@ def measure(data: Path, digits: Path, scratch: Path, cwd: Path = ROOT) -> dict:
     before = context()
     demo = train_demo("demo", data, scratch, cwd)
     evaluation = evaluate_demo(scratch, cwd)
+    transfer = transfer_demo(scratch, cwd, digits.parent / "transfer")  # data/transfer beside data/digits
     lenet5 = train_demo("lenet5-demo", digits, scratch, cwd)
     return {**before, "load_average_1min_after": round(os.getloadavg()[0], 2), "threads": "OMP_NUM_THREADS=1",
-            "demo": demo, "evaluation": evaluation, "lenet5_demo": lenet5}
+            "demo": demo, "evaluation": evaluation, "transfer": transfer, "lenet5_demo": lenet5}
 
 
 def one_image(figures: dict) -> float:
@@ -156,6 +181,7 @@ def compare(record: dict, fresh: dict) -> list[str]:
         at_recorded = by_epoch[old["best_epoch"]] if old["best_epoch"] < len(by_epoch) else float("inf")
         if new["best_epoch"] != old["best_epoch"] and at_recorded - new["best_val_top1_err"] > tolerance:
             differences.append(f"{name}: best epoch {new['best_epoch']} against the record's {old['best_epoch']}")
+    differences += compare_transfer(record.get("transfer", {}).get("runs", []), fresh.get("transfer", {}).get("runs", []))
     tolerance = 100 / record["evaluation"]["images"] + 1e-9
     old_rows = {row["method"]: row for row in record["evaluation"]["rows"]}
     new_rows = {row["method"]: row for row in fresh["evaluation"]["rows"]}
@@ -166,6 +192,22 @@ def compare(record: dict, fresh: dict) -> list[str]:
             if abs(old_rows[method][key] - row[key]) > tolerance:
                 differences.append(f"evaluation {method}: {key} {row[key]:.2f} against the record's "
                                    f"{old_rows[method][key]:.2f}")
+    return differences
+
+
+def compare_transfer(old: list[dict], new: list[dict]) -> list[str]:
+    """transfer.py's figures (mean and std over the splits) within one test image's worth of the record's."""
+    if [(t["layout"], [r["net"] for r in t["rows"]]) for t in new] != [(t["layout"], [r["net"] for r in t["rows"]])
+                                                                      for t in old]:
+        return ["transfer: other runs or rows than the record's"]
+    differences = []
+    for before, after in zip(old, new):
+        tolerance = 100 / before["test_images"] + 1e-9
+        for a, b in zip(before["rows"], after["rows"]):
+            for key in ("mean", "std"):
+                if abs(a[key] - b[key]) > tolerance:
+                    differences.append(f"transfer {before['layout']}: {key} {b[key]:.2f} against the record's "
+                                       f"{a[key]:.2f}")
     return differences
 
 
@@ -210,8 +252,16 @@ def render_reproduce(record: dict) -> str:
     return wrapped(f"{minutes} min {seconds} s with `OMP_NUM_THREADS=1` ({when(timing)})")
 
 
+def render_transfer(record: dict) -> str:
+    transfer = record["transfer"]
+    timing = ", ".join(f"{t['layout']} {t['wall_s']:.0f} s" for t in transfer["runs"])
+    tables = "\n\n".join("\n".join("    " + line for line in t["table"]) for t in transfer["runs"])
+    return (f"\n\n{tables}\n\n" + wrapped(f"(measured by `tools/readme_figures.py` on {when(transfer)}, one "
+                                            f"torch thread, recorded in `docs/readme_figures.json`: {timing})") + "\n")
+
+
 RENDERERS = {"demo": render_demo, "eval-table": render_table, "lenet5": render_lenet5,
-             "reproduce": render_reproduce}
+             "reproduce": render_reproduce, "transfer": render_transfer}
 
 
 def readme_spans(text: str) -> dict[str, str]:
