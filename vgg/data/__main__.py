@@ -18,7 +18,7 @@ from vgg.core.errors import UserError
 from vgg.data import sample as vsample
 from vgg.data.labels import sort_val
 from vgg.data.prepare import prepare
-from vgg.data.shards import write_shards
+from vgg.data.shard_writer import write_shards
 from vgg.data.stats import load_or_compute_stats
 
 
