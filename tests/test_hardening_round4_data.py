@@ -81,3 +81,39 @@ def test_a_full_disk_while_writing_shards_is_one_line_and_leaves_no_temporary(tm
     assert data_main(["shards", str(src), str(dest), "--images-per-shard", "4"]) == 0
     assert not list(dest.glob(".*")), "a rerun removes the temporaries a failed run left"
     assert len(ShardImages(open_split(dest, "train"))) == 6
+
+
+# --- 8. Two Hugging Face tarballs holding one file name ------------------------------------------------
+
+def hf_tarball(path: Path, members: dict[str, bytes]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_prepare_hf_keeps_both_files_of_one_name_with_other_bytes(tmp_path, capsys, caplog):
+    """`x_<wnid>.JPEG` in two archives, other bytes of the same size: the second was silently dropped (or,
+    of another size, silently replaced the first). Now both are kept and a warning says so; the same bytes
+    twice (`y`) are one file, silently; a rerun of the archives writes nothing new."""
+    first = image_bytes(1)
+    second = first[:600] + bytes([first[600] ^ 0xFF]) + first[601:]  # the same size: the old check took it for `first`
+    same = image_bytes(3)
+    hf_tarball(tmp_path / "src" / "train_images_0.tar.gz", {f"x_{WNID}.JPEG": first, f"y_{WNID}.JPEG": same})
+    hf_tarball(tmp_path / "src" / "train_images_1.tar.gz", {f"x_{WNID}.JPEG": second, f"y_{WNID}.JPEG": same})
+    hf_tarball(tmp_path / "src" / "val_images.tar.gz", {f"ILSVRC2012_val_00000001_{WNID}.JPEG": same})
+    dest = tmp_path / "dest"
+    assert data_main(["prepare", "--from", "hf", str(tmp_path / "src"), str(dest)]) == 0
+    folder = dest / "train" / WNID
+    assert sorted(p.name for p in folder.iterdir()) == ["x.JPEG", "x_2.JPEG", "y.JPEG"]
+    assert (folder / "x.JPEG").read_bytes() == first and (folder / "x_2.JPEG").read_bytes() == second
+    assert "train_images_1.tar.gz holds a second x.JPEG for train/n01440764/ with other bytes" in caplog.text
+    assert "kept as x_2.JPEG" in caplog.text
+    assert "4 extracted, 1 present, 1 renamed" in capsys.readouterr().out
+    (dest / ".vgg_prepared.json").unlink()  # as after an interruption: the archives are read again
+    caplog.clear()
+    assert data_main(["prepare", "--from", "hf", str(tmp_path / "src"), str(dest)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["x.JPEG", "x_2.JPEG", "y.JPEG"]
+    assert "(5 present)" in capsys.readouterr().out and "kept as" not in caplog.text

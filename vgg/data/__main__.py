@@ -67,8 +67,8 @@ def run_command(args: argparse.Namespace) -> None:
               f"({counts['already_sorted']} were already sorted, {counts['unlabelled']} unlabelled files left)")
     elif args.command == "prepare":
         counts = prepare(args.source, args.src, args.dest, copy=args.copy)
-        done = ", ".join(f"{counts[k]} {k}" for k in ("linked", "symlinked", "copied", "extracted", "present")
-                         if counts.get(k))
+        done = ", ".join(f"{counts[k]} {k}" for k in ("linked", "symlinked", "copied", "extracted", "present",
+                                                      "renamed") if counts.get(k))
         print(f"{args.dest}: {counts['classes']} classes, {counts['train']} train and {counts['val']} val "
               f"images ({done or 'nothing to do'})")
     elif args.command == "shards":
