@@ -5,6 +5,7 @@ signals; a fault injected through sitecustomize where a moment must be hit exact
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -64,3 +65,21 @@ def test_a_signal_while_the_launcher_reports_does_not_end_it(sample_root, tmp_pa
                             cwd=ROOT, env=launch_env(tmp_path, hook), capture_output=True, text=True, timeout=240)
     assert_one_line_error(result, f"--init-from {missing} not found")
     assert not list((tmp_path / "tmp").glob("vgg-launch-*"))
+
+
+def test_ranks_outwait_a_scan_longer_than_the_process_groups_timeout(sample_root, tmp_path):
+    """With --gpus N the other ranks waited on a collective while rank 0 scanned the training set (minutes
+    for ImageNet on a network file system) and died past the process group's timeout. Two real gloo
+    processes, a 2 s timeout, rank 0's scan and statistics 4 s each: both ranks go on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**subprocess_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    out = tmp_path / "out"
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "slow_wait_worker.py"), str(sample_root),
+                               str(out), "2", "4"], env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    errors = [proc.communicate(timeout=240)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    images = (tmp_path / "out.rank0").read_text().split()[0]
+    assert [(tmp_path / f"out.rank{r}").read_text() for r in range(2)] == [f"{images} {images} {2 * int(images)}"] * 2
