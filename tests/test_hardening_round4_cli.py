@@ -80,7 +80,8 @@ def test_workers_beyond_the_cores_are_refused_in_one_line(tmp_path, monkeypatch,
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     check_ranges({"workers": 64, "gpus": 1})
     check_ranges({"workers": 8, "gpus": 8})  # 8 a process always
-    with pytest.raises(UserError, match=r"--workers 16 is too many for 16 usable core\(s\) and 8 process\(es\): at most 8"):
+    with pytest.raises(UserError, match=r"--workers 16 is too many for 16 usable core\(s\) and 8 process\(es\): "
+                                        "at most 8"):
         check_ranges({"workers": 16, "gpus": 8})
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun's processes on this machine
     with pytest.raises(UserError, match="at most 16 a process"):
@@ -101,6 +102,7 @@ def test_a_cut_short_torchvision_weights_file_is_one_line(tmp_path, monkeypatch)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 10])  # (a tenth: PytorchStreamReader's traceback)
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--weights", "torchvision:vgg11",
                              "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "eval" / "x")],
-                            capture_output=True, text=True, env={**subprocess_env(), "TORCH_HOME": str(tmp_path / "torch")},
-                            timeout=300, cwd=ROOT)
-    assert_one_line_error(result, f"torchvision:vgg11: {path} is cut short or damaged (PytorchStreamReader", "delete it")
+                            capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env={**subprocess_env(), "TORCH_HOME": str(tmp_path / "torch")})
+    assert_one_line_error(result, f"torchvision:vgg11: {path} is cut short or damaged (PytorchStreamReader",
+                          "delete it")

@@ -17,9 +17,9 @@ from vgg.config.command_line import (
                                      runtime_value,
 )
 from vgg.config.fields import (
-    AUTO_FIELDS, CHOICES, FIELDS, MAX_PIXELS, MAX_SEED, RANGES, Config, check_ranges, check_run_name, speed_flag,
+    AUTO_FIELDS, CHOICES, FIELDS, MAX_PIXELS, RANGES, Config, check_ranges, check_run_name, speed_flag,
     validate)
 
-__all__ = ["AUTO_FIELDS", "CHOICES", "FIELDS", "MAX_PIXELS", "MAX_SEED", "RANGES", "RUNTIME_FIELDS", "Config",
-           "available_configs", "check_output_dirs", "check_ranges", "check_run_name", "config_defaults", "config_path", "ensure_writable_dir",
-           "get_args_parser", "load_yaml", "resolve_config", "runtime_value", "speed_flag", "validate"]
+__all__ = ["AUTO_FIELDS", "CHOICES", "FIELDS", "MAX_PIXELS", "RANGES", "RUNTIME_FIELDS", "Config",
+           "available_configs", "check_output_dirs", "check_ranges", "check_run_name", "config_defaults", "config_path",
+           "ensure_writable_dir", "get_args_parser", "load_yaml", "resolve_config", "runtime_value", "speed_flag", "validate"]
