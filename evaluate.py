@@ -21,10 +21,10 @@ import argparse
 import time
 from pathlib import Path
 
-from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value
+from vgg.config import MAX_PIXELS, RUNTIME_FIELDS, check_ranges, ensure_writable_dir, get_args_parser, runtime_value
 from vgg.core.command import run_command
 from vgg.core.distributed import exit_process, is_main_process
-from vgg.core.errors import UserError
+from vgg.core.errors import UserError, check_range
 from vgg.core.progress import get_logger
 
 
@@ -57,8 +57,9 @@ def prepare(args):
     from vgg.evaluation.inputs import open_val_set
     from vgg.evaluation.nets import default_checkpoint, load_eval_net
 
-    if args.batch_size < 1 or args.workers < 0 or args.gpus < 1 or not args.progress_every_s >= 0:
-        raise UserError("--batch-size and --gpus must be at least 1, --workers and --progress-every-s at least 0")
+    check_ranges({name: getattr(args, name) for name in ("batch_size", "gpus", "workers", "progress_every_s")})
+    for q in args.scales or ():
+        check_range(q, 1, MAX_PIXELS, what="every Q of --scales")
     paths = (args.checkpoint or ([] if args.weights else [default_checkpoint()])) + args.weights
     nets = [load_eval_net(p, scales=args.scales, single_scale=args.single_scale) for p in paths]
     # The results' folder must be writable before an hour of evaluation, not after it.

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vgg.config import get_args_parser
+from vgg.config import check_ranges, get_args_parser
 from vgg.core.errors import UserError, out_of_memory_message
 from vgg.core.progress import rank_prefix
 from vgg.reproduce.plan import DEMO_RUNTIME, SCALES, TRAIN_RUNTIME_FIELDS, Settings
@@ -45,6 +45,7 @@ def settings_from_args(args) -> Settings:
         raise UserError("--scale paper trains on ImageNet: pass --data ROOT (holding train/ and val/), "
                         "or use --scale demo for the sample dataset")
     typed = {name: getattr(args, name) for name in TRAIN_RUNTIME_FIELDS if hasattr(args, name)}
+    check_ranges({"gpus": 1, **typed})  # before the first stage, not in each
     return Settings(scale=args.scale, data=args.data or "data/sample",
                     out_dir=Path(args.out_dir or ("checkpoints/reproduce-demo" if demo else "checkpoints")),
                     log_dir=Path(args.log_dir or ("runs/reproduce-demo" if demo else "runs")),

@@ -19,10 +19,10 @@ import argparse
 import time
 from pathlib import Path
 
-from vgg.config import RUNTIME_FIELDS, ensure_writable_dir, get_args_parser, runtime_value, speed_flag
+from vgg.config import MAX_PIXELS, RUNTIME_FIELDS, check_ranges, ensure_writable_dir, get_args_parser, runtime_value, speed_flag
 from vgg.core.command import run_command
 from vgg.core.distributed import barrier, exit_process, is_main_process
-from vgg.core.errors import UserError
+from vgg.core.errors import MAX_SEED, UserError, check_range
 from vgg.core.progress import get_logger
 
 
@@ -71,10 +71,19 @@ def prepare(args):
     from vgg.transfer.datasets import open_transfer_set
     from vgg.transfer.features import load_feature_net
 
-    if args.batch_size < 1 or args.workers < 0 or args.gpus < 1 or not args.progress_every_s >= 0:
-        raise UserError("--batch-size and --gpus must be at least 1, --workers and --progress-every-s at least 0")
-    if not args.scales or not args.svm_c or min(args.svm_c) <= 0 or args.cv_folds < 2:
-        raise UserError("--scales and --svm-c need a value at least, every C above 0, --cv-folds 2 or more")
+    check_ranges({name: getattr(args, name) for name in ("batch_size", "gpus", "workers", "progress_every_s")})
+    if not args.scales or not args.svm_c:
+        raise UserError("--scales and --svm-c need a value at least")
+    for q in args.scales:
+        check_range(q, 1, MAX_PIXELS, what="every Q of --scales")
+    for c in args.svm_c:
+        check_range(c, 0, 1e6, low_open=True, what="every C of --svm-c")
+    for value, low, high, flag in ((args.splits, 1, 1000, "--splits"), (args.seed, 0, MAX_SEED, "--seed"),
+                                   (args.cv_folds, 2, 100, "--cv-folds"), (args.voc_year, 2005, 2012, "--voc-year"),
+                                   (args.train_per_class, 1, 100_000, "--train-per-class"),
+                                   (args.test_per_class, 1, 100_000, "--test-per-class")):
+        if value is not None:
+            check_range(value, low, high, what=flag.lstrip("-").replace("-", "_"), flag=flag)
     if not args.checkpoint and not args.weights:
         raise UserError("no net: pass --checkpoint PATH (repeatable) or --weights torchvision:vgg16")
     tset = open_transfer_set(args.data, args.layout, splits=args.splits, seed=args.seed,

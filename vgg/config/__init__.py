@@ -16,8 +16,10 @@ from vgg.config.command_line import (
                                      resolve_config,
                                      runtime_value,
 )
-from vgg.config.fields import AUTO_FIELDS, CHOICES, FIELDS, RANGES, Config, check_run_name, speed_flag, validate
+from vgg.config.fields import (
+    AUTO_FIELDS, CHOICES, FIELDS, MAX_PIXELS, RANGES, Config, check_ranges, check_run_name, speed_flag,
+    validate)
 
-__all__ = ["AUTO_FIELDS", "CHOICES", "FIELDS", "RANGES", "RUNTIME_FIELDS", "Config", "available_configs",
-           "check_output_dirs", "check_run_name", "config_defaults", "config_path", "ensure_writable_dir",
-           "get_args_parser", "load_yaml", "resolve_config", "runtime_value", "speed_flag", "validate"]
+__all__ = ["AUTO_FIELDS", "CHOICES", "FIELDS", "MAX_PIXELS", "RANGES", "RUNTIME_FIELDS", "Config",
+           "available_configs", "check_output_dirs", "check_ranges", "check_run_name", "config_defaults", "config_path",
+           "ensure_writable_dir", "get_args_parser", "load_yaml", "resolve_config", "runtime_value", "speed_flag", "validate"]

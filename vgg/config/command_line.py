@@ -59,8 +59,9 @@ def load_yaml(path: Path) -> dict:
     """Read a config file; unknown keys and wrong types fail loudly (STYLE: fail on bad config)."""
     try:
         values = yaml.load(path.read_bytes().decode("utf-8"), Loader=_ConfigLoader) or {}
-    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as e:
-        detail = getattr(e, "problem", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else "")
+    except (yaml.YAMLError, ValueError, RecursionError) as e:  # ValueError: not UTF-8, a number of 4300+ digits
+        detail = getattr(e, "problem", None) or ("not UTF-8 text" if isinstance(e, UnicodeDecodeError) else
+                                                 "a number too long" if isinstance(e, ValueError) else "")
         raise UserError(f"{path}: not valid YAML ({e.__class__.__name__}{': ' + detail if detail else ''})") from None
     except OSError as e:
         raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None

@@ -3,13 +3,13 @@ allowed values and ranges of each field, and the check a whole config must pass.
 """
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass, field
 
 import torch
 
-from vgg.core.errors import UserError
+from vgg.core.distributed import usable_cpus
+from vgg.core.errors import MAX_SEED, UserError, check_range
 from vgg.models.zoo import ARCH_NAMES, check_input_size  # VGG A-E and the neighbours of Table 7
 
 
@@ -131,27 +131,52 @@ def _check_type(key: str, value, source: str):
 
 
 # Bounds on single fields, checked before any data scan or model build: (low, high, low_open, high_open)
-# with None for no bound. An impossible value (lr 0, dropout 1.5, --workers -1) fails at once, in one line.
+# with None for no bound. An impossible value (lr 0, dropout 1.5, --workers -1) fails at once, in one line,
+# and so does an absurd one (--seed 99999999999999999999999 overflowed torch's seed): every number has an
+# upper bound too, far above any sensible run; below it, a size memory cannot hold is the out-of-memory line.
+MAX_PIXELS = 100_000  # image sides: scales and crops (the paper's largest is 512; a side of 10^5 takes
+# ~40 GB an image: the out-of-memory line, tests/test_hardening_cli.py; beyond, sizes overflow)
+MAX_COUNT = 10**9  # steps, intervals
 RANGES = {
-    "width": (0, None, True, False), "fc_width": (1, None, False, False),
-    "dropout": (0, 1, False, True), "crop_size": (32, None, False, False),
-    "scale_min": (1, None, False, False), "scale_max": (1, None, False, False),
-    "val_scale": (0, None, False, False), "color_shift_std": (0, None, False, False),
-    "stats_images": (1, None, False, False), "workers": (0, None, False, False),
-    "batch_size": (1, None, False, False), "lr": (0, None, True, False),
-    "momentum": (0, 1, False, True), "weight_decay": (0, None, False, False),
-    "lr_factor": (0, 1, True, True), "patience": (0, None, False, False),
-    "max_lr_drops": (0, None, False, False), "epochs": (1, None, False, False),
-    "steps_per_epoch": (0, None, False, False), "seed": (0, None, False, False),
-    "gpus": (1, None, False, False), "checkpoint_every": (0, None, False, False),
-    "log_every": (1, None, False, False), "progress_every_s": (0, None, False, False),
+    "width": (0, 16, True, False), "fc_width": (1, 10**8, False, False),
+    "dropout": (0, 1, False, True), "crop_size": (32, MAX_PIXELS, False, False),
+    "scale_min": (1, MAX_PIXELS, False, False), "scale_max": (1, MAX_PIXELS, False, False),
+    "val_scale": (0, MAX_PIXELS, False, False), "color_shift_std": (0, 10, False, False),
+    "stats_images": (1, 10**7, False, False), "workers": (0, 1024, False, False),
+    "batch_size": (1, 2**20, False, False), "lr": (0, 10, True, False),
+    "momentum": (0, 1, False, True), "weight_decay": (0, 1, False, False),
+    "lr_factor": (0, 1, True, True), "patience": (0, 1000, False, False),
+    "max_lr_drops": (0, 100, False, False), "epochs": (1, 100_000, False, False),
+    "steps_per_epoch": (0, MAX_COUNT, False, False), "seed": (0, MAX_SEED, False, False),
+    "gpus": (1, 1024, False, False), "checkpoint_every": (0, MAX_COUNT, False, False),
+    "log_every": (1, MAX_COUNT, False, False), "progress_every_s": (0, 7 * 86400, False, False),
 }
+# DataLoader workers per usable core, all processes on the machine together: each worker is a process
+# with the dataset's file list and its batches in memory, so `--workers 1000` is OOM-killed under a job's
+# memory limit, without a word, long before it could help. 8 per process (the default's cap) always passes.
+WORKERS_PER_CORE = 4
 
 
-def _range_text(low, high, low_open, high_open) -> str:
-    if high is None:
-        return f"{'>' if low_open else '>='} {low}"
-    return f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+def check_ranges(values: dict) -> None:
+    """Each field of `values` (name -> value) that has a range must lie in it (one UserError naming the flag)."""
+    for name, value in values.items():
+        if name in RANGES:
+            check_range(value, *RANGES[name], what=name, flag=f"--{name.replace('_', '-')}")
+    if "workers" in values:
+        check_workers(values["workers"], values.get("gpus", 1))
+
+
+def check_workers(workers: int, gpus: int) -> None:
+    """At most WORKERS_PER_CORE data-loading workers per usable core over this machine's processes
+    (--gpus, or the LOCAL_WORLD_SIZE torchrun sets), and 8 a process whatever the cores."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    processes = max(gpus, int(local) if local.isdigit() else 1, 1)
+    cores = usable_cpus()
+    limit = max(8, WORKERS_PER_CORE * cores // processes)
+    if workers > limit:
+        raise UserError(f"--workers {workers} is too many for {cores} usable core(s) and {processes} process(es): "
+                        f"at most {limit} a process ({WORKERS_PER_CORE} a core; each worker is a process "
+                        "holding batches in memory)")
 
 
 def check_run_name(name: str) -> str:
@@ -164,13 +189,7 @@ def check_run_name(name: str) -> str:
 
 def validate(config: Config) -> None:
     """Checks a YAML type check cannot make: each field's range, then the cross-field ones."""
-    for name, (low, high, low_open, high_open) in RANGES.items():
-        value = getattr(config, name)
-        too_low = value <= low if low_open else value < low
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if not math.isfinite(value) or too_low or too_high:
-            raise UserError(f"{name} must be {_range_text(low, high, low_open, high_open)}, got {value!r} "
-                            f"(--{name.replace('_', '-')})")
+    check_ranges({name: getattr(config, name) for name in RANGES})
     check_run_name(config.run_name)
     if config.scale_min > config.scale_max:
         raise UserError(f"scale_min ({config.scale_min}) must not exceed scale_max ({config.scale_max})")

@@ -8,6 +8,7 @@ the process group: NCCL on CUDA, gloo on CPU (so tests can run two processes on 
 """
 
 import contextlib
+import datetime
 import logging
 import os
 import re
@@ -24,6 +25,11 @@ from vgg.core.errors import UserError
 from vgg.core.progress import get_logger, setup_logging
 
 RELEASE_WAIT_S = 10.0  # all_reduce_sum: at most this long for gloo to release a tensor (microseconds normally)
+# How long `barrier` waits for the slowest rank: rank 0's scan of ImageNet's 1.28 M files and its statistics
+# over 10 000 images take minutes on a network file system, hours on a very slow one; a rank that fails or
+# dies ends the wait at once, so a long timeout costs nothing in a healthy job.
+WAIT_TIMEOUT = datetime.timedelta(hours=12)
+_WAITING_GROUP = None  # the gloo group `barrier` waits on (_waiting_group)
 
 
 @dataclass
@@ -68,6 +74,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         backend = "nccl" if device == "cuda" else "gloo"
         kwargs = {"device_id": torch_device} if device == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
+    if distributed:
+        _waiting_group()  # every rank here at once: the group's own setup waits on no one's scan
     setup_logging(rank)
     return DistInfo(rank, world_size, local_rank, torch_device, distributed)
 
@@ -138,8 +146,10 @@ def expand_nodelist(nodelist: str) -> list[str]:
 
 
 def cleanup_distributed() -> None:
+    global _WAITING_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _WAITING_GROUP = None
 
 
 def exit_process(main) -> None:
@@ -196,8 +206,22 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Every rank waits here for all the others, however long the slowest takes (up to WAIT_TIMEOUT): rank 0
+    may be scanning 1.28 M files on a network file system or computing the dataset statistics meanwhile,
+    for longer than the process group's timeout (NCCL's 10 minutes) allows a collective. A rank that dies
+    still ends the wait at once (its connection closes)."""
     if get_world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=_waiting_group())
+
+
+def _waiting_group():
+    """The gloo group with a long timeout that `barrier` waits on (on the CPU whatever the backend: a wait
+    needs no GPU), made by every rank together in init_distributed, or at the first barrier of a process
+    group set up elsewhere."""
+    global _WAITING_GROUP
+    if _WAITING_GROUP is None:
+        _WAITING_GROUP = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    return _WAITING_GROUP
 
 
 @contextlib.contextmanager
@@ -235,9 +259,11 @@ def gather_objects(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
-    """Send a picklable object from rank `src` to every rank (no-op in a single process)."""
+    """Send a picklable object from rank `src` to every rank (no-op in a single process). The others wait
+    for `src` in `barrier` first: it may have computed the object for minutes (the dataset statistics)."""
     if get_world_size() == 1:
         return obj
+    barrier()
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
     return holder[0]

@@ -1,7 +1,8 @@
-"""The one exception the CLIs turn into a single clear line (no traceback), and out-of-memory and
-full-disk detection."""
+"""The one exception the CLIs turn into a single clear line (no traceback), the range check of a number,
+and out-of-memory and full-disk detection."""
 
 import errno
+import math
 import re
 
 
@@ -43,3 +44,22 @@ def is_disk_full(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+MAX_SEED = 2**32 - 1  # every command's --seed: numpy's classic range; torch's seeds are derived from it
+
+
+def check_range(value, low, high=None, low_open: bool = False, high_open: bool = False, *, what: str,
+                flag: str = "") -> None:
+    """UserError "WHAT must be in [LOW, HIGH], got VALUE (FLAG)" unless `value` is a finite number in the range
+    (an open end excludes its bound; high None: no upper bound)."""
+    too_low = value <= low if low_open else value < low
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if (isinstance(value, float) and not math.isfinite(value)) or too_low or too_high:  # ints: any size
+        if high is None:
+            allowed = f"{'>' if low_open else '>='} {low}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        shown = repr(value)
+        raise UserError(f"{what} must be {allowed}, got {shown if len(shown) <= 30 else shown[:20] + '...'}"
+                        + (f" ({flag})" if flag else ""))

@@ -3,10 +3,12 @@
 `launch_if_needed` starts N copies of the command line with torchrun's variables (RANK, LOCAL_RANK,
 WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), waits for them, and exits with their code:
 
-- Stop signals (SIGINT, SIGTERM, SIGUSR1) sent to the launcher, or to its process group as Ctrl-C,
-  SLURM and Kubernetes send them, reach each process once: the processes run in sessions of their own
-  and the launcher passes each signal on. They stop at the same step, rank 0 saves, and the launcher
-  exits with their code (128 + the signal). A process whose launcher dies gets SIGTERM (Linux).
+- Stop signals (SIGINT, SIGTERM, SIGUSR1, SIGHUP) sent to the launcher, or to its process group as
+  Ctrl-C, a closed terminal, SLURM and Kubernetes send them, reach each process once: the processes run
+  in sessions of their own and the launcher passes each signal on. They stop at the same step, rank 0
+  saves, and the launcher exits with their code (128 + the signal). The launcher keeps its handlers
+  from before it starts the processes until it has printed their lines and removed its report folder,
+  so no later signal ends it half way. A process whose launcher dies gets SIGTERM (Linux).
 - Errors: a process reports its one line through `report` into a folder the launcher reads once all
   have ended, so bad input that every process finds is printed once, last. A process that failed only
   because a peer left (a collective on a closed connection) reports nothing: its peer's line says why.
@@ -32,9 +34,10 @@ from vgg.core.errors import UserError
 
 # The signals that ask a run to stop at its next sync point, save last.pt and exit with 128 + signal:
 # Ctrl-C; SIGTERM (kill, and SLURM's preemption or scancel); SIGUSR1 (the warning SLURM sends before
-# the time limit, as scripts/slurm/ ask for it: that exit, 138, means "requeue me"). The launcher passes
-# them on, DataLoader workers ignore them, the training run handles them (vgg/training/signals.py).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# the time limit, as scripts/slurm/ ask for it: that exit, 138, means "requeue me"); SIGHUP (a closed
+# terminal, a dropped ssh). The launcher passes them on, DataLoader workers ignore them, the training
+# run handles them (vgg/training/signals.py).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
 REPORTS_ENV = "VGG_LAUNCH_REPORTS"  # the folder a launched process writes its one line into
 FAIL_GRACE_S = 20.0  # how long a failed process's peers have to end by themselves before they are killed
 PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "connectfullmesh",
@@ -56,10 +59,9 @@ def launch_if_needed(gpus: int, device: str = "auto") -> None:
     else:
         print(f"--gpus {gpus} --device cpu: {gpus} CPU processes (gloo) on this machine", file=sys.stderr,
               flush=True)
-    with tempfile.TemporaryDirectory(prefix="vgg-launch-") as reports:
-        children = _start(gpus, device, Path(reports))
-        with _passing_on(STOP_SIGNALS, children):
-            killed = _wait(children)
+    with _passing_on(STOP_SIGNALS) as children, tempfile.TemporaryDirectory(prefix="vgg-launch-") as reports:
+        _start(gpus, device, Path(reports), children)
+        killed = _wait(children)
         code = _report_and_code([child.returncode for child in children], Path(reports), killed)
     sys.exit(code)
 
@@ -83,7 +85,9 @@ def lost_a_peer(error: BaseException) -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and any(words in str(error).lower() for words in PEER_LOST)
 
 
-def _start(gpus: int, device: str, reports: Path) -> list[subprocess.Popen]:
+def _start(gpus: int, device: str, reports: Path, children: list[subprocess.Popen]) -> None:
+    """The N processes, into `children`. A stop signal that comes while they start waits (blocked) until all
+    are in the list, then reaches every one; each process starts with the launcher's signal mask as it was."""
     with socket.socket() as s:  # a free port for rank 0's store (torchrun --standalone does the same)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -91,21 +95,30 @@ def _start(gpus: int, device: str, reports: Path) -> list[subprocess.Popen]:
                LOCAL_WORLD_SIZE=str(gpus), GROUP_RANK="0", **{REPORTS_ENV: str(reports)})
     if device != "cpu":  # torchrun's default for GPU processes; on the CPU set_cpu_threads splits the cores
         env.setdefault("OMP_NUM_THREADS", "1")
-    return [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:]], start_new_session=True,
-                             preexec_fn=_die_with_parent,
-                             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)})
-            for rank in range(gpus)]
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        children += [subprocess.Popen([sys.executable, sys.argv[0], *sys.argv[1:]], start_new_session=True,
+                                      preexec_fn=lambda: _prepare_process(mask),
+                                      env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank), "ROLE_RANK": str(rank)})
+                     for rank in range(gpus)]
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _die_with_parent() -> None:
-    """In a launched process before it runs: SIGTERM (a stop, with a save) when the launcher dies (Linux)."""
+def _prepare_process(mask) -> None:
+    """In a launched process before it runs: the signal mask the launcher had, and SIGTERM (a stop, with a
+    save) when the launcher dies (Linux)."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 @contextlib.contextmanager
-def _passing_on(signals, children):
-    """Each of `signals` the launcher gets goes on to every process still running, once."""
+def _passing_on(signals):
+    """Each of `signals` the launcher gets goes on to every process still running, once; yields the list
+    of processes to fill. After they have all ended a signal does nothing: the launcher is on its way out."""
+    children = []
+
     def pass_on(signum, frame):
         for child in children:
             if child.poll() is None:
@@ -114,7 +127,7 @@ def _passing_on(signals, children):
 
     previous = {signum: signal.signal(signum, pass_on) for signum in signals}
     try:
-        yield
+        yield children
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -145,15 +158,21 @@ def _report_and_code(codes: list[int], reports: Path, killed_here: set[int]) -> 
     if not lines and not any(code < 0 for rank, code in enumerate(codes) if rank not in killed_here):
         lines = _distinct_lines(reports, len(codes), "peer")  # only peers that lost a peer said anything
     for line, rank in lines.items():
-        print(f"[rank {rank}] {line}" if rank else line, file=sys.stderr, flush=True)
+        _say(f"[rank {rank}] {line}" if rank else line)
     reporting = [codes[rank] for rank in sorted(lines.values()) if codes[rank] != 0]
     if reporting:
         return reporting[0]
     for rank, code in enumerate(codes):
         if code < 0 and rank not in killed_here:
-            print(f"error: process rank {rank} was killed by {signal.Signals(-code).name}", file=sys.stderr)
+            _say(f"error: process rank {rank} was killed by {signal.Signals(-code).name}")
             return 128 - code
     return next((code for code in codes if code != 0), 0)
+
+
+def _say(line: str) -> None:
+    """A line to stderr, which may be gone (a closed terminal: SIGHUP, then EIO): the exit code still counts."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def _distinct_lines(reports: Path, world_size: int, kind: str) -> dict[str, int]:

@@ -14,11 +14,11 @@ import json
 import logging
 import sys
 
-from vgg.core.errors import UserError
+from vgg.core.errors import MAX_SEED, UserError, check_range
 from vgg.data import sample as vsample
 from vgg.data.labels import sort_val
 from vgg.data.prepare import prepare
-from vgg.data.shards import write_shards
+from vgg.data.shard_writer import write_shards
 from vgg.data.stats import load_or_compute_stats
 
 
@@ -59,16 +59,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The numeric options' ranges (UserError naming the flag, as train.py's): (low, high).
+RANGES = {"images_per_shard": (1, 10**6), "num_images": (1, 10**7), "seed": (0, MAX_SEED)}
+
+
 def run_command(args: argparse.Namespace) -> None:
     """One command, its one-line summary printed; UserError on bad input."""
+    for name, (low, high) in RANGES.items():
+        if getattr(args, name, None) is not None:
+            check_range(getattr(args, name), low, high, what=f"--{name.replace('_', '-')}")
     if args.command == "sort-val":
         counts = sort_val(args.val_dir, args.labels, args.devkit_classes)
         print(f"moved {counts['moved']} images into {counts['classes']} class folders under {args.val_dir} "
               f"({counts['already_sorted']} were already sorted, {counts['unlabelled']} unlabelled files left)")
     elif args.command == "prepare":
         counts = prepare(args.source, args.src, args.dest, copy=args.copy)
-        done = ", ".join(f"{counts[k]} {k}" for k in ("linked", "symlinked", "copied", "extracted", "present")
-                         if counts.get(k))
+        done = ", ".join(f"{counts[k]} {k}" for k in ("linked", "symlinked", "copied", "extracted", "present",
+                                                      "renamed") if counts.get(k))
         print(f"{args.dest}: {counts['classes']} classes, {counts['train']} train and {counts['val']} val "
               f"images ({done or 'nothing to do'})")
     elif args.command == "shards":

@@ -6,8 +6,10 @@
 
 DEST gets `train/<wnid>/*.JPEG` and `val/<wnid>/*.JPEG`. Files that are already files in SRC are hard
 linked where the file system allows, else symbolic links, else copied (`--copy`: always copied);
-files inside archives are written out. A file already in DEST with the same size is left alone, and
-an archive unpacked whole is recorded in `DEST/.vgg_prepared.json`, so a second run does nothing new.
+files inside archives are written out. A file already in DEST with the same size (the same bytes, for
+an archive's member) is left alone, and an archive unpacked whole is recorded in `DEST/.vgg_prepared.json`,
+so a second run does nothing new. Two archive members of one name and class with other bytes are both
+kept, the second as `<name>_2.JPEG`, with a warning.
 
 Class indices are the sorted wnids everywhere (torchvision, Caffe's release, timm's shards). Every
 reader here ends in `check_class_order`: with the 1000 ILSVRC-2012 classes, index 0 must be
@@ -16,6 +18,7 @@ taking the devkit's ILSVRC2012_IDs, which follow the WordNet hierarchy, as class
 """
 
 import contextlib
+import itertools
 import json
 import lzma
 import os
@@ -129,14 +132,33 @@ class Writer:
         os.replace(tmp, path)
         self.counts[how] += 1
 
-    def extract(self, split: str, wnid: str, name: str, fileobj, size: int) -> None:
-        path = self.target(split, wnid, name)
-        if self._present(path, size):
-            return
+    def extract(self, split: str, wnid: str, name: str, fileobj, size: int, where: str = "") -> None:
+        """An archive member -> DEST/split/wnid/name. A file already there (files are renamed into place
+        whole, so it is complete) with the same bytes is left alone: a rerun, or the same image in two
+        archives. One with other bytes is another image of the same name (two of Hugging Face's
+        tarballs holding one `<name>_<wnid>.JPEG`): this one is kept as `<name>_2.JPEG` (`_3`, ...: the
+        first name free or holding these bytes, the same on a rerun), with one warning line."""
+        data, path = None, None
+        for n in itertools.count(1):
+            path = self.target(split, wnid, name if n == 1 else "{0}_{2}{1}".format(*os.path.splitext(name), n))
+            if not path.exists():
+                break
+            if path.stat().st_size == size:
+                data = fileobj.read() if data is None else data
+                if path.read_bytes() == data:
+                    self.counts["present"] += 1
+                    return
+        if path.name != name:
+            log.warning(f"warning: {where or 'the archive'} holds a second {name} for {split}/{wnid}/ with other "
+                        f"bytes than the one already there: kept as {path.name}")
+            self.counts["renamed"] += 1
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
-                shutil.copyfileobj(fileobj, f)
+                if data is None:
+                    shutil.copyfileobj(fileobj, f)
+                else:
+                    f.write(data)
             os.replace(tmp, path)
         finally:  # an archive cut short (or an interrupt) leaves no half file behind, hidden or not
             tmp.unlink(missing_ok=True)
@@ -203,7 +225,7 @@ def unpack(writer: Writer, split: str, archive: Path, name_to_wnid, every_s: flo
         for member_name, fileobj, size in tar_members(archive, every_s, f"{split}: {archive.name}"):
             if _is_image(member_name):
                 wnid, name = name_to_wnid(member_name)
-                writer.extract(split, wnid, name, fileobj, size)
+                writer.extract(split, wnid, name, fileobj, size, where=f"{archive.name}")
     writer.mark_done(archive)
 
 

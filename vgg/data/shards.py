@@ -4,12 +4,7 @@ evaluate from them (`--data SHARD_DIR`), for runs that outgrow one machine's dis
     python -m vgg.data shards /data/imagenet /data/imagenet-wds     # once
     python train.py --config A --data /data/imagenet-wds --gpus 8   # streams the shards
 
-A shard folder holds `imagenet1k-train-{0000..NNNN}.tar`, `imagenet1k-validation-{00..NN}.tar` and
-`_info.json` (per split: filenames, num_samples, shard_lengths; and `classes`, the sorted wnids).
-Each sample is three tar members sharing a key: `<key>.jpg` (the file's bytes, as they were),
-`<key>.cls` (the class index as text) and `<key>.json` ({"filename", "wnid", "label"}). Shards are
-plain tar files, written here with the standard library's tarfile (the `webdataset` package is not
-needed to write or read them, and reads them as they are).
+The format: vgg.data.shard_format; writing: vgg.data.shard_writer.
 
 Training streams (`ShardStream`). Each epoch the shards are put in an order drawn from (seed, epoch)
 and read as one sequence of all N training images; rank r of W takes its contiguous part, N/W images
@@ -33,254 +28,27 @@ once per process, each image read at its offset), as evaluation files each image
 """
 
 import hashlib
-import io
-import json
 import math
-import os
-import re
-import tarfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vgg.core.errors import UserError
-from vgg.core.progress import get_logger, progress_bar
+from vgg.core.progress import get_logger
 from vgg.data import cache as vcache
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
 from vgg.data import stats as vstats
-from vgg.data.labels import read_lines
-from vgg.data.prepare import check_class_order
+from vgg.data.shard_format import (  # noqa: F401 (INFO_NAME, ShardError, is_shard_dir: importable from here)
+    INFO_NAME, SHARD_ERRORS, SPLITS, ShardError, ShardSplit, check_count, damaged, decode_sample, image_and_label,
+    is_shard_dir, iter_samples, open_split)
+from vgg.data.shard_writer import write_shards  # noqa: F401 (importable from here, as before the split)
 from vgg.data.transforms import EvalTransform
 
 log = get_logger()
 
-INFO_NAME = "_info.json"
-CLASSES_NAME = "classes.txt"  # for shards whose _info.json lists no classes: one wnid per line, sorted
-PREFIX = "imagenet1k"
-SPLITS = {"train": "train", "val": "validation"}  # class-folder split -> shard split name (timm's)
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 SHUFFLE_BUFFER = 1000  # images (their JPEG bytes, ~110 kB each on ImageNet) per DataLoader worker
-
-
-class ShardError(UserError):
-    """A damaged or truncated shard, met in a DataLoader worker. The DataLoader raises it again in the main
-    process as ShardError("Caught ShardError in DataLoader worker process 0.\nOriginal Traceback ..."):
-    that is cut back here to the one line it was raised with, so the command lines print one line."""
-
-    def __init__(self, message: str):
-        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
-            last = message.rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[1] if last.startswith(f"{__name__}.ShardError: ") else last
-        super().__init__(message)
-
-
-# What reading a damaged tar raises: bad headers and data cut short (TarError, EOFError), a .cls that is
-# no number (ValueError, UnicodeDecodeError), a sample without its members (UserError), I/O errors.
-SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, ValueError, UserError)
-
-
-def _damaged(path: Path, error: BaseException) -> ShardError:
-    reason = " ".join(str(error).split()) or type(error).__name__
-    return ShardError(f"shard {path} is damaged or cut short ({reason[:200]}): write it again or download it again")
-
-
-def _check_count(path: Path, count: int, expected: int) -> None:
-    if count != expected:
-        raise ShardError(f"shard {path} holds {count} samples where {INFO_NAME} says {expected}: it is damaged "
-                         "or cut short; write it again or download it again")
-
-
-def is_shard_dir(path) -> bool:
-    """A folder of WebDataset shards (it holds _info.json) rather than class folders."""
-    return bool(path) and (Path(path) / INFO_NAME).is_file()
-
-
-# --------------------------------------------------------------------------------------------------
-# Writing
-# --------------------------------------------------------------------------------------------------
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = len(data), 0o444, 0  # the same bytes on every run
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _key(wnid: str, name: str) -> str:
-    """The sample key: the file name without extension (dots replaced: a key holds none), led by the
-    wnid unless it already is (ImageNet's training names are), so that keys are unique in a shard."""
-    stem = os.path.splitext(name)[0].replace(".", "_")
-    return stem if stem.startswith(wnid) else f"{wnid}_{stem}"
-
-
-def write_shards(src, dest, *, images_per_shard: int = 1252, seed: int = 0) -> dict:
-    """Class folders SRC/{train,val}/<wnid>/* -> shards in DEST (see the module docstring); returns _info.json.
-
-    The training images are dealt over the shards in an order drawn from `seed`, so each shard holds
-    every class and a stream needs only a small shuffle buffer; the validation images stay in order.
-    _info.json is written last: a folder without it is no finished shard folder.
-    """
-    src, dest = Path(src), Path(dest)
-    if isinstance(images_per_shard, bool) or not isinstance(images_per_shard, int) or images_per_shard < 1:
-        raise UserError(f"--images-per-shard must be a positive integer, got {images_per_shard!r}")
-    files = {}
-    for split in SPLITS:
-        if not (src / split).is_dir():
-            raise UserError(f"{src / split} not found: SRC must hold train/<wnid>/* and val/<wnid>/* "
-                            "(see `python -m vgg.data prepare`)")
-        files[split] = vfolders.list_files(src / split)
-    classes = sorted(files["train"])
-    check_class_order(classes, src / "train")
-    unknown = sorted(set(files["val"]) - set(classes))
-    if unknown:
-        raise UserError(f"{src / 'val'} has classes not in train/: {', '.join(unknown[:5])}")
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / INFO_NAME).unlink(missing_ok=True)
-    info = {"name": "imagenet-1k", "classes": classes, "splits": {}}
-    class_index = {wnid: i for i, wnid in enumerate(classes)}
-    for split, shard_split in SPLITS.items():
-        items = [(wnid, name) for wnid in sorted(files[split]) for name in files[split][wnid]]
-        if split == "train":
-            items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
-        count = max(1, math.ceil(len(items) / images_per_shard))
-        width = max(4 if split == "train" else 2, len(str(count - 1)))
-        names, lengths = [], []
-        with progress_bar(total=len(items), desc=f"{shard_split} shards", unit="img") as bar:
-            for s in range(count):
-                part = items[s * images_per_shard:(s + 1) * images_per_shard]
-                name = f"{PREFIX}-{shard_split}-{s:0{width}d}.tar"
-                tmp = dest / f".{name}.{os.getpid()}.tmp"
-                with tarfile.open(tmp, "w") as tar:
-                    for wnid, file_name in part:
-                        key, label = _key(wnid, file_name), class_index[wnid]
-                        _add(tar, f"{key}.jpg", (src / split / wnid / file_name).read_bytes())
-                        _add(tar, f"{key}.cls", str(label).encode())
-                        _add(tar, f"{key}.json", json.dumps({"filename": f"{wnid}/{file_name}", "wnid": wnid,
-                                                             "label": label}).encode())
-                        bar.update(1)
-                os.replace(tmp, dest / name)
-                names.append(name)
-                lengths.append(len(part))
-        info["splits"][shard_split] = {"name": shard_split, "num_samples": len(items), "filenames": names,
-                                       "shard_lengths": lengths}
-    (dest / INFO_NAME).write_text(json.dumps(info, indent=1))
-    return info
-
-
-# --------------------------------------------------------------------------------------------------
-# Reading: the shard list and its samples
-# --------------------------------------------------------------------------------------------------
-
-_BRACES = re.compile(r"\{(\d+)\.\.(\d+)\}")
-
-
-def _expand(pattern: str) -> list[str]:
-    """`imagenet1k-train-{0000..1023}.tar` -> the 1024 names (one numeric brace range at most)."""
-    match = _BRACES.search(pattern)
-    if not match:
-        return [pattern]
-    first, last = match.group(1), match.group(2)
-    return [pattern[:match.start()] + f"{i:0{len(first)}d}" + pattern[match.end():]
-            for i in range(int(first), int(last) + 1)]
-
-
-@dataclass(frozen=True)
-class ShardSplit:
-    """One split's shards (in _info.json's order), their sample counts, and the class list."""
-
-    paths: tuple[Path, ...]
-    lengths: tuple[int, ...]
-    classes: tuple[str, ...]
-
-    @property
-    def offsets(self) -> list[int]:
-        """The position of each shard's first sample in the split (the samples' indices)."""
-        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(int).tolist()
-
-
-def _iter_samples(path: Path, skip: int = 0):
-    """(key, {extension: member}) of each sample in a tar, in order, from sample `skip` on; `tar` must
-    stay open while members are read, so this yields inside it: ((key, parts), tar)."""
-    with tarfile.open(path, "r:") as tar:  # random access: skipped members are seeked over, not read
-        key, parts, index = None, {}, 0
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            member_key, _, ext = base.partition(".")
-            if member_key != key and parts:
-                if index >= skip:
-                    yield key, parts, tar
-                index += 1
-                parts = {}
-            key = member_key
-            parts[ext.lower()] = member
-        if parts and index >= skip:
-            yield key, parts, tar
-
-
-def _count_samples(path: Path) -> int:
-    return sum(1 for _ in _iter_samples(path))
-
-
-def open_split(root, split: str) -> ShardSplit:
-    """A split ("train" or "validation") of the shard folder `root`, checked."""
-    root = Path(root)
-    try:
-        info = json.loads((root / INFO_NAME).read_text())
-        entry = info["splits"][split]
-        names = [n for pattern in entry["filenames"] for n in _expand(pattern)]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{root / INFO_NAME} has no usable split {split!r} (expected splits.{split}.filenames, "
-                        f"as timm/imagenet-1k-wds writes it): {type(e).__name__}: {e}") from None
-    paths = tuple(root / n for n in names)
-    missing = [p.name for p in paths if not p.is_file()]
-    if missing or not paths:
-        raise UserError(f"{root}: {len(missing)} of the {len(paths)} {split} shards in {INFO_NAME} are missing "
-                        f"(first: {missing[0] if missing else 'none listed'})")
-    lengths = entry.get("shard_lengths")
-    if isinstance(lengths, list) and not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths):
-        raise UserError(f"{root / INFO_NAME}: {split} shard_lengths must be whole numbers >= 0, got {lengths[:5]!r}")
-    if not (isinstance(lengths, list) and len(lengths) == len(paths)):
-        log.info(f"{root / INFO_NAME} gives no shard_lengths for {split}: counting the samples of {len(paths)} shards")
-        lengths = [_count_samples(p) for p in paths]
-    if "num_samples" in entry and entry["num_samples"] != sum(lengths):
-        raise UserError(f"{root / INFO_NAME}: {split} num_samples {entry['num_samples']} is not the sum of its "
-                        f"shard_lengths ({sum(lengths)})")
-    classes = info.get("classes")
-    if classes is None and (root / CLASSES_NAME).is_file():
-        classes = [line.split()[0] for line in read_lines(root / CLASSES_NAME) if line.strip()]
-    if classes and not (isinstance(classes, list) and all(isinstance(c, str) and c for c in classes)):
-        raise UserError(f"{root / INFO_NAME}: \"classes\" must be a list of wnids, got {str(classes)[:100]}")
-    if not classes:
-        raise UserError(f"{root}: no class list: add \"classes\" (the sorted wnids) to {INFO_NAME}, or a "
-                        f"{CLASSES_NAME} with one wnid per line in sorted order (e.g. Kaggle's LOC_synset_mapping.txt)")
-    check_class_order(classes, root / INFO_NAME)
-    return ShardSplit(paths, tuple(int(n) for n in lengths), tuple(classes))
-
-
-def _decode(data: bytes, label: int, where: str, transform, index: int):
-    """(transform(image), label), or (None, label, Unreadable) as vgg.data.folders.ImageFolder gives them."""
-    try:
-        if transform is not None and index is not None:  # the training transform: it opens the bytes itself
-            return transform(data, index), label
-        with Image.open(io.BytesIO(data)) as image:
-            if transform is None:
-                return vfolders.load_rgb(image), label
-            return transform(image), label
-    except vfolders.DECODE_ERRORS as e:
-        return None, label, vfolders.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
-
-
-def _image_and_label(key: str, parts: dict, tar: tarfile.TarFile, path: Path) -> tuple[tarfile.TarInfo, int]:
-    """A sample's image member and its class index (read from its .cls member)."""
-    image = next((parts[ext] for ext in IMAGE_KEYS if ext in parts), None)
-    if image is None or "cls" not in parts:
-        raise UserError(f"{path}: sample {key} lacks a .jpg or .cls member (has: {', '.join(sorted(parts))})")
-    return image, int(tar.extractfile(parts["cls"]).read().decode().strip())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -292,18 +60,18 @@ def _read_shard(path: Path, skip: int, take: int, offset: int):
     or holds fewer samples than _info.json says (tarfile ends a cut tar without a word)."""
     count = skip
     try:
-        for i, (key, parts, tar) in enumerate(_iter_samples(path, skip), start=skip):
+        for i, (key, parts, tar) in enumerate(iter_samples(path, skip), start=skip):
             if i >= take:
                 break
-            image, label = _image_and_label(key, parts, tar, path)
+            image, label = image_and_label(key, parts, tar, path)
             data = tar.extractfile(image).read()
             if len(data) != image.size:
                 raise EOFError(f"sample {key} cut short")
             count += 1
             yield data, label, offset + i, f"{path.name}:{key}"
     except SHARD_ERRORS as e:
-        raise _damaged(path, e) from None
-    _check_count(path, count, take)
+        raise damaged(path, e) from None
+    check_count(path, count, take)
 
 
 def _parts(total: int, n: int) -> list[int]:
@@ -401,7 +169,7 @@ class ShardStream(IterableDataset):
             batch = [next(stream, None) for _ in range(self.batch_size)]
             batch = [s for s in batch if s is not None]  # empty past the end: a zero-weight step
             if b >= skip:
-                yield [_decode(data, label, where, self.transform, index) for data, label, index, where in batch]
+                yield [decode_sample(data, label, where, self.transform, index) for data, label, index, where in batch]
 
     def loader(self, *, epoch: int, start_step: int = 0, seed: int = 0):
         """The epoch's DataLoader: `workers` processes (the count num_steps was planned for)."""
@@ -424,16 +192,16 @@ class ShardImages(Dataset):
         for path, length in zip(split.paths, split.lengths):
             before, size = len(self.samples), path.stat().st_size
             try:
-                for key, parts, tar in _iter_samples(path):
-                    image, label = _image_and_label(key, parts, tar, path)
+                for key, parts, tar in iter_samples(path):
+                    image, label = image_and_label(key, parts, tar, path)
                     if image.offset_data + image.size > size:
                         raise EOFError(f"sample {key} cut short")
                     self.samples.append((str(path), image.offset_data, image.size, label, key))
                     if limit is not None and len(self.samples) >= limit:
                         return
             except SHARD_ERRORS as e:
-                raise _damaged(path, e) from None
-            _check_count(path, len(self.samples) - before, length)
+                raise damaged(path, e) from None
+            check_count(path, len(self.samples) - before, length)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -449,7 +217,7 @@ class ShardImages(Dataset):
             return None, label, vfolders.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
         if len(data) != size:
             return None, label, vfolders.Unreadable(where, f"cut short: {len(data)} of {size} bytes")
-        return _decode(data, label, where, self.transform, None)
+        return decode_sample(data, label, where, self.transform, None)
 
 
 def open_val(root, transform) -> ShardImages:

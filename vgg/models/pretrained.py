@@ -8,6 +8,7 @@ mean_rgb = 255 * mean, and a checkpoint made from it carries its own input norma
 `stats` like any other: evaluation and `--init-from` apply it with no special case.
 """
 
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -71,8 +72,15 @@ def torchvision_state_dict(spec: str) -> tuple[str, dict]:
     if tv_name not in WEIGHTS:
         raise UserError(f"unknown weights {spec!r}; allowed: {', '.join('torchvision:' + n for n in WEIGHTS)}")
     weights = torchvision.models.get_weight(WEIGHTS[tv_name])
+    cached = cache_file(tv_name)
     try:
         return tv_name, weights.get_state_dict(progress=False, check_hash=True)
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        if cached.is_file():  # torch.hub loads a cached file unchecked (the hash is checked on download only)
+            raise UserError(f"{spec}: {cached} is cut short or damaged ({reason}): delete it to download it again, "
+                            f"or put a complete copy of {weights.url} there") from None
+        if not isinstance(e, OSError):  # (URLError is one) not the download: a bug, with its traceback
+            raise
         raise UserError(f"{spec}: cannot download {weights.url} ({e}); on a machine without network, "
-                        f"put that file at {cache_file(tv_name)}") from None
+                        f"put that file at {cached}") from None
