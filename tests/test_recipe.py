@@ -27,6 +27,8 @@ from vgg.data.stats import DatasetStats
 from vgg.data.transforms import normalize
 from vgg.models.vgg import build_vgg
 from vgg.training import recipe as vrecipe
+from vgg.training import build as vbuild
+from vgg.training import epochs as vepochs
 from vgg.training import run as vrun
 from vgg.training.loop import validate
 from vgg.training.step import BatchAugment, train_step
@@ -134,8 +136,8 @@ def scripted_run(sample_root, tmp, epochs: int, **overrides) -> dict:
                 "top5_err": 60.0 - 2 * epoch, "images": 100, "skipped": 0, "unreadable": []}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vrun, "build_optimizer", spy_build_optimizer)
-        mp.setattr(vrun, "validate", scripted_validate)
+        mp.setattr(vbuild, "build_optimizer", spy_build_optimizer)
+        mp.setattr(vepochs, "validate", scripted_validate)
         wait_for_each_checkpoint(mp)  # validation reads best.pt / last.pt, written by a background thread
         final = vrun.run(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]

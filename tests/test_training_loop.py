@@ -30,6 +30,7 @@ from vgg.data.folders import ImageFolder
 from vgg.data.stats import IMAGENET_STATS
 from vgg.data.transforms import TrainCrop
 from vgg.models.vgg import build_vgg
+from vgg.training import epochs as vepochs
 from vgg.training import logs as vlogs
 from vgg.training import recipe as vrecipe
 from vgg.training import resume as vresume
@@ -219,7 +220,7 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
     config = tiny_config(root, tmp_path, run_name="full", epochs=1, batch_size=4, steps_per_epoch=0, workers=0,
                          stats="imagenet", log_every=100, checkpoint_every=2, color_shift_std=0.25)
     on_disk, augments = [], []
-    real_validate, real_train_one_epoch = vrun.validate, vrun.train_one_epoch
+    real_validate, real_train_one_epoch = vepochs.validate, vepochs.train_one_epoch
 
     def spying_train_one_epoch(model, loader, optimizer, augment, **kwargs):
         augments.append(augment)
@@ -229,8 +230,8 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
         on_disk.append(load_checkpoint(tmp_path / "checkpoints" / "full" / "last.pt"))
         return {**real_validate(*args, **kwargs), "top1": 0.0}  # no image right: still the best so far
 
-    monkeypatch.setattr(vrun, "validate", spying_validate)
-    monkeypatch.setattr(vrun, "train_one_epoch", spying_train_one_epoch)
+    monkeypatch.setattr(vepochs, "validate", spying_validate)
+    monkeypatch.setattr(vepochs, "train_one_epoch", spying_train_one_epoch)
     wait_for_each_checkpoint(monkeypatch)  # validation reads the step-2 last.pt the background thread writes
     vrun.run(config)
     # The configured colour shift (every batch brings its own alphas, the placeholder's zeros).
