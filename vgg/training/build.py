@@ -100,6 +100,8 @@ def build_data(config: Config, ckpt: dict | None, dist: DistInfo) -> RunData:
         raise UserError(f"{root / 'val'} has {len(val_set.classes)} classes, {root / 'train'} has "
                         f"{len(train_set.classes)}: the class folders must be the same")
     vfolders.require_a_readable_image(val_set, getattr(val_set, "root", f"the validation shards of {root}"))
+    if not vshards.is_shard_dir(root):  # (a shard stream is read in order: its epochs refuse a set read in vain)
+        vfolders.require_a_readable_image(train_set, root / "train")  # trained on nothing: loss nan, "done"
     train_files = train_set.fingerprint()
     check_training_set(ckpt, train_files)
     sampler = EpochSampler(len(train_set), seed=config.seed, rank=dist.rank, world_size=dist.world_size)

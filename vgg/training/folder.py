@@ -24,29 +24,35 @@ from vgg.training.logs import (
     read_skipped_list,
     write_skipped_list,
 )
-from vgg.training.parts import RunParts
+from vgg.training.parts import Position, RunParts
 from vgg.training.resume import drop_rows_to_rewrite, remove_stale_temp_files
 
 log = get_logger()
 
 
 @contextlib.contextmanager
-def hold_run_folder(path: Path):
-    """Rank 0 holds the run folder's lock (vgg/core/runlock.py) for the whole run, taken before anything is
-    written there; every rank refuses, in one line, a folder that a live run (fresh or resumed) holds."""
-    lock = refused = None
+def hold_run_folder(*paths: Path):
+    """Rank 0 holds the lock (vgg/core/runlock.py) of the run folder and of its TensorBoard folder for the
+    whole run, taken before anything is written there; every rank refuses, in one line, a folder that a
+    live run (fresh or resumed) holds. (Two runs with other --out-dir but one --log-dir and --run-name
+    would write into one TensorBoard folder, the second hiding the first's curves: issue 34.)"""
+    locks, refused = [], None
+    folders = {}
+    for path in map(Path, paths):
+        folders.setdefault(path.resolve(), path)  # one lock when --log-dir is --out-dir
     if is_main_process():
         try:
-            lock = RunLock(path)
+            for path in folders.values():
+                locks.append(RunLock(path))
         except UserError as e:
             refused = str(e)
     refused = broadcast_object(refused)
-    if refused:
-        raise UserError(refused)
     try:
+        if refused:
+            raise UserError(refused)
         yield
     finally:
-        if lock is not None:
+        for lock in locks:
             lock.release()
 
 
@@ -100,14 +106,16 @@ def open_run_folder(parts: RunParts, resumed: bool) -> None:
     log.info(f"run folder {folder.path}; TensorBoard: tensorboard --logdir {config.log_dir}")
 
 
-def save(parts: RunParts, name: str, epoch: int, step: int, epoch_sums: list[float] | None = None) -> None:
+def save(parts: RunParts, name: str, epoch: int, step: int, epoch_sums: list[float] | None = None,
+         pending: bool = False) -> None:
     """One checkpoint (vgg/core/checkpoint.py), written by rank 0 in the background. epoch_sums: the metric
-    sums of a part-done epoch's steps 0..step-1, so its row covers it all."""
+    sums of a part-done epoch's steps 0..step-1, so its row covers it all. pending: in its place once
+    confirmed (CheckpointWriter)."""
     if not is_main_process():
         return
     net, position = parts.net, parts.position
     parts.folder.checkpoints.save(
-        parts.folder.path / name, model=net.raw.state_dict(), arch=net.raw.arch_kwargs(),
+        parts.folder.path / name, pending=pending, model=net.raw.state_dict(), arch=net.raw.arch_kwargs(),
         optimizer=net.optimizer.state_dict(), scheduler=net.scheduler.state_dict(), epoch=epoch, step=step,
         lr_drops=position.lr_drops, world_size=parts.dist.world_size, rng=rng_state(),
         config=parts.config.to_dict(), stats=parts.data.stats.to_dict(), classes=parts.data.classes,
@@ -160,8 +168,14 @@ def finish_run(parts: RunParts, last_step: int) -> None:
     writer.flush()  # a failed event write (a full disk) is raised by flush; close would drop it unsaid
     writer.add_hparams(hparams, final, run_name=".", global_step=last_step)  # purged on resume, like the rest
     writer.close()
-    where = f" (epoch {best['epoch']})" if best is not None else ""
-    log.info(f"done: best val top-1 err {100 - best_top1:.1f}%{where}; checkpoints in {parts.folder.path}")
+    log.info(f"done: {best_so_far(parts.position)}; checkpoints in {parts.folder.path}")
+
+
+def best_so_far(position: Position) -> str:
+    """'best val top-1 err 31.2% (epoch 40)': the best epoch's (that of best.pt), or its accuracy alone (older
+    checkpoints name no epoch)."""
+    where = f" (epoch {position.best['epoch']})" if position.best is not None else ""
+    return f"best val top-1 err {100 - position.best_top1:.1f}%{where}"
 
 
 def _on_off(flag: bool) -> str:

@@ -23,7 +23,7 @@ from vgg.training.build import (
     wrap_for_speed,
 )
 from vgg.training.epochs import train_epochs
-from vgg.training.folder import find_resume_checkpoint, finish_run, hold_run_folder, open_run_folder
+from vgg.training.folder import best_so_far, find_resume_checkpoint, finish_run, hold_run_folder, open_run_folder
 from vgg.training.parts import Net, Position, RunData, RunFolder, RunParts, Speed
 from vgg.training.resume import (
     apply_resume_changes,
@@ -44,7 +44,7 @@ def run(config: Config, resume: str = "") -> dict:
     stop = StopFlag()
     checkpoints = CheckpointWriter()
     try:
-        with hold_run_folder(Path(config.out_dir) / config.run_name):
+        with hold_run_folder(Path(config.out_dir) / config.run_name, Path(config.log_dir) / config.run_name):
             try:
                 return _run(config, resume, dist, stop, checkpoints)
             except OSError as e:  # metrics.jsonl, TensorBoard's event file, config.yaml (a checkpoint: its writer)
@@ -54,7 +54,7 @@ def run(config: Config, resume: str = "") -> dict:
                 raise UserError(f"no space left on device while writing the run's files under {folders}: free "
                                 "space, then --resume from its last checkpoint") from None
             finally:
-                checkpoints.wait()  # the last save is on disk before this returns (and the process may exit)
+                checkpoints.close()  # the last save is on disk before this returns (and the process may exit)
     finally:
         stop.restore()
         cleanup_distributed()
@@ -73,6 +73,8 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
     changes = resume_changes(config, ckpt, resume_path, dist.world_size) if ckpt else []
     if ckpt:
         check_resume_checkpoint(ckpt, resume_path, config)  # every field: a crafted one fails here, not mid-run
+        if is_finished(ckpt, resume_path, config):
+            return {}
     source_ckpt = None if resume_path else read_init_checkpoint(config)
     data = build_data(config, ckpt, dist)
     net = build_net_and_optimizer(config, data, speed, dist)
@@ -89,6 +91,24 @@ def _run(config: Config, resume: str, dist: DistInfo, stop: StopFlag, checkpoint
     if is_main_process():
         finish_run(parts, last_step)
     return val_metrics
+
+
+def is_finished(ckpt: dict, path: Path, config: Config) -> bool:
+    """Whether the checkpoint ends the run: the plateau schedule ended it (§3.1) or it has trained --epochs.
+    Then one line says so, and nothing is trained or written (a requeued job, reproduce.py's stage killed
+    before its done-marker: issue 34)."""
+    if ckpt["step"]:  # (a stop after an epoch's last step: its validation is left)
+        return False
+    if ckpt["lr_drops"] > config.max_lr_drops:
+        why = f"val top-1 plateaued after {config.max_lr_drops} lr drops (§3.1)"
+        how = f"--max-lr-drops {ckpt['lr_drops']}"
+    elif ckpt["epoch"] >= config.epochs:
+        why, how = f"it has trained all {config.epochs} epochs", f"--epochs {config.epochs + 1} or more"
+    else:
+        return False
+    log.info(f"{path} is a finished run ({why}; {best_so_far(Position.of(ckpt))}): nothing to train, nothing "
+             f"changed; to train on, pass {how}")
+    return True
 
 
 def resume_from(ckpt: dict, path: Path, net: Net, changes, config: Config, classes: list[str],
