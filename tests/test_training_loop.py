@@ -131,17 +131,18 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                          f"checkpoints in {run_dir}")
 
     # A checkpoint folder resumes from its last.pt, which names the best epoch; one without the best
-    # epoch's errors (older runs) reports the best accuracy alone. Nothing is left to train: nothing
-    # is validated.
+    # epoch's errors (older runs) reports the best accuracy alone. Nothing is left to train: one line says
+    # so, and nothing is validated or written (issue 34).
+    finished = f"{run_dir / 'last.pt'} is a finished run (it has trained all 2 epochs; best val top-1 err "
     with LogLines("vgg") as lines:
         assert vrun.run(longer, resume=str(run_dir)) == {}
-    assert lines[-1] == (f"done: best val top-1 err {rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch}); "
-                         f"checkpoints in {run_dir}")
+    assert lines == [f"{finished}{rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch})): nothing to train, "
+                     "nothing changed; to train on, pass --epochs 3 or more"]
     ckpt = load_checkpoint(run_dir / "last.pt")
     save_checkpoint(run_dir / "last.pt", **{**ckpt, "best": None})
     with LogLines("vgg") as lines:
         assert vrun.run(longer, resume=str(run_dir)) == {}
-    assert lines[-1] == f"done: best val top-1 err {100 - ckpt['best_top1']:.1f}%; checkpoints in {run_dir}"
+    assert lines[-1].startswith(f"{finished}{100 - ckpt['best_top1']:.1f}%): nothing to train")
     assert len(metrics_rows(run_dir)) == 2
     # `if-exists` outside SLURM: the plain line.
     monkeypatch.delenv("SLURM_RESTART_COUNT")
@@ -154,7 +155,8 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     with LogLines("vgg") as lines:
         vrun.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job ?, restart 1)" in lines
-    # The same settings on a dataset with other classes (as many, or fewer): refused, naming the checkpoint.
+    # The same settings on a dataset with other classes (as many, or fewer), an epoch more: refused, naming
+    # the checkpoint.
     rng = np.random.default_rng(1)
     for count in (12, 2):
         other = tmp_path / f"other{count}"
@@ -163,7 +165,7 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                 solid_jpegs(other / split / f"n1{c:07d}", (20 * c, 90, 90), 2, rng)
         with pytest.raises(UserError, match=f"^{re.escape(str(run_dir / 'last.pt'))} was trained as .* on 12 "
                                             "classes, not as this run's "):
-            vrun.run(dataclasses.replace(longer, data=str(other), batch_size=2), resume="auto")
+            vrun.run(dataclasses.replace(longer, data=str(other), batch_size=2, epochs=3), resume="auto")
     # A setting that may not change on resume: refused, naming the checkpoint.
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
                                         "crop_size 32 -> 40: may change on resume: "):

@@ -113,7 +113,7 @@ class CheckpointWriter:
         if self._pending is None:
             return
         self._confirmed = True
-        if not self._thread.is_alive():
+        if self._thread is None or not self._thread.is_alive():
             self.wait()
 
     def wait(self) -> None:
