@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, snapshot, subprocess_env
 from test_bit_exact import assert_same_run, finished
 from test_hardening_ddp_data import LogLines, metrics_rows
 from test_hardening_round3_signals import STOPPED, Train, assert_saved_at_the_stop_step, cli_args
@@ -150,10 +150,6 @@ def test_a_diverging_run_keeps_the_last_good_checkpoint(small_root, tmp_path):
 
 
 # --- #34.4: a finished run resumed ---------------------------------------------------------------------
-
-def snapshot(*folders) -> dict:
-    return {p: p.read_bytes() for folder in folders for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 def test_a_finished_run_resumed_says_so_and_changes_nothing(small_root, tmp_path, monkeypatch):
     """#34.4: the plateau schedule ends a run of 5 epochs after epoch 1 (validation scripted flat, patience 0,
