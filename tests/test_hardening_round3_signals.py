@@ -94,8 +94,12 @@ def test_sigterm_to_the_gpus_launcher_saves_the_stop_step(sample_root, tmp_path,
     assert "error:" not in output, output[-3000:]
 
 
-def children(pid: int) -> list[int]:
-    return [int(child) for child in (Path("/proc") / str(pid) / "task" / str(pid) / "children").read_text().split()]
+def forked_children(pid: int) -> list[int]:
+    """The processes `pid` forked (DataLoader workers: its own command line), not the ones it ran (ldconfig)."""
+    proc = Path("/proc")
+    own = (proc / str(pid) / "cmdline").read_bytes()
+    children = (proc / str(pid) / "task" / str(pid) / "children").read_text().split()
+    return [int(child) for child in children if (proc / child / "cmdline").read_bytes() == own]
 
 
 def test_a_second_ctrl_c_stops_at_once_with_one_line(sample_root, tmp_path):
@@ -112,10 +116,11 @@ def test_a_second_ctrl_c_stops_at_once_with_one_line(sample_root, tmp_path):
     last = tmp_path / "checkpoints" / "twice" / "last.pt"
     saved = last.read_bytes()
     run = Train(tmp_path, [*args, "--resume", "--epochs", "1000"])
-    while not children(run.proc.pid):  # its training loader's worker, started for epoch 1
+    run.wait_for("TensorBoard: tensorboard --logdir")  # the run's last line before its epochs
+    while not forked_children(run.proc.pid):  # its training loader's worker, started for epoch 1
         assert run.proc.poll() is None, run.output()[-3000:]
         time.sleep(0.05)
-    for worker in children(run.proc.pid):
+    for worker in forked_children(run.proc.pid):
         os.kill(worker, signal.SIGSTOP)
     run.signal_group(signal.SIGINT)
     run.wait_for("SIGINT received")
