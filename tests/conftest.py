@@ -81,3 +81,8 @@ def wait_for_the_next_second():
     import time
 
     time.sleep(1.0 - time.time() % 1.0 + 0.01)
+
+
+def snapshot(*folders) -> dict:
+    """Every file under `folders`, path -> bytes: to check that a command changed nothing there."""
+    return {p: p.read_bytes() for folder in folders for p in sorted(Path(folder).rglob("*")) if p.is_file()}

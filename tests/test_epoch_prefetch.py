@@ -9,13 +9,14 @@ import pytest
 from test_train import tiny_config
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
+from vgg.training import epochs as vepochs
 from vgg.training import run as vrun
 
 
 @pytest.mark.parametrize("data_path", ["cpu", "gpu"])  # the GPU path runs on the CPU here (TorchCodec)
 def test_the_next_epoch_starts_loading_before_validation(sample_root, tmp_path, monkeypatch, data_path):
     events = []
-    real_iter, real_validate = vloaders.EpochSampler.__iter__, vrun.validate
+    real_iter, real_validate = vloaders.EpochSampler.__iter__, vepochs.validate
 
     def recording_iter(sampler):
         events.append(("train pass", sampler.epoch))
@@ -26,7 +27,7 @@ def test_the_next_epoch_starts_loading_before_validation(sample_root, tmp_path, 
         return real_validate(*args, **kwargs)
 
     monkeypatch.setattr(vloaders.EpochSampler, "__iter__", recording_iter)
-    monkeypatch.setattr(vrun, "validate", recording_validate)
+    monkeypatch.setattr(vepochs, "validate", recording_validate)
     config = tiny_config(sample_root, tmp_path, epochs=3, steps_per_epoch=2, workers=1, stats="imagenet",
                          data_path=data_path)
     vrun.run(config)
@@ -49,7 +50,7 @@ def test_the_next_epoch_is_decoded_while_validation_runs(sample_root, tmp_path, 
         return real_getitems(dataset, indices)
 
     seen_at_validation = []
-    real_validate = vrun.validate
+    real_validate = vepochs.validate
 
     def checking_validate(*args, **kwargs):
         import time
@@ -61,6 +62,6 @@ def test_the_next_epoch_is_decoded_while_validation_runs(sample_root, tmp_path, 
         return real_validate(*args, **kwargs)
 
     monkeypatch.setattr(vfolders.ImageFolder, "__getitems__", logging_getitems)  # (workers are forked: inherited)
-    monkeypatch.setattr(vrun, "validate", checking_validate)
+    monkeypatch.setattr(vepochs, "validate", checking_validate)
     vrun.run(tiny_config(sample_root, tmp_path, epochs=2, steps_per_epoch=2, workers=1, stats="imagenet"))
     assert seen_at_validation[0] == ["0", "1"]  # epoch 1's batches were decoded before epoch 0's validation ended

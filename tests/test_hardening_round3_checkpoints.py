@@ -107,8 +107,8 @@ SPOILED = {
                                 "'scheduler' entry has unknown field(s) optimizer"),
     # Silent: the resumed epoch trained nothing (step beyond the epoch) or trained a step twice (negative).
     "step beyond the epoch": (lambda b: dict(mid_epoch([1.0, 0.0, 0.0, 16.0, 0.0]), step=50), True,
-                              "'step' entry is 50, outside 0..1 (steps per epoch in its config)"),
-    "step negative": (lambda b: dict(epoch=0, step=-1, best=None, best_top1=-1.0), True, "'step' entry is -1, outside 0..1"),
+                              "'step' entry is 50, outside 0..2 (steps per epoch in its config)"),
+    "step negative": (lambda b: dict(epoch=0, step=-1, best=None, best_top1=-1.0), True, "'step' entry is -1, outside 0..2"),
     # A traceback after the resumed part of the epoch trained (the sums unpacked, added).
     "epoch_sums too short": (lambda b: mid_epoch([1.0, 2.0]), True,
                              "'epoch_sums' entry is [1.0, 2.0], not 5 finite sums"),

@@ -27,7 +27,7 @@ from vgg.core import distributed as vdistributed
 from vgg.core.checkpoint import load_checkpoint
 from vgg.core.distributed import set_cpu_threads, usable_cpus
 from vgg.data.folders import ImageFolder
-from vgg.training import run as vrun
+from vgg.training import epochs as vepochs
 from vgg.training.logs import DASHBOARD_LAYOUT, SKIPPED_LIST
 from vgg.training.run import run
 
@@ -230,7 +230,7 @@ def test_console_metrics_and_tensorboard_agree_on_lr_drops_and_the_best_epoch(sa
         return {"loss": 1.0, "top1": top1, "top1_err": 100 - top1, "top5_err": (100 - top1) / 2,
                 "images": 10, "skipped": 0, "unreadable": []}
 
-    monkeypatch.setattr(vrun, "validate", scripted_validate)
+    monkeypatch.setattr(vepochs, "validate", scripted_validate)
     config = tiny_config(sample_root, tmp_path, epochs=4, patience=0, lr=0.01, workers=0, run_name="numbers")
     with LogLines("vgg") as lines:
         run(config)

@@ -27,6 +27,8 @@ from vgg.data.stats import DatasetStats
 from vgg.data.transforms import normalize
 from vgg.models.vgg import build_vgg
 from vgg.training import recipe as vrecipe
+from vgg.training import build as vbuild
+from vgg.training import epochs as vepochs
 from vgg.training import run as vrun
 from vgg.training.loop import validate
 from vgg.training.step import BatchAugment, train_step
@@ -134,8 +136,8 @@ def scripted_run(sample_root, tmp, epochs: int, **overrides) -> dict:
                 "top5_err": 60.0 - 2 * epoch, "images": 100, "skipped": 0, "unreadable": []}
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(vrun, "build_optimizer", spy_build_optimizer)
-        mp.setattr(vrun, "validate", scripted_validate)
+        mp.setattr(vbuild, "build_optimizer", spy_build_optimizer)
+        mp.setattr(vepochs, "validate", scripted_validate)
         wait_for_each_checkpoint(mp)  # validation reads best.pt / last.pt, written by a background thread
         final = vrun.run(config)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
@@ -297,5 +299,6 @@ def test_mid_epoch_resume_trains_on_exactly_the_images_not_yet_seen(sample_root,
     fetched.clear()
     interrupt_on[0] = -1
     vrun.run(config, resume="auto")
-    assert fetched[:(steps - 3) * batch] == order[3 * batch:steps * batch]
+    assert fetched[0] == 0  # the check that the training set has a readable image (issue 34), then steps 4..6:
+    assert fetched[1:1 + (steps - 3) * batch] == order[3 * batch:steps * batch]
     assert load_checkpoint(tmp_path / "checkpoints" / "resume" / "last.pt")["epoch"] == 1

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, snapshot, subprocess_env
 from test_hardening_cli import assert_one_line_error
 
 from vgg.config import Config, config_path, load_yaml
@@ -159,7 +159,8 @@ def test_second_invocation_skips_every_stage(demo):
 
 
 def test_interrupted_stage_is_resumed(demo):
-    """E-jitter as if stopped after its next-to-last epoch: last.pt one epoch back, no marker."""
+    """E-jitter as if stopped after its next-to-last epoch: last.pt one epoch back, no marker. B as if killed
+    after its run ended, before its marker: resumed, it says it is finished and changes nothing."""
     work, args, _ = demo
     run_dir = work / "out" / "E-jitter"
     ckpt = load_checkpoint(run_dir / "last.pt")
@@ -168,13 +169,19 @@ def test_interrupted_stage_is_resumed(demo):
     metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
     (run_dir / "metrics.jsonl").write_text("\n".join(metrics[:-1]) + "\n")
     (run_dir / MARKER).unlink()
+    b_dir = work / "out" / "B"  # B as if killed between its run's end and its done-marker (issue 34)
+    (b_dir / MARKER).unlink()
+    b_files = snapshot(b_dir, work / "logs" / "B")
 
     proc = reproduce_cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "] E-jitter: interrupted, resuming" in proc.stdout and "--config E-jitter" in proc.stdout
     assert "] E-jitter: done in" in proc.stdout
+    assert "] B: interrupted, resuming" in proc.stdout and f"{b_dir / 'last.pt'} is a finished run" in proc.stderr
+    assert (b_dir / MARKER).is_file()
+    assert {path: data for path, data in snapshot(b_dir, work / "logs" / "B").items() if path.name != MARKER} == b_files
     for stage in TRAIN_STAGES:
-        if stage.name != "E-jitter":
+        if stage.name not in ("E-jitter", "B"):
             assert f"] {stage.name}: complete, skipped" in proc.stdout, stage.name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(DEMO_OVERRIDES["epochs"]))  # the last epoch trained again

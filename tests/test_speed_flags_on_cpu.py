@@ -16,6 +16,7 @@ from test_train import common_cli_args, tiny_config
 
 from vgg.config import Config
 from vgg.models.vgg import build_vgg
+from vgg.training import build as vbuild
 from vgg.training import recipe as vrecipe
 from vgg.training import run as vrun
 from vgg.training.step import train_step
@@ -108,7 +109,7 @@ def test_bf16_channels_last_and_compile_on_cpu_single_and_ddp_then_resume_and_ev
 def test_a_run_trains_and_validates_in_bf16_on_the_cpu_only_when_asked(sample_root, tmp_path, monkeypatch, bf16):
     """--bf16 true reaches every forward pass of a run, training and validation; false none."""
     autocast_seen = {True: set(), False: set()}  # net.training -> autocast states seen
-    build_net = vrun.build_net
+    build_net = vbuild.build_net
 
     def recording_build_net(*args, **kwargs):
         net = build_net(*args, **kwargs)
@@ -116,7 +117,7 @@ def test_a_run_trains_and_validates_in_bf16_on_the_cpu_only_when_asked(sample_ro
             lambda module, inputs: autocast_seen[module.training].add(torch.is_autocast_enabled("cpu")))
         return net
 
-    monkeypatch.setattr(vrun, "build_net", recording_build_net)
+    monkeypatch.setattr(vbuild, "build_net", recording_build_net)
     vrun.run(tiny_config(sample_root, tmp_path, run_name="bf16", bf16=bf16, epochs=1, steps_per_epoch=2,
                              workers=0, stats="imagenet"))
     assert autocast_seen == {True: {bf16}, False: {bf16}}

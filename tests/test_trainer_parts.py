@@ -8,11 +8,13 @@ from PIL import Image
 from test_hardening_ddp_data import LogLines
 
 from vgg.config import Config
+from vgg.core.checkpoint import rng_state
 from vgg.core.errors import UserError
 from vgg.data import folders as vfolders
 from vgg.data import loaders as vloaders
 from vgg.data.transforms import TrainTransform
 from vgg.models.vgg import build_vgg
+from vgg.training import folder as vrunfolder
 from vgg.training import logs as vlogs
 from vgg.training import recipe as vrecipe
 from vgg.training import resume as vresume
@@ -34,7 +36,7 @@ def test_a_resume_runs_this_machines_sgd_kernel_whatever_the_checkpoints():
         group["foreach"] = "from the saving run"
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(saved)
     ckpt = {"model": model.state_dict(), "optimizer": saved.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": vrun.rng_state()}
+            "rng": rng_state()}
     optimizer = vrecipe.build_optimizer(model, config)
     fresh_keys = [set(group) for group in optimizer.param_groups]
     vresume.restore_training_state(ckpt, "last.pt", model, optimizer,
@@ -85,7 +87,7 @@ def test_skipped_list_keeps_paths_with_spaces(tmp_path):
 
 
 def test_speed_settings_read_on_and_off():
-    assert [vrun._on_off(flag) for flag in (True, False)] == ["on", "off"]
+    assert [vrunfolder._on_off(flag) for flag in (True, False)] == ["on", "off"]
 
 
 def test_the_gpu_data_paths_loader_as_built_for_the_run(tmp_path):

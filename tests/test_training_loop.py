@@ -30,6 +30,7 @@ from vgg.data.folders import ImageFolder
 from vgg.data.stats import IMAGENET_STATS
 from vgg.data.transforms import TrainCrop
 from vgg.models.vgg import build_vgg
+from vgg.training import epochs as vepochs
 from vgg.training import logs as vlogs
 from vgg.training import recipe as vrecipe
 from vgg.training import resume as vresume
@@ -130,17 +131,18 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                          f"checkpoints in {run_dir}")
 
     # A checkpoint folder resumes from its last.pt, which names the best epoch; one without the best
-    # epoch's errors (older runs) reports the best accuracy alone. Nothing is left to train: nothing
-    # is validated.
+    # epoch's errors (older runs) reports the best accuracy alone. Nothing is left to train: one line says
+    # so, and nothing is validated or written (issue 34).
+    finished = f"{run_dir / 'last.pt'} is a finished run (it has trained all 2 epochs; best val top-1 err "
     with LogLines("vgg") as lines:
         assert vrun.run(longer, resume=str(run_dir)) == {}
-    assert lines[-1] == (f"done: best val top-1 err {rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch}); "
-                         f"checkpoints in {run_dir}")
+    assert lines == [f"{finished}{rows[best_epoch]['val_top1_err']:.1f}% (epoch {best_epoch})): nothing to train, "
+                     "nothing changed; to train on, pass --epochs 3 or more"]
     ckpt = load_checkpoint(run_dir / "last.pt")
     save_checkpoint(run_dir / "last.pt", **{**ckpt, "best": None})
     with LogLines("vgg") as lines:
         assert vrun.run(longer, resume=str(run_dir)) == {}
-    assert lines[-1] == f"done: best val top-1 err {100 - ckpt['best_top1']:.1f}%; checkpoints in {run_dir}"
+    assert lines[-1].startswith(f"{finished}{100 - ckpt['best_top1']:.1f}%): nothing to train")
     assert len(metrics_rows(run_dir)) == 2
     # `if-exists` outside SLURM: the plain line.
     monkeypatch.delenv("SLURM_RESTART_COUNT")
@@ -153,7 +155,8 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
     with LogLines("vgg") as lines:
         vrun.run(longer, resume="if-exists")
     assert f"resuming {run_dir / 'last.pt'} (requeued job ?, restart 1)" in lines
-    # The same settings on a dataset with other classes (as many, or fewer): refused, naming the checkpoint.
+    # The same settings on a dataset with other classes (as many, or fewer), an epoch more: refused, naming
+    # the checkpoint.
     rng = np.random.default_rng(1)
     for count in (12, 2):
         other = tmp_path / f"other{count}"
@@ -162,7 +165,7 @@ def test_a_run_writes_its_rows_curves_checkpoints_and_skipped_files_and_resumes_
                 solid_jpegs(other / split / f"n1{c:07d}", (20 * c, 90, 90), 2, rng)
         with pytest.raises(UserError, match=f"^{re.escape(str(run_dir / 'last.pt'))} was trained as .* on 12 "
                                             "classes, not as this run's "):
-            vrun.run(dataclasses.replace(longer, data=str(other), batch_size=2), resume="auto")
+            vrun.run(dataclasses.replace(longer, data=str(other), batch_size=2, epochs=3), resume="auto")
     # A setting that may not change on resume: refused, naming the checkpoint.
     with pytest.raises(UserError, match=f"^cannot resume {re.escape(str(run_dir / 'last.pt'))} with changed "
                                         "crop_size 32 -> 40: may change on resume: "):
@@ -219,7 +222,7 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
     config = tiny_config(root, tmp_path, run_name="full", epochs=1, batch_size=4, steps_per_epoch=0, workers=0,
                          stats="imagenet", log_every=100, checkpoint_every=2, color_shift_std=0.25)
     on_disk, augments = [], []
-    real_validate, real_train_one_epoch = vrun.validate, vrun.train_one_epoch
+    real_validate, real_train_one_epoch = vepochs.validate, vepochs.train_one_epoch
 
     def spying_train_one_epoch(model, loader, optimizer, augment, **kwargs):
         augments.append(augment)
@@ -229,8 +232,8 @@ def test_an_epoch_is_every_full_batch_and_the_checkpoint_between_syncs_holds_its
         on_disk.append(load_checkpoint(tmp_path / "checkpoints" / "full" / "last.pt"))
         return {**real_validate(*args, **kwargs), "top1": 0.0}  # no image right: still the best so far
 
-    monkeypatch.setattr(vrun, "validate", spying_validate)
-    monkeypatch.setattr(vrun, "train_one_epoch", spying_train_one_epoch)
+    monkeypatch.setattr(vepochs, "validate", spying_validate)
+    monkeypatch.setattr(vepochs, "train_one_epoch", spying_train_one_epoch)
     wait_for_each_checkpoint(monkeypatch)  # validation reads the step-2 last.pt the background thread writes
     vrun.run(config)
     # The configured colour shift (every batch brings its own alphas, the placeholder's zeros).

@@ -47,6 +47,8 @@ KEY_TYPES = {"model": dict, "arch": dict, "classes": list, "stats": dict, "optim
              "best_top1": (int, float)}
 # Prefixes that wrappers add to parameter names: DistributedDataParallel and torch.compile.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# A save waiting for its confirmation (CheckpointWriter): last.pt.pending.tmp, a temp file to the folder's cleanup.
+PENDING_SUFFIX = ".pending.tmp"
 
 
 def save_checkpoint(path, **state) -> None:
@@ -74,45 +76,84 @@ class CheckpointWriter:
 
     `save` copies the state into CPU memory on the calling thread (the next training step changes the
     weights in place), then returns while a background thread writes the copy with save_checkpoint,
-    atomically as ever. One write at a time: `save` first waits for the one before, and `wait` must be
+    atomically as ever. One write at a time: `save` first waits for the one before, and `close` must be
     called before the process exits. A failed write (a full disk: save_checkpoint's one-line UserError)
-    is raised by the next `save` or `wait`, on the training thread.
+    is raised by the next `save`, `confirm` or `wait`, on the training thread.
+
+    A `pending` save is written beside its path (PENDING_SUFFIX) and takes its place only once `confirm`
+    says its weights gave a finite loss (the training loop's next sync, issue 34): a diverging step's
+    weights never replace the last good checkpoint. `close` (at the run's end) drops one still unconfirmed;
+    a kill leaves its file, which the next run removes (vgg.training.resume.remove_stale_temp_files).
     """
 
     def __init__(self):
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._pending: tuple[Path, Path] | None = None  # (written to, its place once confirmed)
+        self._confirmed = False
 
-    def save(self, path, **state) -> None:
+    def save(self, path, *, pending: bool = False, **state) -> None:
         self.wait()
+        self._drop_pending()  # (one never confirmed: the loop saves again before confirming it)
         state = cpu_copy(state)
-        self._thread = threading.Thread(target=self._write, args=(Path(path), state), name="checkpoint-writer")
+        path = Path(path)
+        target = path.with_name(path.name + PENDING_SUFFIX) if pending else path
+        self._pending, self._confirmed = ((target, path), False) if pending else (None, False)
+        self._thread = threading.Thread(target=self._write, args=(target, state), name="checkpoint-writer")
         self._thread.start()
 
     def _write(self, path: Path, state: dict) -> None:
         try:
             save_checkpoint(path, **state)
-        except BaseException as e:  # raised on the training thread by the next save() or wait()
+        except BaseException as e:  # raised on the training thread by the next save(), confirm() or wait()
             self._error = e
 
+    def confirm(self) -> None:
+        """The pending save's weights gave a finite loss: it takes its path once written (now, if it is)."""
+        if self._pending is None:
+            return
+        self._confirmed = True
+        if self._thread is None or not self._thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
-        """Block until the pending write (if any) is on disk; raise its error, if it failed."""
+        """Block until the last write (if any) is on disk, a confirmed pending one in its place; raise its
+        error, if it failed."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
         if error is not None:
+            self._pending = None
             raise error
+        if self._pending is not None and self._confirmed:
+            os.replace(*self._pending)
+            self._pending = None
+
+    def close(self) -> None:
+        """`wait`, then drop a pending save never confirmed: the run ends (its loss went NaN, or it failed)."""
+        self.wait()
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None:
+            self._pending[0].unlink(missing_ok=True)
+            self._pending = None
 
 
 def cpu_copy(value):
     """`value` with every tensor copied into CPU memory (a copy even of a CPU tensor), dicts and lists rebuilt."""
+    return map_tensors(lambda tensor: tensor.detach().to("cpu", copy=True), value)
+
+
+def map_tensors(fn, value):
+    """`value` with `fn` applied to every tensor in it, dicts, lists and tuples rebuilt."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return fn(value)
     if isinstance(value, dict):
-        return {k: cpu_copy(v) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(cpu_copy(v) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     return value
 
 
@@ -149,7 +190,27 @@ def read_checkpoint_file(path: Path, map_location="cpu") -> dict:
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {reason}") from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a vgg-imagenet checkpoint (it holds a {type(ckpt).__name__})")
-    return ckpt
+    return dense_tensors(ckpt)
+
+
+def dense_tensors(value):
+    """`value` with every tensor whose elements overlap or leave gaps (an expanded tensor, stride 0) copied
+    into a contiguous one. torch.load lays a tensor out as the file's strides say, and a momentum buffer
+    whose elements share memory made the fused SGD kernel crash (issue 34); torch.load itself refuses a
+    storage too small for its tensor's shape and strides."""
+    return map_tensors(lambda tensor: tensor if _is_dense(tensor) else tensor.contiguous(), value)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Each element at a place of its own, no gaps: contiguous in some order of its dimensions (channels-last too)."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def check_integrity(path: Path) -> None:

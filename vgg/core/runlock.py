@@ -28,7 +28,7 @@ class RunLock:
         self.path = self.folder / RUN_LOCK
         self.folder.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -45,6 +45,15 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except IsADirectoryError:
+            raise UserError(f"{self.path} is a folder, not the run's lock file: remove it, or pass another "
+                            "--run-name") from None
+        except OSError as e:
+            raise UserError(f"cannot open the run's lock file {self.path}: {e.strerror}") from None
 
     def release(self) -> None:
         """Remove the lock file, then let go of the lock (a run that opens the removed file tries again)."""

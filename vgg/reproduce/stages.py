@@ -94,7 +94,7 @@ def reproduce(settings: Settings, patterns: list[str] | None, dry_run: bool) -> 
     if settings.runtime.get("gpus", 1) <= 1:  # stages run in this process: its threads, as train.py's
         set_cpu_threads(settings.runtime.get("device", FIELDS["device"].default),
                         settings.runtime.get("workers", FIELDS["workers"].default))
-    from vgg.training.run import prepare_dataset
+    from vgg.training.build import prepare_dataset
 
     prepare_dataset(Config(data=settings.data))  # generates the sample dataset on first use; checks train/, val/
     for i, (stage, status, command) in enumerate(steps, 1):

@@ -17,6 +17,7 @@ from vgg.core.progress import progress_bar
 from vgg.data.folders import warn_unreadable
 from vgg.training.step import (
     BatchAugment,
+    NOT_SAVED,
     NonFiniteLossError,
     _norm_stats_frozen,
     _placeholder_batch,
@@ -58,8 +59,7 @@ class EpochTally:
         reduced = all_reduce_sum(torch.cat([self.device_sums, host.to(self.device_sums.device)])).tolist()
         if reduced[3] > 0:
             raise NonFiniteLossError(
-                f"the training loss became NaN/inf in epoch {epoch} before step {step}; stopping. "
-                "The last good checkpoint is untouched; try a lower --lr")
+                f"the training loss became NaN/inf in epoch {epoch} before step {step}; {NOT_SAVED}")
         part = [reduced[0], reduced[1], reduced[2], reduced[4], reduced[5]]
         self.sums = [c + p for c, p in zip(self.carried, part)]
         self.part_images = reduced[4]
@@ -68,14 +68,16 @@ class EpochTally:
 
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
                     start_step: int = 0, bf16: bool | str = "auto", log_every: int = 20,
-                    checkpoint_every: int = 0, on_checkpoint=None, stop_requested=lambda: False,
+                    checkpoint_every: int = 0, on_checkpoint=None, on_sync=None, stop_requested=lambda: False,
                     writer=None, carried_sums: list[float] | None = None, progress_every_s: float = 30.0) -> dict:
     """Run optimizer steps `start_step .. num_steps-1` of `epoch` (the loader starts at start_step).
 
     Every `log_every` steps (and at the end) the running sums are reduced over ranks, the loss is
-    checked for NaN/inf and a stop request is agreed on. Every `checkpoint_every` global steps
-    `on_checkpoint(step, sums)` is called at such a sync point, i.e. only after the loss was seen
-    finite. `sums` are the epoch's sums over all ranks so far, [loss * images, top-1 hits, top-5
+    checked for NaN/inf and a stop request is agreed on, and then `on_sync()` is called (the loss was
+    seen finite: a save made at the sync before, whose weights gave these losses, is good). Every
+    `checkpoint_every` global steps `on_checkpoint(step, sums)` is called at such a sync point, except
+    at the epoch's last step (the epoch's own save follows its validation) and at a stop (its own save
+    follows). `sums` are the epoch's sums over all ranks so far, [loss * images, top-1 hits, top-5
     hits, images, skipped images]; `carried_sums` are those of steps 0 .. start_step-1 (saved by a
     mid-epoch checkpoint), so that a resumed epoch's metrics still cover the whole epoch.
     Unreadable files are warned about once each (per process) and returned as this rank's
@@ -110,7 +112,9 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
                 last_log_time = now
                 _report_window(bar, writer, optimizer, tally.sums, images_per_s,
                                data_time / max(now - start, 1e-9), global_step)
-                if checkpoint_due and on_checkpoint is not None:
+                if on_sync is not None:
+                    on_sync()
+                if checkpoint_due and on_checkpoint is not None and step < num_steps and not stop:
                     on_checkpoint(step, tally.sums)
                 if stop:
                     interrupted = True

@@ -157,9 +157,10 @@ def _check_position(ckpt: dict, path: Path, saved: dict) -> None:
     epoch, step = ckpt["epoch"], ckpt["step"]
     if epoch < 0 or (_is_count(epochs) and epoch > epochs):
         _refuse(path, "epoch", f"is {epoch}, outside 0..{epochs} (epochs in its config)")
+    # (step == steps: the epoch's steps all done, its validation not: a stop at its last step, issue 34)
     limit = steps if _is_count(steps) and steps > 0 else None  # (0: every full batch, known after the scan)
-    if step < 0 or (limit and step >= limit):
-        _refuse(path, "step", f"is {step}, outside 0..{limit - 1} (steps per epoch in its config)" if limit
+    if step < 0 or (limit and step > limit):
+        _refuse(path, "step", f"is {step}, outside 0..{limit} (steps per epoch in its config)" if limit
                 else f"is {step}, not a count")
     if step > 0 and _is_count(epochs) and epoch == epochs:
         _refuse(path, "step", f"is {step} in epoch {epoch}, after the last of its config's {epochs} epochs")
@@ -257,8 +258,8 @@ def check_checkpoint_fits_run(ckpt: dict, path: Path, optimizer: torch.optim.Opt
     epoch, or its SGD state does not fit the built net's parameter groups (group sizes, settings, each
     momentum buffer's shape and finiteness): torch's load_state_dict checks the sizes only, and the fused
     kernel trusts each buffer's shape. Before anything is restored; the weights' shapes are load_model_state's."""
-    if ckpt["step"] >= steps_per_epoch:
-        _refuse(path, "step", f"is {ckpt['step']}, outside 0..{steps_per_epoch - 1} (this run's steps per epoch)")
+    if ckpt["step"] > steps_per_epoch:
+        _refuse(path, "step", f"is {ckpt['step']}, outside 0..{steps_per_epoch} (this run's steps per epoch)")
     saved_groups, state = ckpt["optimizer"]["param_groups"], ckpt["optimizer"]["state"]
     sizes = [len(g["params"]) for g in saved_groups]
     built = [len(g["params"]) for g in optimizer.param_groups]

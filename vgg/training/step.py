@@ -21,6 +21,11 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or inf: the run stops, the last good checkpoint is kept."""
 
 
+# What a NonFiniteLossError's line ends with: true, since no save holds weights that have not given a finite
+# loss (the loop's next sync confirms a mid-epoch save, validation an epoch's; issue 34).
+NOT_SAVED = "stopping. The last good checkpoint is untouched; try a lower --lr"
+
+
 class DeviceStats(NamedTuple):
     """A DatasetStats' mean RGB and PCA eigen-pairs as float32 tensors on the training device, made once:
     `normalize` and `color_shift` take them as they are (torch.as_tensor of a tensor already there is
