@@ -22,11 +22,14 @@ from conftest import ROOT
 from stop_hook import stop_env
 from test_train import train_cli
 
+from vgg.config import Config
 from vgg.core.checkpoint import load_checkpoint
+from vgg.core.errors import UserError
 from vgg.data import stats as vstats
 from vgg.data.folders import ImageFolder
 from vgg.data.loaders import EpochSampler
 from vgg.training.logs import SKIPPED_LIST, read_skipped_list
+from vgg.training.resume import check_resume_checkpoint
 
 SEED, STATS_IMAGES, BATCH, STEPS, WORLD = 39, 30, 32, 4, 2
 STOP_EPOCH, STOP_STEP = 2, 2
@@ -134,3 +137,21 @@ def test_the_statistics_are_the_training_sets_by_seed_and_stats_images(runs, sam
               vstats.compute_stats(sample_root / "train", num_images=STATS_IMAGES + 1, seed=SEED, workers=0)[0],
               vstats.compute_stats(sample_root / "val", num_images=STATS_IMAGES, seed=SEED, workers=0)[0]]
     assert all(other.to_dict() != expected for other in others)
+
+
+def test_each_ranks_rng_is_saved_and_a_crafted_one_is_one_line(runs, tmp_path):
+    """The stop came after rank 1's batch had lost an unreadable file (fewer dropout draws): the ranks' RNG
+    states differ, and the checkpoint holds both. A list of another length, or a state that does not load,
+    is refused before anything is built, naming the file and the field."""
+    stopped = runs["stopped"]
+    states = stopped["rank_rng"]
+    assert len(states) == WORLD and torch.equal(states[0]["torch"], stopped["rng"]["torch"])
+    assert not torch.equal(states[0]["torch"], states[1]["torch"])
+    path, config = tmp_path / "last.pt", Config(**stopped["config"])
+    for crafted, message in [(states[:1], "'rank_rng' entry is not None or a list of the RNG states of its 2 "
+                                          "processes"),
+                             ([states[0], {**states[1], "torch": torch.zeros(3)}],
+                              "'rank_rng' entry does not load as RNG states: ")]:
+        with pytest.raises(UserError) as refused:
+            check_resume_checkpoint({**stopped, "rank_rng": crafted}, path, config)
+        assert str(refused.value).startswith(f"{path}: its {message}"), str(refused.value)
