@@ -11,8 +11,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT
 from PIL import Image
+from stop_hook import stop_env
 from test_gpu_data import coordinate_image, crop_statistics, jpeg_bytes
 from test_train import train_cli
 
@@ -72,41 +73,38 @@ def test_the_worker_count_does_not_change_the_run(sample_root, tmp_path, referen
     assert_same_run(finished(tmp_path, "w"), reference)
 
 
-def interrupt(args: list[str], trigger: str, sig: signal.Signals) -> subprocess.CompletedProcess:
-    """Run train.py and send `sig` as soon as it prints a line starting with `trigger`."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=ROOT)
-    output = []
-    for line in proc.stdout:
-        output.append(line)
-        if line.startswith(trigger):
-            proc.send_signal(sig)
-            break
-    rest, _ = proc.communicate(timeout=300)
-    return subprocess.CompletedProcess(args, proc.returncode, "".join(output) + rest)
+def interrupt(args: list[str], folder, at_step: int, sig: signal.Signals) -> subprocess.CompletedProcess:
+    """Run train.py, which sends itself `sig` in its `at_step`-th optimizer step (tests/stop_hook.py: a
+    signal sent when the run prints a progress line races the step's sync, so where it stopped
+    depended on the machine's load)."""
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          env=stop_env(folder, at_step, sig), timeout=300, cwd=ROOT)
 
 
-# (progress line to interrupt at, signal, workers before, workers after). The flag is acted on at the
-# next sync (--log-every 1: every step; after the last step of epoch 0 that may be step 4 of epoch 0,
-# before validation, or step 1 of epoch 1); kill -9 leaves the last --checkpoint-every 1 save, made
-# before the progress line of the next step was printed.
-INTERRUPTIONS = [("epoch 0: 1/4 steps", signal.SIGTERM, 2, 0),
-                 ("epoch 0: 4/4 steps", signal.SIGTERM, 0, 1),
-                 ("epoch 1: 2/4 steps", signal.SIGINT, 0, 2),
-                 ("epoch 1: 3/4 steps", signal.SIGKILL, 1, 1)]
+# (the optimizer step the signal comes in, counted from 1 over the epochs of STEPS steps; the signal; workers
+# before, workers after). --log-every 1: a stop is agreed on at the sync right after that step. A stop at
+# step 4 is at epoch 0's last step, before its validation (the run saves there, or validates and saves at the
+# epoch's end first). kill -9 leaves the last --checkpoint-every 1 save that a sync confirmed: that of step 5
+# (step 6's is confirmed only by the sync after step 7), or of step 6.
+INTERRUPTIONS = [(1, signal.SIGTERM, 2, 0),
+                 (4, signal.SIGTERM, 0, 1),
+                 (6, signal.SIGINT, 0, 2),
+                 (7, signal.SIGKILL, 1, 1)]
 
 
-@pytest.mark.parametrize("trigger,sig,workers,resume_workers", INTERRUPTIONS)
-def test_a_mid_epoch_resume_ends_bit_identical(sample_root, tmp_path, reference, trigger, sig, workers,
+@pytest.mark.parametrize("at_step,sig,workers,resume_workers", INTERRUPTIONS)
+def test_a_mid_epoch_resume_ends_bit_identical(sample_root, tmp_path, reference, at_step, sig, workers,
                                                resume_workers):
     extra = ["--log-every", "1", "--checkpoint-every", "1" if sig == signal.SIGKILL else "0"]
-    first = interrupt([*cli_args(sample_root, tmp_path, "cut", workers), *extra], trigger, sig)
+    first = interrupt([*cli_args(sample_root, tmp_path, "cut", workers), *extra], tmp_path, at_step, sig)
     expected_code = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
-    assert first.returncode == expected_code, first.stdout[-3000:]
+    assert first.returncode == expected_code, first.stderr[-3000:]
     saved = load_checkpoint(tmp_path / "checkpoints" / "cut" / "last.pt")
-    interrupted_epoch = int(trigger.split()[1].rstrip(":"))
-    assert saved["epoch"] in (interrupted_epoch, interrupted_epoch + 1) and 0 < saved["step"] <= STEPS, \
-        (saved["epoch"], saved["step"])  # mid-epoch (or after an epoch's last step, before validation)
+    position = saved["epoch"] * STEPS + saved["step"]
+    if sig == signal.SIGKILL:
+        assert position in (at_step - 2, at_step - 1), (saved["epoch"], saved["step"])
+    else:  # at the step the signal came in: mid-epoch, or after the epoch's last step (before or after validation)
+        assert position == at_step and (saved["step"] > 0 or at_step % STEPS == 0), (saved["epoch"], saved["step"])
 
     second = train_cli(*cli_args(sample_root, tmp_path, "cut", resume_workers), *extra, "--resume")
     assert second.returncode == 0, second.stderr[-3000:]

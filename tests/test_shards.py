@@ -1,5 +1,5 @@
-"""WebDataset shards: `python -m vgg.data shards` writes them; training streams them (every image once
-an epoch, the same steps on every rank), evaluation reads them; 2 gloo processes on uneven shards."""
+"""WebDataset shards: `python -m vgg.data shards` writes them; training streams them (full batches, each image at most
+once an epoch, the same steps on every rank), evaluation reads them; 2 gloo processes on uneven shards."""
 
 import json
 import os
@@ -107,7 +107,8 @@ def uneven(sample_root, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("world_size,workers,batch_size", [(2, 0, 6), (3, 2, 4)])
-def test_stream_deals_every_image_once_with_equal_steps_and_resumes_exactly(uneven, world_size, workers, batch_size):
+def test_stream_deals_full_batches_of_each_image_once_with_equal_steps_and_resumes_exactly(uneven, world_size, workers,
+                                                                                           batch_size):
     split = open_split(uneven, "train")
     assert split.lengths == (10, 10, 5)
     streams = [ShardStream(split, IndexTransform(), batch_size=batch_size, workers=workers, seed=3, rank=r,
@@ -116,9 +117,9 @@ def test_stream_deals_every_image_once_with_equal_steps_and_resumes_exactly(unev
     for epoch in range(2):
         per_rank = [batches(s, epoch) for s in streams]
         assert [len(b) for b in per_rank] == [streams[0].num_steps] * world_size  # no rank waits for another
-        assert any(len(b) < batch_size for b in per_rank[-1])  # the shares are uneven: a short or empty batch
-        flat = sorted(i for rank_batches in per_rank for b in rank_batches for i in b)
-        assert flat == list(range(25))  # every image exactly once
+        assert all(len(b) == batch_size for rank_batches in per_rank for b in rank_batches)  # none short or empty
+        flat = [i for rank_batches in per_rank for b in rank_batches for i in b]
+        assert len(set(flat)) == len(flat) == (25 // world_size // batch_size) * batch_size * world_size
         epochs.append(per_rank)
     assert epochs[0] != epochs[1]  # a new order each epoch
     fresh = ShardStream(split, IndexTransform(), batch_size=batch_size, workers=workers, seed=3, rank=1,
@@ -158,16 +159,16 @@ def test_epoch_boundary_resume_from_shards_gives_identical_weights(uneven, tmp_p
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     rows = [json.loads(line) for line in (tmp_path / "checkpoints" / "straight" / "metrics.jsonl").open()]
-    assert [r["train_images"] for r in rows] == [25, 25]  # every image each epoch (4 steps, the last short)
+    assert [r["train_images"] for r in rows] == [24, 24]  # 3 full batches of the 25 images each epoch
 
 
 def test_two_gloo_processes_stream_uneven_shards_without_hang(uneven, tmp_path):
-    """25 images over 2 ranks (13 / 12), 6 a rank a step: rank 0 needs 3 steps, rank 1 has 2 batches
-    and makes a third, empty, zero-weight step. Both finish; each epoch trains on all 25 images."""
+    """25 images over 2 ranks (13 / 12), 6 a rank a step: 2 full batches on each rank, as from the class folders
+    (rank 0's 13th image waits for another epoch). Both finish; each epoch trains on 24 images."""
     result = train_cli("--config", "demo", "--data", str(uneven), "--out-dir", str(tmp_path / "ck"), "--log-dir",
                        str(tmp_path / "runs"), "--device", "cpu", "--gpus", "2", "--workers", "1", "--epochs", "2",
                        "--batch-size", "12", "--stats-images", "10", "--run-name", "ddp", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "3 steps/epoch of 12 on 2 x cpu" in result.stderr
+    assert "2 steps/epoch of 12 on 2 x cpu" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "ck" / "ddp" / "metrics.jsonl").open()]
-    assert [(r["train_images"], r["train_skipped"], r["val_images"]) for r in rows] == [(25, 0, 8)] * 2
+    assert [(r["train_images"], r["train_skipped"], r["val_images"]) for r in rows] == [(24, 0, 8)] * 2

@@ -8,14 +8,16 @@ The format: vgg.data.shard_format; writing: vgg.data.shard_writer.
 
 Training streams (`ShardStream`). Each epoch the shards are put in an order drawn from (seed, epoch)
 and read as one sequence of all N training images; rank r of W takes its contiguous part, N/W images
-(give or take one), and each of its DataLoader workers a contiguous part of that: a rank opens only
-the shards its part overlaps, skipping at most one shard's leading samples (tar headers only).
-A worker shuffles its part through a buffer of SHUFFLE_BUFFER images and makes batches. So every
-image is trained on exactly once per epoch, whatever the shard sizes; every rank makes the same
-number of steps (`num_steps`), those that run short filling up with empty batches, which the
-training loop turns into zero-weight steps (vgg.training.loop.train_one_epoch): no DDP hang on uneven
-shards. A sample's augmentation draws come from sample_generator(seed, epoch, its position in
-`_info.json`'s order), as for class folders.
+(give or take one), and each of its DataLoader workers a contiguous run of whole batches of that: a
+rank opens only the shards its part overlaps, skipping at most one shard's leading samples (tar headers
+only). A worker shuffles its run through a buffer of SHUFFLE_BUFFER images and makes batches. Every
+rank makes the same number of steps (`num_steps`), full batches only, whatever the shard sizes and the
+number of workers: as the class folders' loader drops a last short batch, the last images of each
+rank's part (fewer than a batch, and other images each epoch as the shard order changes) wait for
+another epoch. So no image is trained twice in an epoch, no step is short or empty (an empty one would
+still move the weights through momentum and weight decay), and no DDP hang on uneven shards. A
+sample's augmentation draws come from sample_generator(seed, epoch, its position in `_info.json`'s
+order), as for class folders.
 
 Resume. The order is a pure function of (seed, epoch, number of processes, workers): resuming at an
 epoch boundary is exact. A mid-epoch resume skips the batches already trained (their images are read
@@ -109,16 +111,10 @@ class ShardStream(IterableDataset):
         listing = "\n".join(f"{path.name}\t{length}" for path, length in zip(self.split.paths, self.split.lengths))
         return {"count": len(self), "sha256": hashlib.sha256(listing.encode()).hexdigest()}
 
-    def worker_counts(self) -> list[list[int]]:
-        """Images per rank and worker, the same every epoch."""
-        return [_parts(rank_count, max(1, self.workers)) for rank_count in _parts(len(self), self.world_size)]
-
     @property
     def num_steps(self) -> int:
-        """Batches per epoch on every rank: enough for the busiest worker of the busiest rank."""
-        workers = max(1, self.workers)
-        return max((workers * (math.ceil(c / self.batch_size) - 1) + w + 1
-                    for counts in self.worker_counts() for w, c in enumerate(counts) if c > 0), default=0)
+        """Full batches per epoch on every rank: those of the smallest rank's part (any worker count)."""
+        return len(self) // self.world_size // self.batch_size
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
         """The epoch to stream, from batch `start_step` on (a mid-epoch resume); before iterating."""
@@ -126,12 +122,12 @@ class ShardStream(IterableDataset):
         self.transform.set_epoch(epoch)
 
     def _range(self, worker: int) -> tuple[int, int]:
-        """This rank's worker's [first, stop) in the epoch's sequence of all images."""
-        ranks = _parts(len(self), self.world_size)
-        first = sum(ranks[:self.rank])
-        counts = _parts(ranks[self.rank], max(1, self.workers))
-        first += sum(counts[:worker])
-        return first, first + counts[worker]
+        """This rank's worker's [first, stop) in the epoch's sequence of all images: whole batches, as many as
+        the DataLoader asks that worker for (it asks the workers in turn)."""
+        workers = max(1, self.workers)
+        first = sum(_parts(len(self), self.world_size)[:self.rank])
+        first += sum(_share(self.num_steps, w, workers) for w in range(worker)) * self.batch_size
+        return first, first + _share(self.num_steps, worker, workers) * self.batch_size
 
     def _samples(self, first: int, stop: int):
         """(bytes, label, index, where) of the epoch's images first..stop-1: the shards in the epoch's order."""
@@ -166,8 +162,7 @@ class ShardStream(IterableDataset):
         skip = _share(self.start_step, worker, workers)
         total = _share(self.num_steps, worker, workers)
         for b in range(total):
-            batch = [next(stream, None) for _ in range(self.batch_size)]
-            batch = [s for s in batch if s is not None]  # empty past the end: a zero-weight step
+            batch = [sample for sample in (next(stream, None) for _ in range(self.batch_size)) if sample is not None]
             if b >= skip:
                 yield [decode_sample(data, label, where, self.transform, index) for data, label, index, where in batch]
 

@@ -7,10 +7,11 @@ from typing import NoReturn
 
 import torch
 
+from vgg.core.distributed import gather_objects, is_main_process
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
 from vgg.training.build import build_train_loader
-from vgg.training.folder import record_epoch, save
+from vgg.training.folder import list_skipped_files, record_epoch, save
 from vgg.training.logs import log_augmented_images
 from vgg.training.loop import train_one_epoch, validate
 from vgg.training.parts import Net, RunParts
@@ -81,13 +82,14 @@ def train_epoch(parts: RunParts, batches, augment: BatchAugment, epoch: int, sto
     signal. A --checkpoint-every save is pending until the loop's next sync sees the loss its weights gave.
     UserError for an epoch that could read no training image."""
     config, position = parts.config, parts.position
+    met = []  # this rank's unreadable files of the epoch so far, which the loop adds to
     train_metrics = train_one_epoch(
         parts.net.model, batches, parts.net.optimizer, augment, epoch=epoch,
         num_steps=parts.data.steps_per_epoch, start_step=position.step, bf16=parts.speed.bf16,
         log_every=config.log_every, checkpoint_every=config.checkpoint_every, stop_requested=stop,
         writer=parts.folder.writer, on_sync=parts.folder.checkpoints.confirm,
-        on_checkpoint=lambda step, sums: save_in_epoch(parts, epoch, step, sums, pending=True),
-        carried_sums=position.epoch_sums, progress_every_s=config.progress_every_s)
+        on_checkpoint=lambda step, sums: save_in_epoch(parts, epoch, step, sums, met, pending=True),
+        unreadable=met, carried_sums=position.epoch_sums, progress_every_s=config.progress_every_s)
     position.step, position.epoch_sums = 0, None
     if train_metrics["interrupted"]:
         stop_and_save(parts, epoch, train_metrics, stop)
@@ -100,11 +102,16 @@ def train_epoch(parts: RunParts, batches, augment: BatchAugment, epoch: int, sto
     return train_metrics
 
 
-def save_in_epoch(parts: RunParts, epoch: int, step: int, sums: list[float], pending: bool) -> bool:
+def save_in_epoch(parts: RunParts, epoch: int, step: int, sums: list[float], met: list, pending: bool) -> bool:
     """last.pt at `step` of `epoch` (vgg/training/folder.py's save), unless the epoch has read no image
-    yet (no checkpoint of an epoch that trained on nothing, issue 34); whether it saved."""
+    yet (no checkpoint of an epoch that trained on nothing, issue 34); whether it saved. The unreadable
+    files every rank met so far (`met`: this rank's) go into skipped.txt with it: the resumed run never
+    meets them again."""
     if not sums[3]:
         return False
+    unreadable = gather_objects(met)
+    if is_main_process():
+        list_skipped_files(parts.folder, unreadable)
     check_finite(parts.net, f"in epoch {epoch} by step {step}")
     save(parts, "last.pt", epoch, step, sums, pending=pending)
     return True
@@ -113,7 +120,7 @@ def save_in_epoch(parts: RunParts, epoch: int, step: int, sums: list[float], pen
 def stop_and_save(parts: RunParts, epoch: int, train_metrics: dict, stop: StopFlag) -> NoReturn:
     """A stop agreed at a sync point: last.pt where every rank stopped, its line, exit 128 + the signal."""
     step, last = train_metrics["step"], parts.folder.path / "last.pt"
-    saved = save_in_epoch(parts, epoch, step, train_metrics["sums"], pending=False)
+    saved = save_in_epoch(parts, epoch, step, train_metrics["sums"], train_metrics["unreadable"], pending=False)
     code = stop.exit_code()
     if saved:
         log.warning(f"stopped at epoch {epoch} step {step}; saved {last}; continue with --resume (exit code {code})")

@@ -110,14 +110,18 @@ def save(parts: RunParts, name: str, epoch: int, step: int, epoch_sums: list[flo
          pending: bool = False) -> None:
     """One checkpoint (vgg/core/checkpoint.py), written by rank 0 in the background. epoch_sums: the metric
     sums of a part-done epoch's steps 0..step-1, so its row covers it all. pending: in its place once
-    confirmed (CheckpointWriter)."""
+    confirmed (CheckpointWriter). Every rank calls it: each one's RNG state goes in (its dropout masks are its
+    own, and the ranks' streams part as soon as their batches do: a batch that lost an unreadable file draws
+    fewer), so a resume gives each rank back its own."""
+    rngs = gather_objects(rng_state())
     if not is_main_process():
         return
     net, position = parts.net, parts.position
     parts.folder.checkpoints.save(
         parts.folder.path / name, pending=pending, model=net.raw.state_dict(), arch=net.raw.arch_kwargs(),
         optimizer=net.optimizer.state_dict(), scheduler=net.scheduler.state_dict(), epoch=epoch, step=step,
-        lr_drops=position.lr_drops, world_size=parts.dist.world_size, rng=rng_state(),
+        lr_drops=position.lr_drops, world_size=parts.dist.world_size, rng=rngs[0],
+        rank_rng=rngs if len(rngs) > 1 else None,
         config=parts.config.to_dict(), stats=parts.data.stats.to_dict(), classes=parts.data.classes,
         best_top1=position.best_top1, best=position.best, epoch_sums=epoch_sums, train_files=parts.data.train_files)
 
@@ -143,8 +147,13 @@ def record_epoch(parts: RunParts, epoch: int, last_step: int, epoch_lr: float, n
              f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
              f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s | "
              f"lr {epoch_lr:g}{dropped}")
-    # Said once per file: a line only for an epoch that met files the list does not hold yet (each
-    # epoch's count is in its row); validation meets the same unreadable files every epoch.
+    list_skipped_files(folder, unreadable)
+
+
+def list_skipped_files(folder, unreadable: list[list]) -> None:
+    """Rank 0: every rank's unreadable files (gather_objects of each rank's list) into skipped.txt. Said once
+    per file: a line only when files the list does not hold yet were met (each epoch's count is in its
+    row); validation meets the same unreadable files every epoch."""
     found = {f.path: f.reason for rank_files in unreadable for f in rank_files}
     new = found.keys() - folder.skipped_files.keys()
     if new:

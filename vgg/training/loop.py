@@ -36,11 +36,11 @@ class EpochTally:
     `part_images`: the images of this part of the epoch (since start_step), over all ranks.
     """
 
-    def __init__(self, device: torch.device, carried_sums: list[float] | None):
+    def __init__(self, device: torch.device, carried_sums: list[float] | None, unreadable: list | None = None):
         self.carried = list(carried_sums) if carried_sums else [0.0] * 5
         self.device_sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1, top5, nonfinite
         self.images_seen, self.skipped = 0, 0  # this rank's, since start_step
-        self.unreadable = []  # this rank's unreadable files, since start_step
+        self.unreadable = [] if unreadable is None else unreadable  # this rank's unreadable files, since start_step
         self.sums, self.part_images = self.carried, 0.0
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, n: int, unreadable: list) -> None:
@@ -69,7 +69,8 @@ class EpochTally:
 def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: int, num_steps: int,
                     start_step: int = 0, bf16: bool | str = "auto", log_every: int = 20,
                     checkpoint_every: int = 0, on_checkpoint=None, on_sync=None, stop_requested=lambda: False,
-                    writer=None, carried_sums: list[float] | None = None, progress_every_s: float = 30.0) -> dict:
+                    writer=None, carried_sums: list[float] | None = None, progress_every_s: float = 30.0,
+                    unreadable: list | None = None) -> dict:
     """Run optimizer steps `start_step .. num_steps-1` of `epoch` (the loader starts at start_step).
 
     Every `log_every` steps (and at the end) the running sums are reduced over ranks, the loss is
@@ -81,11 +82,12 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
     hits, images, skipped images]; `carried_sums` are those of steps 0 .. start_step-1 (saved by a
     mid-epoch checkpoint), so that a resumed epoch's metrics still cover the whole epoch.
     Unreadable files are warned about once each (per process) and returned as this rank's
-    `unreadable` list. progress_every_s: see vgg.core.progress.progress_bar.
+    `unreadable` list: the list passed as `unreadable`, if any, which they are added to as they are met (so
+    that `on_checkpoint` can read those met so far). progress_every_s: see vgg.core.progress.progress_bar.
     Returns the epoch's metrics and `sums`, with `interrupted=True` if any rank asked to stop.
     """
     model.train()
-    tally = EpochTally(augment.device, carried_sums)
+    tally = EpochTally(augment.device, carried_sums, unreadable)
     data_time, interrupted = 0.0, False
     start = time.perf_counter()
     last_log_time = start

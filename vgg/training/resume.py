@@ -13,6 +13,7 @@ import torch
 
 from vgg.config import Config
 from vgg.core.checkpoint import check_rng_state, set_rng_state
+from vgg.core.distributed import get_rank, get_world_size
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
 from vgg.data.stats import DatasetStats
@@ -134,10 +135,7 @@ def check_resume_checkpoint(ckpt: dict, path: Path, config: Config) -> None:
     _check_epoch_sums(ckpt, path)
     _check_optimizer_layout(ckpt["optimizer"], path)
     _check_scheduler(ckpt["scheduler"], path, len(ckpt["optimizer"]["param_groups"]), ckpt["config"])
-    try:
-        check_rng_state(ckpt["rng"])
-    except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as e:
-        _refuse(path, "rng", f"does not load as RNG states: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+    _check_rng(ckpt, path)
     try:
         DatasetStats.from_dict(ckpt["stats"])
     except UserError as e:
@@ -168,6 +166,18 @@ def _check_position(ckpt: dict, path: Path, saved: dict) -> None:
         _refuse(path, "lr_drops", f"is {ckpt['lr_drops']}, not a count")
     if ckpt.get("world_size", 1) < 1:
         _refuse(path, "world_size", f"is {ckpt['world_size']}, not a number of processes")
+
+
+def _check_rng(ckpt: dict, path: Path) -> None:
+    """rng: the RNG states of rank 0; rank_rng: None, or those of each of the world_size ranks that saved it."""
+    states, ranks = ckpt.get("rank_rng"), ckpt.get("world_size", 1)
+    if states is not None and not (isinstance(states, list) and len(states) == ranks > 1):
+        _refuse(path, "rank_rng", f"is not None or a list of the RNG states of its {ranks} processes")
+    for field, state in [("rng", ckpt["rng"]), *(("rank_rng", s) for s in states or [])]:
+        try:
+            check_rng_state(state)
+        except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as e:
+            _refuse(path, field, f"does not load as RNG states: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
 
 
 def _check_best(ckpt: dict, path: Path) -> None:
@@ -302,11 +312,20 @@ def restore_training_state(ckpt: dict, path: Path, model, optimizer, scheduler) 
         for group in optimizer.param_groups:
             group.update({"fused": None, "foreach": None, **kernel})
         scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(own_rng_state(ckpt))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:300]
         raise UserError(f"{path}: its optimizer, scheduler or RNG state does not fit this run: "
                         f"{type(e).__name__}: {reason}") from None
+
+
+def own_rng_state(ckpt: dict) -> dict:
+    """This rank's RNG states from a checkpoint: its own where the checkpoint holds one per process of as many
+    processes as this run has (bit-exact dropout on every rank), else rank 0's (a run with another count)."""
+    states = ckpt.get("rank_rng")
+    if isinstance(states, list) and len(states) == get_world_size():
+        return states[get_rank()]
+    return ckpt["rng"]
 
 
 def remove_stale_temp_files(run_dir: Path) -> None:
