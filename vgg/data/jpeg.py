@@ -49,6 +49,7 @@ DAMAGE = re.compile(r"premature end|read error|huffman|instead of RST|invalid SO
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 log = logging.getLogger(__name__)
 
+CPU_ONLY = -99999  # nvimgcodec.h's NVIMGCODEC_DEVICE_CPU_ONLY, which its Python module names from 0.9 on only
 _codec = None  # the nvidia.nvimgcodec module; False where it is not installed
 _decoders: dict = {}  # process id -> its CPU-only decoder (a forked DataLoader worker makes its own)
 _capture: tuple | None = None  # (process id, file descriptor) of this process's stderr capture file
@@ -122,7 +123,7 @@ def cpu_decoder():
     if decoder is None:
         codec, notes = load(), []
         with captured_stderr(notes):
-            decoder = codec.Decoder(device_id=codec.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
+            decoder = codec.Decoder(device_id=getattr(codec, "NVIMGCODEC_DEVICE_CPU_ONLY", CPU_ONLY), max_num_cpu_threads=1,
                                     backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
         _decoders[os.getpid()] = decoder
     return decoder
