@@ -144,8 +144,8 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
                 pixels = decode_jpeg_file(data) if data is not None else decode_uint8(image, min_side)
             return _resampled_box(lambda y, x, h, w: pixels[:, y:y + h, x:x + w], *pixels.shape[1:],
                                   new_h, new_w, top, left, crop_h, crop_w)
-        image = jpeg
-    if min(image.height, image.width) >= 2 * min_side:  # a 1/2^k reduced decode may fit: PIL decides
+        image = jpeg  # PIL would decode it at full size (no reduction fits): decode the box only, below
+    elif min(image.height, image.width) >= 2 * min_side:  # a 1/2^k reduced decode may fit: PIL decides
         with Image.open(io.BytesIO(image.data)) as opened:
             return _resized_crop(mark_checked(opened, Check.OK), new_h, new_w, top, left, crop_h, crop_w)
     # No reduction fits, so PIL would decode it at full size: decode the box only.
