@@ -40,6 +40,7 @@ ours <= 1.15x a bare decode.
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -172,8 +173,10 @@ def v2_transform(scale_min: int, scale_max: int) -> v2.Compose:
     return v2.Compose([resize, v2.RandomCrop(CROP), v2.RandomHorizontalFlip()])
 
 
-def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> str:
-    """One figures line for one S setting: img/s of each pipeline and the ratios."""
+def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> tuple[str, dict]:
+    """One figures line for one S setting: img/s of each pipeline and the ratios; and the ratios the
+    README quotes (tools/readme_figures.py): ours over torchvision v2 in speed, ours over each bare decode
+    in time."""
     transform = TrainTransform(crop_size=CROP, scale_min=scale_min, scale_max=scale_max)
     checks = {path: check_path(str(path)).check for path in paths}  # once, as vgg.data.checks does
     pipelines = {"ours": partial(ours, transform=transform, checks=checks),
@@ -204,7 +207,9 @@ def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> s
                  f"resampling {resample:.2f} ms + the rest {ms['ours'] - ms['box decode + resampling']:.2f} ms; "
                  f"box decode + resampling alone: {seconds['torchvision v2'] / seconds['box decode + resampling']:.2f}x "
                  f"as fast as torchvision v2")
-    return line
+    ratios = {"over_v2": seconds["torchvision v2"] / seconds["ours"],
+              "time_over_decode": {name: seconds["ours"] / seconds[f"{name} decode"] for name in FLOORS}}
+    return line, ratios
 
 
 def main() -> None:
@@ -215,6 +220,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline (median kept)")
     parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
                         help="append the figures as a row to docs/benchmarks.md")
+    parser.add_argument("--json", help="also write the ratios to this JSON file (tools/readme_figures.py reads it)")
     args = parser.parse_args()
     # torchvision's decoder is timed as a floor only; its deprecation notice would clutter the output.
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -228,10 +234,16 @@ def main() -> None:
     torch.manual_seed(0)
     load_before = load_average()
     print(f"machine: {machine_text()}; load average {load_before} ({os.cpu_count()} CPUs)", flush=True)
-    lines = []
+    lines, ratios = [], {}
     for scale_min, scale_max in ((256, 256), (256, 512)):
-        lines.append(measure(paths, scale_min, scale_max, args.rounds))
-        print(lines[-1], flush=True)
+        line, ratios["fixed" if scale_min == scale_max else "jittered"] = measure(paths, scale_min, scale_max,
+                                                                                 args.rounds)
+        lines.append(line)
+        print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images": len(paths), "rounds": args.rounds, "load_average_1min":
+                                               float(load_before), "load_average_1min_after": float(load_average()),
+                                               **ratios}, indent=1))
     figures = (f"train transform per core, {len(paths)} JPEGs ~500x375 ({kilobytes:.0f} kB), crop {CROP}, "
                f"CPU time, median of {args.rounds} interleaved rounds, load average {load_before} before, "
                f"{load_average()} after: " + " — ".join(lines))
