@@ -435,9 +435,20 @@ def section_two_gpus(ctx: Context) -> dict:
 # 6. Versions
 # --------------------------------------------------------------------------------------------------
 
-# module -> the name it is listed under; decoder libraries are optional (vgg uses TorchCodec only).
+# module -> the name it is listed under; vgg decodes with nvImageCodec (Linux) and TorchCodec, DALI is optional.
 LIBRARIES = {"torch": "torch", "torchvision": "torchvision", "torchcodec": "TorchCodec", "PIL": "Pillow",
              "numpy": "numpy", "nvidia.nvimgcodec": "nvImageCodec", "nvidia.dali": "DALI"}
+
+
+def quiet_import(module: str):
+    """The module; nvImageCodec through vgg.data.jpeg, which keeps its import notes off stderr."""
+    if module == "nvidia.nvimgcodec" and IMPORT_ERROR is None:
+        from vgg.data import jpeg as vjpeg
+
+        if vjpeg.load() is None:
+            raise ImportError(module)
+        return vjpeg.load()
+    return importlib.import_module(module)
 
 
 def library_versions() -> dict:
@@ -445,7 +456,7 @@ def library_versions() -> dict:
     versions = {"python": platform.python_version()}
     for module, name in LIBRARIES.items():
         try:
-            versions[name] = getattr(importlib.import_module(module), "__version__", "unknown")
+            versions[name] = getattr(quiet_import(module), "__version__", "unknown")
         except Exception:  # not installed, or broken (e.g. a CUDA mismatch): listed as absent
             versions[name] = None
     return versions
@@ -458,7 +469,8 @@ def torch_release(version: str) -> tuple[int, int]:
 
 def section_versions(ctx: Context) -> dict:
     versions = library_versions()
-    why = {name: "not installed (optional: vgg decodes with TorchCodec)" for name in ("nvImageCodec", "DALI")
+    why = {name: reason for name, reason in (("nvImageCodec", "not installed (no wheel for this platform: whole files "
+                                                               "are decoded)"), ("DALI", "not installed (optional)"))
            if versions[name] is None}
     if versions["TorchCodec"] is None:
         why["TorchCodec"] = "not installed: the data, decoder, learning and evaluation sections need it"

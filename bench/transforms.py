@@ -32,8 +32,9 @@ Both pipelines stop at the uint8 crop: the float work (mean subtraction, colour 
 batch on the training device, and would be the same for both.
 Measured for fixed S=256 and scale jittering S in [256, 512] (paper §3.1). Prints the machine, the
 load average before and after (other processes on a shared machine slow every pipeline), one line per
-S, and appends the figures to docs/benchmarks.md. Goals (issue 16): ours >= 1.5x torchvision v2,
-ours <= 1.15x a bare decode.
+S, and appends the figures to docs/benchmarks.md (`tools/readme_figures.py --transforms` runs it for the
+README). Goals (issue 35): jittered, ours >= 1.5x torchvision v2 and no slower than a bare decode of the
+whole file; at S=256, ours >= 1.2x torchvision v2.
 
     python bench/transforms.py                      # 1,024 JPEGs in the temp folder, 5 rounds
     python bench/transforms.py --images 256 --jpeg-dir /tmp/jpegs --rounds 3 --no-record
