@@ -120,7 +120,7 @@ class RegionDecoder:
 
     def __init__(self, device: torch.device | str, backends: str = "both"):
         codec = vjpeg.load()
-        if codec is None:
+        if not vjpeg.available():
             raise RuntimeError("nvImageCodec is not available")
         self.device = torch.device(device)
         if self.device.type != "cuda":

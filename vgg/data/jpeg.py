@@ -88,8 +88,8 @@ def load():
 
 
 def available() -> bool:
-    """Whether nvImageCodec's region decode is there (imported on the first call)."""
-    return load() is not None
+    """Whether nvImageCodec's region decode is there, in this process (imported on the first call)."""
+    return load() is not None and cpu_decoder() is not None
 
 
 @contextlib.contextmanager
@@ -118,15 +118,19 @@ def captured_stderr(out: list):
 
 def cpu_decoder():
     """This process's CPU-only nvImageCodec decoder (libjpeg-turbo), one thread: a DataLoader worker is a
-    core. The default decoder needs a GPU (CUDA error 35 without one)."""
-    decoder = _decoders.get(os.getpid())
-    if decoder is None:
-        codec, notes = load(), []
-        with captured_stderr(notes):
-            decoder = codec.Decoder(device_id=getattr(codec, "NVIMGCODEC_DEVICE_CPU_ONLY", CPU_ONLY), max_num_cpu_threads=1,
-                                    backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+    core. The default decoder needs a GPU (CUDA error 35 without one). None where nvImageCodec is missing
+    or the decoder cannot be made (this process then decodes whole files, as without nvImageCodec)."""
+    if os.getpid() not in _decoders:
+        codec, notes, decoder = load(), [], None
+        if codec is not None:
+            try:
+                with captured_stderr(notes):
+                    decoder = codec.Decoder(device_id=getattr(codec, "NVIMGCODEC_DEVICE_CPU_ONLY", CPU_ONLY),
+                                            max_num_cpu_threads=1, backends=[codec.Backend(codec.BackendKind.CPU_ONLY)])
+            except RuntimeError as e:
+                log.debug(f"nvImageCodec's CPU decoder: {e} ({' '.join(notes[0].split()) if notes else ''})")
         _decoders[os.getpid()] = decoder
-    return decoder
+    return _decoders[os.getpid()]
 
 
 def decode_params():
@@ -204,7 +208,7 @@ def check(data: bytes) -> Verdict:
 def _decode_last_pixel(data: bytes) -> bool:
     """Decode a JPEG file's bottom-right pixel (all of it without nvImageCodec); False if that fails."""
     codec = load()
-    if codec is None:
+    if not available():
         from torchcodec.decoders import decode_jpeg  # TorchCodec also has wheels for macOS and Windows
 
         try:
