@@ -17,7 +17,11 @@ Sections, each independent (one that fails says why in one line, and the rest st
   data        each data path (cpu, gpu) at cores-1 and 2 workers on ImageNet-sized JPEGs
               (bench/train_epoch.py): decode + augment alone, and fed steps against the step alone.
   decoder     the GPU path's decode of real JPEGs (baseline/progressive, 4:2:0/4:2:2/4:4:4, grey, odd
-              sizes) against libjpeg's on the CPU: mean |difference| <= 2 levels.
+              sizes) against libjpeg's on the CPU: mean |difference| <= 2 levels; then each decoder
+              (nvImageCodec's region decode on the hardware engine, on CUDA, on both; TorchCodec; the CPU
+              workers) in a child process of its own (bench/decoder_variants.py: a crash is one line):
+              its crops against the CPU path's, its decode + augment rate over the step alone. On the
+              CPU (--smoke) the GPU ones say "not run: no GPU" and the GPU path's code runs on the CPU.
   learning    a short train.py run (bf16, channels-last, compile on) on shape/colour classes: the
               last epoch's loss must be at most half the first's.
   evaluation  evaluate.py --dense --multi-crop on that run: top-1 error at most half of chance's; its
@@ -52,6 +56,8 @@ sys.path.insert(0, str(REPO))
 try:  # vgg imports TorchCodec at the top (vgg/data/transforms.py): without it only `versions` can run
     from bench.common import (BENCH_FILE, cpu_cores, cpu_model, make_train_step, prepare_model,  # noqa: E402
                               record, synchronize, time_loop, trainer_optimizer)
+    from bench.decoder_variants import run_variants  # noqa: E402
+    from bench.decoder_variants import summary as variants_summary  # noqa: E402
     from bench.learnable_data import make_learnable_set  # noqa: E402
     from bench.suite_checks import (CheckFailed, check_decoder, check_evaluation, check_learning,  # noqa: E402
                                     check_two_gpus)
@@ -384,9 +390,19 @@ def section_data(ctx: Context) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 def section_decoder(ctx: Context) -> dict:
-    if ctx.device.type != "cuda":
-        raise Skip(ctx.no_cuda())
-    return check_decoder(ctx.device)
+    s, failed = ctx.settings, None
+    try:
+        out = check_decoder(ctx.device) if ctx.device.type == "cuda" else {"summary": f"nvJPEG check: {ctx.no_cuda()}"}
+    except CheckFailed as e:  # the variants still run
+        out, failed = {**e.figures, "summary": e.figures.get("summary", str(e))}, e
+    root = make_jpeg_set(ctx.work / "jpeg", s.data_images, workers=cpu_cores())
+    results = run_variants(ctx.device, root, ctx.work, batch=s.data_batch, crop=s.data_crop, scale=s.data_scale,
+                           workers=worker_counts()[0], warmup=s.data_warmup, steps=s.data_steps,
+                           timeout=s.child_timeout_s, step_alone=ctx.results.get("data", {}).get("step_alone_img_s"))
+    out = {**out, "variants": results, "summary": f"{out['summary']}; {variants_summary(results)}"}
+    if failed is not None:
+        raise CheckFailed(str(failed), out)
+    return out
 
 
 def section_learning(ctx: Context) -> dict:
@@ -419,9 +435,20 @@ def section_two_gpus(ctx: Context) -> dict:
 # 6. Versions
 # --------------------------------------------------------------------------------------------------
 
-# module -> the name it is listed under; decoder libraries are optional (vgg uses TorchCodec only).
+# module -> the name it is listed under; vgg decodes with nvImageCodec (Linux) and TorchCodec, DALI is optional.
 LIBRARIES = {"torch": "torch", "torchvision": "torchvision", "torchcodec": "TorchCodec", "PIL": "Pillow",
              "numpy": "numpy", "nvidia.nvimgcodec": "nvImageCodec", "nvidia.dali": "DALI"}
+
+
+def quiet_import(module: str):
+    """The module; nvImageCodec through vgg.data.jpeg, which keeps its import notes off stderr."""
+    if module == "nvidia.nvimgcodec" and IMPORT_ERROR is None:
+        from vgg.data import jpeg as vjpeg
+
+        if vjpeg.load() is None:
+            raise ImportError(module)
+        return vjpeg.load()
+    return importlib.import_module(module)
 
 
 def library_versions() -> dict:
@@ -429,7 +456,7 @@ def library_versions() -> dict:
     versions = {"python": platform.python_version()}
     for module, name in LIBRARIES.items():
         try:
-            versions[name] = getattr(importlib.import_module(module), "__version__", "unknown")
+            versions[name] = getattr(quiet_import(module), "__version__", "unknown")
         except Exception:  # not installed, or broken (e.g. a CUDA mismatch): listed as absent
             versions[name] = None
     return versions
@@ -442,7 +469,8 @@ def torch_release(version: str) -> tuple[int, int]:
 
 def section_versions(ctx: Context) -> dict:
     versions = library_versions()
-    why = {name: "not installed (optional: vgg decodes with TorchCodec)" for name in ("nvImageCodec", "DALI")
+    why = {name: reason for name, reason in (("nvImageCodec", "not installed (no wheel for this platform: whole files "
+                                                               "are decoded)"), ("DALI", "not installed (optional)"))
            if versions[name] is None}
     if versions["TorchCodec"] is None:
         why["TorchCodec"] = "not installed: the data, decoder, learning and evaluation sections need it"

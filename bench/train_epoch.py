@@ -100,16 +100,16 @@ def endless(loader):
 
 
 def build_path_loader(name: str, train_set, *, batch: int, device, crop_size: int, scale_min: int,
-                      scale_max: int, workers: int, channels_last: bool):
+                      scale_max: int, workers: int, channels_last: bool, **gpu_options):
     """The training loader of data path `name`: cpu (decode and augment in workers) or gpu (workers
-    read bytes; nvJPEG decode and augmentation on the device)."""
+    read bytes; decode and augmentation on the device; gpu_options: vgg.data.gpu's decoder, backends)."""
     if name == "cpu":
         return vloaders.build_loader(train_set, batch_size=batch, shuffle=True, workers=workers,
                                   collate_fn=vloaders.collate_batch, seed=0, drop_last=True)
     if name == "gpu":
         return build_gpu_train_loader(train_set, batch_size=batch, device=device, crop_size=crop_size,
                                       scale_min=scale_min, scale_max=scale_max, seed=0, workers=workers,
-                                      shuffle=True, channels_last=channels_last)
+                                      shuffle=True, channels_last=channels_last, **gpu_options)
     raise SystemExit(f"error: unknown --data-path {name!r}; allowed: cpu, gpu")
 
 

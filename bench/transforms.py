@@ -6,12 +6,15 @@ grain). Each round takes the files in chunks of 32, every pipeline timed on each
 order rotated from chunk to chunk); a pipeline's figure is its median round, in CPU time of this
 process (on a shared machine, the time spent waiting for a core is not the pipeline's):
 
-  ours           vgg.data.transforms.TrainTransform on the file's path and its index, as vgg.data.folders.ImageFolder
-                 calls it: read the file, its header (libjpeg), the sample's own draws (S, crop, flip,
-                 colour-shift alphas), decode and resample the crop box only, flip -> uint8 [3, 224, 224].
-                 Also timed handed an image PIL has already decoded ("ours on a PIL-decoded image"):
-                 PIL's decode and a copy of its pixels; and without the cropped decoder ("ours decoding
-                 whole files", the fallback where it cannot be compiled).
+  ours           vgg.data.transforms.TrainTransform on the file's path, its index and its verdict, as
+                 vgg.data.folders.ImageFolder calls it: read the file, its header (nvImageCodec), the sample's
+                 own draws (S, crop, flip, colour-shift alphas), decode and resample the crop box only, flip
+                 -> uint8 [3, 224, 224]. The files are checked for damage once beforehand, as ImageFolder
+                 checks a dataset (vgg.data.checks). Also timed: with that check on every call ("ours checking
+                 each file", what an epoch cost before issue 35, and still costs a caller without verdicts);
+                 handed an image PIL has already decoded ("ours on a PIL-decoded image"): PIL's decode and a
+                 copy of its pixels; and without nvImageCodec ("ours decoding whole files", the fallback where
+                 it has no wheel: TorchCodec decodes the whole file).
   torchvision v2 the usual way on uint8 tensors: torchcodec.decoders.decode_jpeg(path) (torchvision's
                  own decoders are deprecated since 0.29 in its favour; equally fast here), then
                  v2.Resize(S, antialias=True) (v2.RandomResize(S_min, S_max + 1) when jittering),
@@ -29,14 +32,16 @@ Both pipelines stop at the uint8 crop: the float work (mean subtraction, colour 
 batch on the training device, and would be the same for both.
 Measured for fixed S=256 and scale jittering S in [256, 512] (paper §3.1). Prints the machine, the
 load average before and after (other processes on a shared machine slow every pipeline), one line per
-S, and appends the figures to docs/benchmarks.md. Goals (issue 16): ours >= 1.5x torchvision v2,
-ours <= 1.15x a bare decode.
+S, and appends the figures to docs/benchmarks.md (`tools/readme_figures.py --transforms` runs it for the
+README). Goals (issue 35): jittered, ours >= 1.5x torchvision v2 and no slower than a bare decode of the
+whole file; at S=256, ours >= 1.2x torchvision v2.
 
     python bench/transforms.py                      # 1,024 JPEGs in the temp folder, 5 rounds
     python bench/transforms.py --images 256 --jpeg-dir /tmp/jpegs --rounds 3 --no-record
 """
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -53,7 +58,9 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import interleaved_medians, load_average, machine_text, record, write_imagenet_like_jpeg  # noqa: E402
-from vgg.data import jpeg as vjpeg
+from vgg.data import jpeg as vjpeg  # noqa: E402
+from vgg.data.checks import check_path  # noqa: E402
+from vgg.data.jpeg import Check  # noqa: E402
 from vgg.data.transforms import TrainTransform, _source_span, draw_train_crop, sample_generator  # noqa: E402
 
 CROP = 224
@@ -69,7 +76,13 @@ def make_jpegs(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def ours(paths: list[Path], transform: TrainTransform) -> None:
+def ours(paths: list[Path], transform: TrainTransform, checks: dict[Path, Check]) -> None:
+    for index, path in enumerate(paths):
+        transform(path, index, checks[path])
+
+
+def ours_checking(paths: list[Path], transform: TrainTransform) -> None:
+    """Ours without a verdict: the file is checked for damage first, on every call."""
     for index, path in enumerate(paths):
         transform(path, index)
 
@@ -83,14 +96,14 @@ def ours_pil_decode(paths: list[Path], transform: TrainTransform) -> None:
             transform(image, index)
 
 
-def ours_whole_file(paths: list[Path], transform: TrainTransform) -> None:
-    """Ours where the cropped decoder cannot be built (no C compiler or libjpeg headers): PIL opens
-    the file and TorchCodec decodes all of it (vgg.data.transforms' fallback)."""
-    library, vjpeg._library = vjpeg._library, False  # what vgg.data.jpeg holds after a failed build
+def ours_whole_file(paths: list[Path], transform: TrainTransform, checks: dict[Path, Check]) -> None:
+    """Ours where nvImageCodec is not installed (no wheel for the platform): PIL opens the file and
+    TorchCodec decodes all of it (vgg.data.decode's fallback)."""
+    codec, vjpeg._codec = vjpeg._codec, False  # what vgg.data.jpeg holds where the import failed
     try:
-        ours(paths, transform)
+        ours(paths, transform, checks)
     finally:
-        vjpeg._library = library
+        vjpeg._codec = codec
 
 
 def torchvision_v2(paths: list[Path], transform) -> None:
@@ -140,19 +153,19 @@ def image_size(path: Path) -> tuple[int, int]:
 
 def box_decode(paths: list[Path], boxes: dict) -> None:
     for path in paths:
-        vjpeg.decode_crop(path.read_bytes(), *boxes[path])
+        vjpeg.decode_crop(vjpeg.read_jpeg(path.read_bytes()), *boxes[path])
 
 
 def box_decode_resample(paths: list[Path], boxes: dict) -> None:
     for path in paths:
-        box = vjpeg.decode_crop(path.read_bytes(), *boxes[path])
+        box = vjpeg.decode_crop(vjpeg.read_jpeg(path.read_bytes()), *boxes[path])
         F.interpolate(box[None], size=(CROP, CROP), mode="bilinear", antialias=True, align_corners=False)
 
 
 def entropy_decode(paths: list[Path], sizes: dict) -> None:
     for path in paths:
         height, width = sizes[path]
-        vjpeg.decode_crop(path.read_bytes(), height - 1, width - 1, 1, 1)
+        vjpeg.decode_crop(vjpeg.read_jpeg(path.read_bytes()), height - 1, width - 1, 1, 1)
 
 
 def v2_transform(scale_min: int, scale_max: int) -> v2.Compose:
@@ -161,12 +174,16 @@ def v2_transform(scale_min: int, scale_max: int) -> v2.Compose:
     return v2.Compose([resize, v2.RandomCrop(CROP), v2.RandomHorizontalFlip()])
 
 
-def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> str:
-    """One figures line for one S setting: img/s of each pipeline and the ratios."""
+def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> tuple[str, dict]:
+    """One figures line for one S setting: img/s of each pipeline and the ratios; and the ratios the
+    README quotes (tools/readme_figures.py): ours over torchvision v2 in speed, ours over each bare decode
+    in time."""
     transform = TrainTransform(crop_size=CROP, scale_min=scale_min, scale_max=scale_max)
-    pipelines = {"ours": partial(ours, transform=transform),
+    checks = {path: check_path(str(path)).check for path in paths}  # once, as vgg.data.checks does
+    pipelines = {"ours": partial(ours, transform=transform, checks=checks),
+                 "ours checking each file": partial(ours_checking, transform=transform),
                  "ours on a PIL-decoded image": partial(ours_pil_decode, transform=transform),
-                 "ours decoding whole files": partial(ours_whole_file, transform=transform),
+                 "ours decoding whole files": partial(ours_whole_file, transform=transform, checks=checks),
                  "torchvision v2": partial(torchvision_v2, transform=v2_transform(scale_min, scale_max))}
     pipelines.update({f"{name} decode": fn for name, fn in FLOORS.items()})
     if vjpeg.available():
@@ -191,7 +208,9 @@ def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> s
                  f"resampling {resample:.2f} ms + the rest {ms['ours'] - ms['box decode + resampling']:.2f} ms; "
                  f"box decode + resampling alone: {seconds['torchvision v2'] / seconds['box decode + resampling']:.2f}x "
                  f"as fast as torchvision v2")
-    return line
+    ratios = {"over_v2": seconds["torchvision v2"] / seconds["ours"],
+              "time_over_decode": {name: seconds["ours"] / seconds[f"{name} decode"] for name in FLOORS}}
+    return line, ratios
 
 
 def main() -> None:
@@ -202,6 +221,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per pipeline (median kept)")
     parser.add_argument("--record", action=argparse.BooleanOptionalAction, default=True,
                         help="append the figures as a row to docs/benchmarks.md")
+    parser.add_argument("--json", help="also write the ratios to this JSON file (tools/readme_figures.py reads it)")
     args = parser.parse_args()
     # torchvision's decoder is timed as a floor only; its deprecation notice would clutter the output.
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
@@ -215,10 +235,16 @@ def main() -> None:
     torch.manual_seed(0)
     load_before = load_average()
     print(f"machine: {machine_text()}; load average {load_before} ({os.cpu_count()} CPUs)", flush=True)
-    lines = []
+    lines, ratios = [], {}
     for scale_min, scale_max in ((256, 256), (256, 512)):
-        lines.append(measure(paths, scale_min, scale_max, args.rounds))
-        print(lines[-1], flush=True)
+        line, ratios["fixed" if scale_min == scale_max else "jittered"] = measure(paths, scale_min, scale_max,
+                                                                                 args.rounds)
+        lines.append(line)
+        print(line, flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"images": len(paths), "rounds": args.rounds, "load_average_1min":
+                                               float(load_before), "load_average_1min_after": float(load_average()),
+                                               **ratios}, indent=1))
     figures = (f"train transform per core, {len(paths)} JPEGs ~500x375 ({kilobytes:.0f} kB), crop {CROP}, "
                f"CPU time, median of {args.rounds} interleaved rounds, load average {load_before} before, "
                f"{load_average()} after: " + " — ".join(lines))

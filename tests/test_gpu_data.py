@@ -16,6 +16,7 @@ from skimage import data as skdata
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from vgg.data import jpeg as vjpeg
 from vgg.data import folders as vfolders
 from vgg.data import stats as vstats
 from vgg.data.gpu import (
@@ -85,8 +86,9 @@ def test_jpeg_components_reads_the_frame_header():
 
 def test_collate_packs_bytes_and_split_recovers_them():
     b = vfolders.Unreadable("b", "PermissionError")
-    items = [(b"abc", 0, "a", 7), (None, 1, b, 5), (b"", 2, "c", 0), (b"defg", 3, "d", 9)]
-    flat, sizes, labels, names, unreadable, indices = collate_encoded(items)
+    items = [(b"abc", 0, "a", 7, 1), (None, 1, b, 5, 3), (b"", 2, "c", 0, 2), (b"defg", 3, "d", 9, 0)]
+    flat, sizes, labels, names, unreadable, indices, checks = collate_encoded(items)
+    assert checks.tolist() == [1, 3, 2, 0]
     parts = split_encoded(flat, sizes)
     assert [None if p is None else bytes(p.tolist()) for p in parts] == [b"abc", None, b"", b"defg"]
     assert labels.tolist() == [0, 1, 2, 3] and names == ["a", "b", "c", "d"] and unreadable == [b]
@@ -352,3 +354,27 @@ def test_train_step_bench_runs_on_cpu(tmp_path):
     assert figures.startswith("train step (batch 2, 32px")
     assert "net A:" in figures and "img/s" in figures and "MFU" in figures
     assert "plain torchvision vgg16 fp32" in figures
+
+
+@pytest.mark.skipif(not vjpeg.available(), reason="nvImageCodec has no wheel for this platform")
+def test_nvimagecodec_region_decode_gives_the_whole_image_decodes_crops(awkward_dir):
+    """decoder="nvimgcodec" (its CPU backend here: the GPU code path on CPU tensors) decodes the regions the
+    crop boxes reach only: the crops of TorchCodec's whole-image decode (to a rounding tie: the resampling's
+    float sums run over a different band), the same files skipped, and the CPU path's crops of the same
+    draws within the resize tolerance (it snaps each box to whole source pixels)."""
+    folder = vfolders.ImageFolder(awkward_dir, TrainTransform(crop_size=CROP, scale_min=S_MIN, scale_max=S_MAX))
+    out = {}
+    for decoder in ("torchcodec", "nvimgcodec"):
+        loader = build_gpu_train_loader(folder, batch_size=5, device="cpu", crop_size=CROP, scale_min=S_MIN,
+                                        scale_max=S_MAX, workers=0, drop_last=False, prefetch=False, decoder=decoder)
+        batches = list(loader)
+        out[decoder] = (torch.cat([b[0].image for b in batches]), torch.cat([b[0].alphas for b in batches]),
+                        torch.cat([b[1] for b in batches]), sorted(u.path for b in batches for u in b[2]))
+    (whole, alphas, labels, skipped), (regions, region_alphas, region_labels, region_skipped) = out.values()
+    assert skipped == region_skipped and len(skipped) == 2  # the empty and the truncated file
+    assert torch.equal(labels, region_labels) and torch.equal(alphas, region_alphas)
+    assert (whole.int() - regions.int()).abs().max() <= 1
+    kept = [i for i in range(len(folder)) if folder[i][0] is not None]
+    cpu = torch.stack([folder[i][0].image for i in kept]).int()
+    assert regions.shape == cpu.shape
+    assert (regions.int() - cpu).abs().float().mean() < 4.0

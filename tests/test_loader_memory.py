@@ -78,7 +78,7 @@ def worker_growth_mb(dataset, epochs: int, collate_fn=torch.utils.data.default_c
 
 def path_lengths_and_labels(items):
     """EncodedImages items -> one small tensor a batch (what the bytes are does not matter here)."""
-    return torch.tensor([len(path) + label for _, label, path, _ in items])
+    return torch.tensor([len(path) + label for _, label, path, *_ in items])
 
 
 # name -> (the dataset over a folder root, its collate function)

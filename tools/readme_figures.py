@@ -2,6 +2,7 @@
 
     python tools/readme_figures.py                 # the demo, its evaluation and transfer.py runs, the LeNet-5 demo
     python tools/readme_figures.py --reproduce     # also time `reproduce.py --scale demo` (a minute or more)
+    python tools/readme_figures.py --transforms    # time the training transform only (bench/transforms.py, minutes)
     python tools/readme_figures.py --check         # run them afresh and compare with the record; writes nothing
     python tools/readme_figures.py --readme-only   # rewrite the README's figures from the record, run nothing
 
@@ -12,7 +13,8 @@ generated ones (data/sample, data/digits), made before the timed runs. The figur
 docs/readme_figures.json with the date, machine, load, versions and commands; the README's quoted
 figures sit between `<!-- figures:NAME -->` and `<!-- /figures -->` and are rewritten from that record
 only, so tests/test_readme_figures.py can check that the two agree and that a fresh run still gives them.
-Without --reproduce the record keeps the last reproduce timing, which carries its own date.
+Without --reproduce the record keeps the last reproduce timing, and but for --transforms the last
+transform speed, each with its own date and load.
 """
 
 import argparse
@@ -120,6 +122,16 @@ def time_reproduce(data: Path, scratch: Path, cwd: Path) -> dict:
     _, wall_s = run(args, cwd)
     return {"command": shown(args, scratch), "wall_s": round(wall_s, 1), **before,
             "load_average_1min_after": round(os.getloadavg()[0], 2)}
+
+
+def time_transforms(scratch: Path, cwd: Path) -> dict:
+    """bench/transforms.py (its 1,024 JPEGs, 5 rounds, its row added to docs/benchmarks.md): ours against
+    torchvision v2 and a bare decode."""
+    out = scratch / "transforms.json"
+    args = ["bench/transforms.py", "--json", str(out)]  # its row goes to docs/benchmarks.md too
+    before = context()
+    run(args, cwd)
+    return {"command": "python bench/transforms.py", **before, **json.loads(out.read_text())}
 
 
 def context() -> dict:
@@ -260,8 +272,20 @@ def render_transfer(record: dict) -> str:
                                             f"torch thread, recorded in `docs/readme_figures.json`: {timing})") + "\n")
 
 
+def render_transforms(record: dict) -> str:
+    speed = record.get("transforms")
+    if speed is None:
+        return "not timed yet (`tools/readme_figures.py --transforms`)"
+    jittered, fixed = speed["jittered"], speed["fixed"]
+    return wrapped(f"{jittered['over_v2']:.2f}× the crops per second of the same work written with "
+                   f"torchvision.transforms.v2 when scale-jittering (S in [256, 512]) and {fixed['over_v2']:.2f}× "
+                   f"at S=256, for {jittered['time_over_decode']['torchcodec']:.2f}× and "
+                   f"{fixed['time_over_decode']['torchcodec']:.2f}× the time of a bare decode of the whole file "
+                   f"(TorchCodec's; `bench/transforms.py` by `tools/readme_figures.py --transforms`, {when(speed)})")
+
+
 RENDERERS = {"demo": render_demo, "eval-table": render_table, "lenet5": render_lenet5,
-             "reproduce": render_reproduce, "transfer": render_transfer}
+             "reproduce": render_reproduce, "transfer": render_transfer, "transforms": render_transforms}
 
 
 def readme_spans(text: str) -> dict[str, str]:
@@ -286,6 +310,8 @@ def new_record(args, scratch: Path) -> dict:
         record["reproduce_demo"] = time_reproduce(data, scratch, ROOT)
     elif "reproduce_demo" in old:
         record["reproduce_demo"] = old["reproduce_demo"]
+    if "transforms" in old:
+        record["transforms"] = old["transforms"]
     return record
 
 
@@ -293,6 +319,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--reproduce", action="store_true", help="also time reproduce.py --scale demo")
+    mode.add_argument("--transforms", action="store_true",
+                      help="time the training transform (bench/transforms.py) only; the rest of the record is kept")
     mode.add_argument("--check", action="store_true", help="run afresh and compare with the record; write nothing")
     mode.add_argument("--readme-only", action="store_true", help="rewrite the README from the record; run nothing")
     args = parser.parse_args(argv)
@@ -305,7 +333,10 @@ def main(argv=None) -> int:
             return 1 if differences else 0
         if not args.readme_only:
             with tempfile.TemporaryDirectory(prefix="readme-figures-") as scratch:
-                record = new_record(args, Path(scratch))
+                if args.transforms:
+                    record = {**json.loads(RECORD.read_text()), "transforms": time_transforms(Path(scratch), ROOT)}
+                else:
+                    record = new_record(args, Path(scratch))
             RECORD.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
             print(f"wrote {RECORD.relative_to(ROOT)}")
         README.write_text(rewrite(README.read_text(), json.loads(RECORD.read_text())))

@@ -1,8 +1,8 @@
 """Cache files beside the data, or in the user's cache folder when the data folder is read-only.
 
 The file list of a split and the dataset statistics are cached as JSON: first beside the data
-(`<split>/.vgg_filelist.json`, `<root>/vgg_stats_*.json`), else under ~/.cache/vgg-imagenet/. The cropped
-JPEG decoder's compiled library is cached there too (vgg/data/jpeg.py).
+(`<split>/.vgg_filelist.json`, `<root>/vgg_stats_*.json`), else under ~/.cache/vgg-imagenet/. So are
+each split's verdicts on its files (`<split>/.vgg_checks.npz`, vgg.data.checks).
 """
 
 import hashlib
@@ -36,12 +36,16 @@ def _read_json(paths: list[Path], is_valid) -> dict | None:
 
 def _write_json(paths: list[Path], content) -> Path | None:
     """Write atomically to the first writable location; None if none is (the cache is then skipped)."""
-    text = json.dumps(content)
+    return _write_bytes(paths, json.dumps(content).encode())
+
+
+def _write_bytes(paths: list[Path], content: bytes) -> Path | None:
+    """Write atomically to the first writable location; None if none is (the cache is then skipped)."""
     for path in paths:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(text)
+            tmp.write_bytes(content)
             os.replace(tmp, path)
             return path
         except OSError:

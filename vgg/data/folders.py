@@ -11,7 +11,6 @@ import errno
 import hashlib
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import NamedTuple
 
@@ -20,7 +19,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from vgg.core.errors import UserError
+from vgg.data import checks as vchecks
 from vgg.data.cache import _cache_paths, _read_json, _write_json
+from vgg.data.decode import mark_checked
+from vgg.data.jpeg import DECODE_ERRORS, Check
 from vgg.data.transforms import TrainTransform, load_rgb
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
@@ -28,11 +30,6 @@ log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.p
 IMG_EXTENSIONS = (".jpeg", ".jpg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 FILELIST_NAME = ".vgg_filelist.json"
 FILELIST_VERSION = 1
-
-# Everything PIL raises on a file it cannot decode: missing/empty/not an image (UnidentifiedImageError,
-# an OSError), truncated data (OSError), broken headers (SyntaxError, ValueError, struct.error, EOFError)
-# and absurd sizes (DecompressionBombError).
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +201,7 @@ class ImageFolder(Dataset):
         self.labels = np.array([self.class_to_idx[wnid] for wnid in self.classes for _ in files.get(wnid, [])],
                                dtype=np.int64)
         self.transform = transform
+        self.checks = vchecks.check_files(self.root, self._names, self._offsets)  # once per dataset, cached
 
     def fingerprint(self) -> dict:
         """What an epoch's order is built from: the number of files and a hash of their sorted list
@@ -234,10 +232,14 @@ class ImageFolder(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.path(index), int(self.labels[index])
+        check, note = self.checks.verdict(index)
+        if check == Check.DAMAGED:
+            return None, label, Unreadable(path, note)
         try:
             if isinstance(self.transform, TrainTransform):  # its draws are a function of the index
-                return self.transform(path, index), label  # it opens the file: a colour JPEG without PIL
+                return self.transform(path, index, check), label  # it opens the file: a JPEG without PIL
             with Image.open(path) as image:
+                mark_checked(image, check)
                 if self.transform is None:
                     return load_rgb(image), label
                 return self.transform(image), label

@@ -13,165 +13,45 @@ evaluator crops or runs the net densely); `CenterCropTransform` is the quick val
 
 What keeps the per-image part close to the cost of decoding the file (bench/transforms.py,
 docs/benchmarks.md):
-  * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
-    `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
-    nothing is upsampled that a full decode would not have upsampled;
-  * no copy of the decoded pixels: in training, a colour JPEG decoded at full size is decoded by
-    TorchCodec's CPU decoder straight into a tensor (same libjpeg-turbo, same pixels as PIL's, see
-    `decode_uint8`; `EvalTransform` keeps PIL's decode, which several test scales share);
+  * decoding only what is needed (vgg.data.decode): the crop box only of a JPEG that PIL would decode at
+    full size (nvImageCodec's region decode, vgg.data.jpeg: the same pixels, 1.2-1.4x faster than the
+    whole file), libjpeg's 1/2^k reduced decode for large photos; `EvalTransform` keeps PIL's decode,
+    which several test scales share;
   * crop before resize: the crop box is mapped back to source pixels and only that box is
     resampled, which gives the pixels of "rescale the whole image, then crop" for a fraction of
     the work (most of all with scale jittering, where S goes up to 512);
   * the resampling itself is torch's vectorised uint8 antialiased bilinear kernel (the filter PIL
-    uses, faster than PIL's own resize).
+    uses, faster than PIL's own resize);
+  * each file checked for damage once per dataset (vgg.data.checks), not once per epoch.
 Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
-`vgg.data.folders.ImageFolder` does), they decode it themselves with `decode_uint8`, at the reduced scale;
+`vgg.data.folders.ImageFolder` does), they decode it themselves (vgg.data.decode), at the reduced scale;
 an already loaded image is used as it is. `TrainTransform` also takes a file's path or bytes (what
-ImageFolder and vgg.data.shards hand it): a colour JPEG's header is then read by libjpeg, not PIL.
+ImageFolder and vgg.data.shards hand it): a JPEG's header is then read by nvImageCodec, not PIL.
 """
 
 import functools
 import hashlib
 import io
-import math
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchcodec.decoders import decode_jpeg
 
 from vgg.core.errors import UserError
 from vgg.data import jpeg as vjpeg
-
-# Decoding. PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays at its default, False, on purpose: a truncated
-# JPEG raises OSError("image file is truncated") when loaded, and vgg.data.folders.ImageFolder skips the file
-# with a warning instead of training on an image whose lower part is grey filler. A JPEG cut short but
-# ending in an end-of-image marker gets past that check (libjpeg only warns, "premature end of data
-# segment", and PIL and TorchCodec drop its warnings): vgg.data.jpeg.check_whole refuses it first.
-
-# 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
-# value above 255, which turns them all white, so load_rgb scales them to 8 bits first (`_to_8_bit`).
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-def _is_unloaded(image: Image.Image) -> bool:
-    """True for an image fresh from Image.open whose pixels have not been decoded yet."""
-    return bool(getattr(image, "tile", None))
-
-
-def load_rgb(image, min_side: int | None = None) -> Image.Image:
-    """Decode `image` (a path, or a PIL image from `Image.open`) to an RGB PIL image.
-
-    min_side: the smallest side the caller will rescale to. For a not-yet-decoded JPEG, libjpeg then
-    decodes at the smallest of the scales 1, 1/2, 1/4, 1/8 whose smallest side is still >= min_side
-    (PIL's draft mode), which skips most of the decoding work for large photos. None: full size.
-
-    CMYK, grayscale, palette and other modes (and PNGs named .JPEG) are converted to RGB, 16-bit
-    grey (PNG, TIFF, PGM) scaled to 8 bits first. Raises
-    OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.folders.ImageFolder skips them).
-    """
-    if isinstance(image, (str, Path)):
-        image = Image.open(image)
-    if _is_unloaded(image):
-        _check_whole_jpeg(image)
-        _set_draft(image, min_side)
-        image.load()
-    elif min_side is not None and min(image.size) < min_side and _drafted_scale(image) > 1 \
-            and getattr(image, "filename", ""):
-        # Already decoded at a reduced scale for a smaller target (e.g. several test scales from
-        # one opened file, smallest first): decode again rather than upsample the reduced copy.
-        with Image.open(image.filename) as fresh:
-            return load_rgb(fresh, min_side)
-    if image.mode in SIXTEEN_BIT_MODES:
-        image = _to_8_bit(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
-def _check_whole_jpeg(image: Image.Image) -> None:
-    """OSError for a JPEG that libjpeg warns on (cut short but ending in an end-of-image marker: PIL
-    would fill its lower part grey without a word, even with LOAD_TRUNCATED_IMAGES False)."""
-    if image.format == "JPEG":
-        image.fp.seek(0)
-        vjpeg.check_whole(image.fp.read())
-
-
-def _set_draft(image: Image.Image, min_side: int | None) -> None:
-    """Ask libjpeg (PIL's draft mode) for the largest 1/2^k reduction whose smallest side is still
-    >= min_side; a no-op for other formats and for an image already drafted."""
-    if min_side is None:
-        return
-    width, height = image.size
-    scale = min_side / min(width, height)
-    if scale < 1:
-        # draft picks the largest 1/2^k reduction with both sides >= the requested size.
-        image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-
-
-def decode_uint8(image, min_side: int | None = None) -> torch.Tensor:
-    """Decode `image` (a path, or a PIL image from `Image.open`) to uint8 RGB pixels [3, H, W]: the
-    pixels of `to_uint8_tensor(load_rgb(image, min_side))`, possibly a strided view.
-
-    A colour JPEG that PIL would decode at full size (no 1/2^k reduction fits min_side) is decoded
-    straight into a tensor by TorchCodec's CPU decoder: libjpeg-turbo with PIL's settings, so the
-    same pixels (tests/test_fast_decode.py), without PIL's copy of them into a bytes object, which
-    costs a fifth of a decode for ImageNet's ~500x375 photos (bench/transforms.py).
-    """
-    if isinstance(image, (str, Path)):
-        with Image.open(image) as opened:
-            return decode_uint8(opened, min_side)
-    data = _full_size_jpeg_bytes(image, min_side)
-    return _decode_jpeg_file(data) if data is not None else to_uint8_tensor(load_rgb(image, min_side))
-
-
-def _decode_jpeg_file(data: bytes) -> torch.Tensor:
-    """A colour JPEG file's bytes -> uint8 [3, H, W]; OSError for a damaged file.
-
-    By the cropped decoder with the whole image as its box where it was built: libjpeg-turbo with PIL's
-    settings like TorchCodec (the same pixels, as fast: 1.01 vs 1.03 ms a ~500x333 file, one thread,
-    2026-12-04), and in the same pass it refuses a file libjpeg warns on (cut short but ending in an
-    end-of-image marker), where TorchCodec only prints the warning and fills the rest grey; checking
-    first and then decoding with TorchCodec took 1.86 ms. TorchCodec, after that check, elsewhere."""
-    jpeg = vjpeg.read_colour_jpeg(data)
-    if jpeg is not None:
-        return vjpeg.decode_crop(data, 0, 0, jpeg.height, jpeg.width)
-    vjpeg.check_whole(data)  # TorchCodec only prints libjpeg's warnings (a file cut short: grey rows)
-    try:
-        return decode_jpeg(data, mode="RGB")
-    except RuntimeError as e:  # TorchCodec's error for a corrupt or truncated file
-        raise OSError(str(e).split(", ")[-1]) from None
-
-
-def _full_size_jpeg_bytes(image: Image.Image, min_side: int | None) -> bytes | None:
-    """The file's bytes if `image` (fresh from Image.open) is a colour JPEG that PIL would decode at
-    full size for min_side (no 1/2^k reduction fits); else None, and `image` is left for load_rgb."""
-    if not (_is_unloaded(image) and image.format == "JPEG" and image.mode == "RGB"):
-        return None
-    _set_draft(image, min_side)
-    if _drafted_scale(image) != 1:
-        return None
-    image.fp.seek(0)
-    return image.fp.read()
-
-
-def _to_8_bit(image: Image.Image) -> Image.Image:
-    """16-bit grey -> 8-bit grey ("L"): v * 255 / 65535, rounded (so 257 * k -> k exactly).
-
-    Mode "I" is 32-bit; values outside 0..65535 are clipped (it holds 16-bit data here).
-    """
-    pixels = np.asarray(image).astype(np.int64).clip(0, 65535)
-    return Image.fromarray(((pixels * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
-
-
-def _drafted_scale(image: Image.Image) -> int:
-    config = getattr(image, "decoderconfig", ())
-    return config[0] if config else 1
-
+from vgg.data.decode import (  # noqa: F401 - load_rgb, decode_uint8, to_uint8_tensor: used from here too
+    decode_jpeg_file,
+    decode_uint8,
+    full_size_jpeg_bytes,
+    load_rgb,
+    mark_checked,
+    to_uint8_tensor,
+)
+from vgg.data.jpeg import Check
 
 def _check_size(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -242,10 +122,11 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
                   keep_decoded: bool = False) -> torch.Tensor:
     """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
 
+    image: a PIL image from Image.open, or a checked JPEG file (vgg.data.jpeg.JpegFile, Check.OK).
     keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
     take several scales of one opened image (vgg.evaluation.inputs.MultiScaleTransform: decoded once);
-    otherwise the box only of a full-size colour JPEG (vgg.data.jpeg, where it could be built; the same
-    pixels, 1.2-1.4x faster than decoding the whole file), and `decode_uint8` for the others.
+    otherwise the box only of a sound JPEG that PIL would decode at full size (nvImageCodec's region
+    decode: the same pixels, 1.2-1.4x faster than decoding the whole file), and `decode_uint8` for the others.
 
     Only the box is resampled: it is mapped back to the decoded image's pixel grid (snapped to whole
     source pixels, which moves the crop by under a source pixel and changes its scale by under 1 %:
@@ -253,27 +134,23 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
     PIL does, by torch's vectorised uint8 kernel (several times faster than PIL's).
     """
     min_side = min(new_h, new_w)
-    if isinstance(image, vjpeg.JpegFile):  # its header read by libjpeg, not PIL (TrainTransform)
-        if min(image.height, image.width) >= 2 * min_side:  # a 1/2^k reduced decode may fit: PIL decides
-            with Image.open(io.BytesIO(image.data)) as opened:
-                return _resized_crop(opened, new_h, new_w, top, left, crop_h, crop_w)
-        # No reduction fits, so PIL would decode it at full size: decode the box only, as below.
-        return _resampled_box(functools.partial(vjpeg.decode_crop, image.data), image.height, image.width,
-                              new_h, new_w, top, left, crop_h, crop_w)
-    data = None if keep_decoded else _full_size_jpeg_bytes(image, min_side)
-    if data is not None and data.endswith(vjpeg.JPEG_END) and vjpeg.available():
-        # A whole colour JPEG file (one truncated before its end marker goes to the full decoder,
-        # which refuses it as before): decode the box only, the same pixels as a full decode.
-        src_h, src_w = image.height, image.width
-        decode_box = functools.partial(vjpeg.decode_crop, data)
-    else:
-        if keep_decoded:
-            pixels = to_uint8_tensor(load_rgb(image, min_side))
-        else:
-            pixels = _decode_jpeg_file(data) if data is not None else decode_uint8(image, min_side)
-        src_h, src_w = pixels.shape[1:]
-        decode_box = lambda y, x, h, w: pixels[:, y:y + h, x:x + w]  # noqa: E731
-    return _resampled_box(decode_box, src_h, src_w, new_h, new_w, top, left, crop_h, crop_w)
+    if not isinstance(image, vjpeg.JpegFile):
+        data = None if keep_decoded else full_size_jpeg_bytes(image, min_side)
+        jpeg = None if data is None else vjpeg.read_jpeg(data)
+        if jpeg is None:  # PIL's decode (reduced, or another format, or a quirk), or TorchCodec's
+            if keep_decoded:
+                pixels = to_uint8_tensor(load_rgb(image, min_side))
+            else:
+                pixels = decode_jpeg_file(data) if data is not None else decode_uint8(image, min_side)
+            return _resampled_box(lambda y, x, h, w: pixels[:, y:y + h, x:x + w], *pixels.shape[1:],
+                                  new_h, new_w, top, left, crop_h, crop_w)
+        image = jpeg  # PIL would decode it at full size (no reduction fits): decode the box only, below
+    elif min(image.height, image.width) >= 2 * min_side:  # a 1/2^k reduced decode may fit: PIL decides
+        with Image.open(io.BytesIO(image.data)) as opened:
+            return _resized_crop(mark_checked(opened, Check.OK), new_h, new_w, top, left, crop_h, crop_w)
+    # No reduction fits, so PIL would decode it at full size: decode the box only.
+    return _resampled_box(functools.partial(vjpeg.decode_crop, image), image.height, image.width,
+                          new_h, new_w, top, left, crop_h, crop_w)
 
 
 def _resampled_box(decode_box, src_h: int, src_w: int, new_h: int, new_w: int, top: int, left: int, crop_h: int,
@@ -296,17 +173,6 @@ def _source_span(start: int, length: int, scale: float, limit: int) -> tuple[int
     return a, b
 
 
-def to_uint8_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> uint8 tensor [3, H, W]: a CHW view of the HWC pixels (one copy, no float).
-
-    The tensor may be read-only memory (PIL hands numpy a bytes object); every transform here only
-    reads it and returns new tensors.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)
-
-
 class TrainTransform:
     """Paper §3.1: rescale (smallest side S, S uniform in [scale_min, scale_max]; fixed S when they
     are equal), random crop_size x crop_size crop, random horizontal flip -> `TrainCrop(uint8 [3, crop,
@@ -325,26 +191,33 @@ class TrainTransform:
         _check_size("scale_max", scale_max, scale_min)
         self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
         self.seed, self.epoch = seed, 0
-        vjpeg.available()  # built and loaded here, so DataLoader workers inherit it rather than each build it
+        vjpeg.available()  # imported here, so DataLoader workers inherit it rather than each import it
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __call__(self, image, index: int | None = None) -> TrainCrop:
-        """image: a file's path or its bytes (vgg.data.folders.ImageFolder and vgg.data.shards pass these: a colour
-        JPEG's header is then read by libjpeg, in a tenth of the time of PIL's Image.open, and only its crop box
-        decoded), or a PIL image from Image.open. OSError/ValueError/SyntaxError for a damaged file."""
+    def __call__(self, image, index: int | None = None, check: Check = Check.UNCHECKED) -> TrainCrop:
+        """image: a file's path or its bytes (vgg.data.folders.ImageFolder and vgg.data.shards pass these: a JPEG's
+        header is then read by nvImageCodec, in a tenth of the time of PIL's Image.open, and only its crop box
+        decoded), or a PIL image from Image.open. check: the file's verdict where the caller has it
+        (ImageFolder's, cached: vgg.data.checks); unchecked, the file is checked first (vgg.data.jpeg.check).
+        OSError/ValueError/SyntaxError for a damaged file."""
         generator = None if index is None else sample_generator(self.seed, self.epoch, index)
         if isinstance(image, Image.Image):
             return self._crop(image, image.height, image.width, generator)
         data = image if isinstance(image, bytes) else Path(image).read_bytes()
-        jpeg = vjpeg.read_colour_jpeg(data)
+        if check == Check.UNCHECKED:
+            verdict = vjpeg.check(data)
+            if verdict.check == Check.DAMAGED:
+                raise OSError(verdict.note if isinstance(image, bytes) else f"{verdict.note}: {image}")
+            check = verdict.check
+        jpeg = vjpeg.read_jpeg(data) if check == Check.OK else None
         if jpeg is not None:
             return self._crop(jpeg, jpeg.height, jpeg.width, generator)
-        # Other formats, grey and CMYK JPEGs, damaged files: PIL (a path is opened by name, so that
-        # its refusal names the file).
+        # Quirks (PNGs named .JPEG, CMYK, extraneous bytes before a marker) and, without nvImageCodec, every
+        # file: PIL (a path is opened by name, so that any refusal names the file).
         with Image.open(io.BytesIO(data) if isinstance(image, bytes) else image) as opened:
-            return self._crop(opened, opened.height, opened.width, generator)
+            return self._crop(mark_checked(opened, check), opened.height, opened.width, generator)
 
     def _crop(self, image, height: int, width: int, generator: torch.Generator | None) -> TrainCrop:
         new_h, new_w, top, left, flip = draw_train_crop(height, width, crop_size=self.crop_size,
