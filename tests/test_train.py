@@ -149,7 +149,7 @@ def test_sigterm_saves_and_resume_finishes(sample_root, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
-    result = train_cli(*common_cli_args(sample_root, tmp_path), "--lr", "1e12", "--checkpoint-every", "1",
+    result = train_cli(*common_cli_args(sample_root, tmp_path), "--lr", "10", "--checkpoint-every", "1",
                        "--log-every", "1", "--run-name", "nan")
     assert result.returncode == 2
     assert "NaN/inf" in result.stderr and "Traceback" not in result.stderr
