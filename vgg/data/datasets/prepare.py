@@ -32,8 +32,8 @@ from pathlib import Path
 
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger, progress_bar
-from vgg.data.folders import IMG_EXTENSIONS
-from vgg.data.labels import _check_name, read_devkit_classes, read_lines, read_val_labels
+from vgg.data.datasets.folders import IMG_EXTENSIONS
+from vgg.data.datasets.labels import _check_name, read_devkit_classes, read_lines, read_val_labels
 
 log = get_logger()
 
