@@ -103,9 +103,9 @@ def main(argv=None) -> None:
 
 def child_figures(args) -> dict:
     from bench.train_epoch import build_path_loader, run_fed
-    from vgg.data import folders as vfolders
-    from vgg.data import stats as vstats
-    from vgg.data.transforms import TrainTransform
+    from vgg.data.datasets import folders as vfolders
+    from vgg.data.datasets import stats as vstats
+    from vgg.data.batches.transforms import TrainTransform
     from vgg.training.step import BatchAugment
 
     device = torch.device(args.device)
@@ -127,7 +127,7 @@ def pixel_difference(train_set, device: torch.device, options: dict, args) -> fl
     """Mean |difference| between the variant's crops of the first 16 files and the CPU decode's (the GPU
     path's code with TorchCodec on the CPU), for the same draws (seed 0, epoch 0). The CPU workers are
     not compared: they decode at a reduced scale where one fits, and snap each box to whole pixels."""
-    from vgg.data.gpu import build_gpu_train_loader
+    from vgg.data.batches.gpu import build_gpu_train_loader
 
     count, crops = min(16, len(train_set)), []
     for on, decoder in ((device, options), ("cpu", {"decoder": "torchcodec"})):

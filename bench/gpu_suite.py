@@ -53,7 +53,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-try:  # vgg imports TorchCodec at the top (vgg/data/transforms.py): without it only `versions` can run
+try:  # vgg imports TorchCodec at the top (vgg/data/batches/transforms.py): without it only `versions` can run
     from bench.common import (BENCH_FILE, cpu_cores, cpu_model, make_train_step, prepare_model,  # noqa: E402
                               record, synchronize, time_loop, trainer_optimizer)
     from bench.decoder_variants import run_variants  # noqa: E402
@@ -64,11 +64,11 @@ try:  # vgg imports TorchCodec at the top (vgg/data/transforms.py): without it o
     from bench.train_epoch import (build_path_loader, make_jpeg_set, run_fed,  # noqa: E402
                                    step_alone_timer)
     from bench.train_step import StepCase, ours_case, peer_case, time_rounds, warm_up  # noqa: E402
-    from vgg.data import folders as vfolders
-    from vgg.data import stats as vstats
+    from vgg.data.datasets import folders as vfolders
+    from vgg.data.datasets import stats as vstats
     from vgg.training.step import BatchAugment  # noqa: E402
     from vgg.models.vgg import build_vgg  # noqa: E402
-    from vgg.data.transforms import TrainTransform  # noqa: E402
+    from vgg.data.batches.transforms import TrainTransform  # noqa: E402
     IMPORT_ERROR = None
 except ImportError as error:
     IMPORT_ERROR = f"cannot import vgg ({error})"
@@ -441,9 +441,9 @@ LIBRARIES = {"torch": "torch", "torchvision": "torchvision", "torchcodec": "Torc
 
 
 def quiet_import(module: str):
-    """The module; nvImageCodec through vgg.data.jpeg, which keeps its import notes off stderr."""
+    """The module; nvImageCodec through vgg.data.batches.jpeg, which keeps its import notes off stderr."""
     if module == "nvidia.nvimgcodec" and IMPORT_ERROR is None:
-        from vgg.data import jpeg as vjpeg
+        from vgg.data.batches import jpeg as vjpeg
 
         if vjpeg.load() is None:
             raise ImportError(module)

@@ -22,7 +22,7 @@ from PIL import Image
 from bench.common import REPO, synchronize, time_loop
 from bench.learnable_data import chance_top1_err, make_learnable_set
 from vgg.core.checkpoint import load_checkpoint
-from vgg.data.gpu import decode_batch
+from vgg.data.batches.gpu import decode_batch
 from vgg.evaluation.methods import CROPS_PER_FORWARD, GRID, MULTI_CROP
 from vgg.evaluation.nets import load_eval_net
 from vgg.evaluation.runner import evaluate_dataset
@@ -87,7 +87,7 @@ def decoder_test_jpegs() -> dict[str, torch.Tensor]:
 
 
 def check_decoder(device: torch.device) -> dict:
-    """The GPU data path's decode (vgg.data.gpu.decode_batch on `device`) of DECODER_CASES against
+    """The GPU data path's decode (vgg.data.batches.gpu.decode_batch on `device`) of DECODER_CASES against
     the CPU decode (libjpeg-turbo through TorchCodec): same shape, mean |difference| within
     DECODE_MEAN_BOUND. Also says which files nvJPEG itself took (the others the path decodes on the CPU)."""
     from torchcodec.decoders import decode_jpeg

@@ -3,8 +3,8 @@
 The same compiled step as bench/train_step.py (net D, batch 256 by default) is timed twice in one run:
   1. on one batch already on the device (the step alone: the most the data path could reach), then
   2. fed by a data path reading JPEGs from disk, each `--data-path`:
-       cpu  PIL decode + rescale/crop/flip in DataLoader workers (vgg.data + vgg.data.transforms),
-       gpu  workers read bytes; nvJPEG batch decode + augmentation on the GPU (vgg.data.gpu).
+       cpu  PIL decode + rescale/crop/flip in DataLoader workers (vgg.data + vgg.data.batches.transforms),
+       gpu  workers read bytes; nvJPEG batch decode + augmentation on the GPU (vgg.data.batches.gpu).
 Both feed the trainer's BatchAugment (mean subtraction, colour shift). Figures per path: images/s,
 data overhead = 1 - fed/step-alone (the goal: < 5 %), and the host time spent waiting for the
 next batch as a fraction of the run.
@@ -42,11 +42,11 @@ from bench.common import (  # noqa: E402
     trainer_optimizer,
     write_imagenet_like_jpeg,
 )
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data import stats as vstats
-from vgg.data.gpu import build_gpu_train_loader  # noqa: E402
-from vgg.data.transforms import TrainTransform  # noqa: E402
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.gpu import build_gpu_train_loader  # noqa: E402
+from vgg.data.batches.transforms import TrainTransform  # noqa: E402
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets import stats as vstats
 from vgg.models.vgg import build_vgg  # noqa: E402
 from vgg.training.step import BatchAugment  # noqa: E402
 
@@ -102,7 +102,7 @@ def endless(loader):
 def build_path_loader(name: str, train_set, *, batch: int, device, crop_size: int, scale_min: int,
                       scale_max: int, workers: int, channels_last: bool, **gpu_options):
     """The training loader of data path `name`: cpu (decode and augment in workers) or gpu (workers
-    read bytes; decode and augmentation on the device; gpu_options: vgg.data.gpu's decoder, backends)."""
+    read bytes; decode and augmentation on the device; gpu_options: vgg.data.batches.gpu's decoder, backends)."""
     if name == "cpu":
         return vloaders.build_loader(train_set, batch_size=batch, shuffle=True, workers=workers,
                                   collate_fn=vloaders.collate_batch, seed=0, drop_last=True)

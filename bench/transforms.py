@@ -6,11 +6,11 @@ grain). Each round takes the files in chunks of 32, every pipeline timed on each
 order rotated from chunk to chunk); a pipeline's figure is its median round, in CPU time of this
 process (on a shared machine, the time spent waiting for a core is not the pipeline's):
 
-  ours           vgg.data.transforms.TrainTransform on the file's path, its index and its verdict, as
-                 vgg.data.folders.ImageFolder calls it: read the file, its header (nvImageCodec), the sample's
+  ours           vgg.data.batches.transforms.TrainTransform on the file's path, its index and its verdict, as
+                 vgg.data.datasets.folders.ImageFolder calls it: read the file, its header (nvImageCodec), the sample's
                  own draws (S, crop, flip, colour-shift alphas), decode and resample the crop box only, flip
                  -> uint8 [3, 224, 224]. The files are checked for damage once beforehand, as ImageFolder
-                 checks a dataset (vgg.data.checks). Also timed: with that check on every call ("ours checking
+                 checks a dataset (vgg.data.datasets.checks). Also timed: with that check on every call ("ours checking
                  each file", what an epoch cost before issue 35, and still costs a caller without verdicts);
                  handed an image PIL has already decoded ("ours on a PIL-decoded image"): PIL's decode and a
                  copy of its pixels; and without nvImageCodec ("ours decoding whole files", the fallback where
@@ -23,7 +23,7 @@ process (on a shared machine, the time spent waiting for a core is not the pipel
                  and torchcodec.decoders.decode_jpeg (all libjpeg-turbo). A transform that decodes the whole
                  file cannot be faster than these.
   ours' parts    where our time goes, to show what bounds it: "box decode" reads the file and decodes
-                 the crop box of the same draws as ours (vgg.data.jpeg.decode_crop, no resampling); "entropy
+                 the crop box of the same draws as ours (vgg.data.batches.jpeg.decode_crop, no resampling); "entropy
                  decoding" reads the file and decodes its bottom-right pixel only, which makes libjpeg
                  entropy-decode every row (JPEG has no way to skip them) and run the IDCT on almost
                  nothing: a floor for any libjpeg decode of a box that reaches the last rows.
@@ -58,10 +58,10 @@ from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import interleaved_medians, load_average, machine_text, record, write_imagenet_like_jpeg  # noqa: E402
-from vgg.data import jpeg as vjpeg  # noqa: E402
-from vgg.data.checks import check_path  # noqa: E402
-from vgg.data.jpeg import Check  # noqa: E402
-from vgg.data.transforms import TrainTransform, _source_span, draw_train_crop, sample_generator  # noqa: E402
+from vgg.data.batches import jpeg as vjpeg  # noqa: E402
+from vgg.data.batches.jpeg import Check  # noqa: E402
+from vgg.data.batches.transforms import TrainTransform, _source_span, draw_train_crop, sample_generator  # noqa: E402
+from vgg.data.datasets.checks import check_path  # noqa: E402
 
 CROP = 224
 
@@ -98,8 +98,8 @@ def ours_pil_decode(paths: list[Path], transform: TrainTransform) -> None:
 
 def ours_whole_file(paths: list[Path], transform: TrainTransform, checks: dict[Path, Check]) -> None:
     """Ours where nvImageCodec is not installed (no wheel for the platform): PIL opens the file and
-    TorchCodec decodes all of it (vgg.data.decode's fallback)."""
-    codec, vjpeg._codec = vjpeg._codec, False  # what vgg.data.jpeg holds where the import failed
+    TorchCodec decodes all of it (vgg.data.batches.decode's fallback)."""
+    codec, vjpeg._codec = vjpeg._codec, False  # what vgg.data.batches.jpeg holds where the import failed
     try:
         ours(paths, transform, checks)
     finally:
@@ -132,7 +132,7 @@ FLOORS = {"PIL": decode_pil, "torchvision": decode_torchvision, "torchcodec": de
 
 def crop_boxes(paths: list[Path], transform: TrainTransform) -> dict[Path, tuple[int, int, int, int]]:
     """Each file's crop box in source pixels (top, left, height, width), drawn as `transform` draws
-    (sample i's own generator), mapped back as vgg.data.transforms._resized_crop maps it."""
+    (sample i's own generator), mapped back as vgg.data.batches.transforms._resized_crop maps it."""
     boxes = {}
     for index, path in enumerate(paths):
         with Image.open(path) as image:
@@ -179,7 +179,7 @@ def measure(paths: list[Path], scale_min: int, scale_max: int, rounds: int) -> t
     README quotes (tools/readme_figures.py): ours over torchvision v2 in speed, ours over each bare decode
     in time."""
     transform = TrainTransform(crop_size=CROP, scale_min=scale_min, scale_max=scale_max)
-    checks = {path: check_path(str(path)).check for path in paths}  # once, as vgg.data.checks does
+    checks = {path: check_path(str(path)).check for path in paths}  # once, as vgg.data.datasets.checks does
     pipelines = {"ours": partial(ours, transform=transform, checks=checks),
                  "ours checking each file": partial(ours_checking, transform=transform),
                  "ours on a PIL-decoded image": partial(ours_pil_decode, transform=transform),

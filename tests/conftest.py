@@ -13,7 +13,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     """The generated sample dataset (real JPEGs, awkward files included), made once per test session."""
-    from vgg.data.sample import make_sample_dataset
+    from vgg.data.datasets.sample import make_sample_dataset
 
     return make_sample_dataset(tmp_path_factory.mktemp("data") / "sample")
 

@@ -15,8 +15,8 @@ from torch.nn.utils import parameters_to_vector
 from torch.utils.data import DataLoader, Subset
 
 from vgg.core.distributed import all_reduce_sum, cleanup_distributed, init_distributed, shard_indices
-from vgg.data.loaders import EpochSampler
-from vgg.data.stats import IMAGENET_STATS
+from vgg.data.batches.loaders import EpochSampler
+from vgg.data.datasets.stats import IMAGENET_STATS
 from vgg.models.vgg import build_vgg
 from vgg.training.loop import train_one_epoch, validate
 from vgg.training.step import BatchAugment

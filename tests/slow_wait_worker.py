@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from vgg.core import distributed as vdist
-from vgg.data import folders as vfolders
+from vgg.data.datasets import folders as vfolders
 
 
 def main(root: str, out: str, pg_timeout_s: float, slow_s: float) -> None:

@@ -18,10 +18,10 @@ from test_gpu_data import coordinate_image, crop_statistics, jpeg_bytes
 from test_train import train_cli
 
 from vgg.core.checkpoint import load_checkpoint
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data.gpu import build_gpu_train_loader
-from vgg.data.transforms import TrainCrop, TrainTransform
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.gpu import build_gpu_train_loader
+from vgg.data.batches.transforms import TrainCrop, TrainTransform
+from vgg.data.datasets import folders as vfolders
 
 EPOCHS, STEPS = 2, 4
 TIMING = ("train_epoch_time_s", "train_data_wait_fraction", "train_images_per_s")  # wall-clock, not results

@@ -25,9 +25,9 @@ from test_train import train_cli
 from vgg.config import Config
 from vgg.core.checkpoint import load_checkpoint
 from vgg.core.errors import UserError
-from vgg.data import stats as vstats
-from vgg.data.folders import ImageFolder
-from vgg.data.loaders import EpochSampler
+from vgg.data.batches.loaders import EpochSampler
+from vgg.data.datasets import stats as vstats
+from vgg.data.datasets.folders import ImageFolder
 from vgg.training.logs import SKIPPED_LIST, read_skipped_list
 from vgg.training.resume import check_resume_checkpoint
 

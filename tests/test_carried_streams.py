@@ -11,12 +11,12 @@ import torch
 from test_shards import small_folders
 
 from vgg.config import Config
-from vgg.data import shards as vshards
-from vgg.data import stats as vstats
-from vgg.data.folders import ImageFolder
-from vgg.data.gpu import build_gpu_train_loader
-from vgg.data.loaders import EpochSampler
-from vgg.data.transforms import EvalTransform, TrainTransform
+from vgg.data.batches.gpu import build_gpu_train_loader
+from vgg.data.batches.loaders import EpochSampler
+from vgg.data.batches.transforms import EvalTransform, TrainTransform
+from vgg.data.datasets import shards as vshards
+from vgg.data.datasets import stats as vstats
+from vgg.data.datasets.folders import ImageFolder
 from vgg.training.run import build_train_loader, load_stats
 
 SEED, CROP, S_MIN, S_MAX = 5, 32, 36, 48

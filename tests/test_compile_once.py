@@ -34,10 +34,10 @@ def test_three_epochs_with_validation_compile_the_net_twice(sample_root, tmp_pat
 
 def test_a_short_validation_batch_gives_the_same_metrics_padded(sample_root, tmp_path):
     """The padding that keeps validation at one shape leaves the metrics as an unpadded pass gives them."""
-    from vgg.data.folders import ImageFolder
-    from vgg.data.loaders import build_loader, collate_batch
-    from vgg.data.stats import IMAGENET_STATS
-    from vgg.data.transforms import CenterCropTransform
+    from vgg.data.datasets.folders import ImageFolder
+    from vgg.data.batches.loaders import build_loader, collate_batch
+    from vgg.data.datasets.stats import IMAGENET_STATS
+    from vgg.data.batches.transforms import CenterCropTransform
     from vgg.models import build_vgg
     from vgg.training.loop import validate
     from vgg.training.step import BatchAugment
@@ -59,8 +59,8 @@ def test_a_short_validation_batch_gives_the_same_metrics_padded(sample_root, tmp
 def test_the_compiled_forward_and_loss_have_no_graph_break(arch):
     """What the trainer compiles (each VGG's forward), with the mean subtraction, colour shift and loss around
     it, traces as one graph (torch._dynamo.explain): nothing in them falls back to Python each step."""
-    from vgg.data.stats import IMAGENET_STATS
-    from vgg.data.transforms import TrainCrop
+    from vgg.data.datasets.stats import IMAGENET_STATS
+    from vgg.data.batches.transforms import TrainCrop
     from vgg.models import build_vgg
     from vgg.models.zoo import training_loss
     from vgg.training.step import BatchAugment

@@ -1,7 +1,7 @@
-"""vgg.data.jpeg and vgg.data.checks (issue 35): nvImageCodec's region decode gives exactly the pixels of a
-full decode, each file is checked for damage once per dataset (cut short with or without an end marker,
-a stray marker in the scan: refused; harmless quirks: decoded as PIL decodes them), nothing needs a C
-compiler, and nothing the library prints reaches stderr."""
+"""vgg.data.batches.jpeg and vgg.data.datasets.checks (issue 35): nvImageCodec's region decode gives
+exactly the pixels of a full decode, each file is checked for damage once per dataset (cut short with or
+without an end marker, a stray marker in the scan: refused; harmless quirks: decoded as PIL decodes them),
+nothing needs a C compiler, and nothing the library prints reaches stderr."""
 
 import io
 import logging
@@ -17,12 +17,13 @@ from conftest import ROOT, subprocess_env
 from PIL import Image
 from skimage import data as skdata
 
-from vgg.data import checks as vchecks
-from vgg.data import jpeg as vjpeg
-from vgg.data.folders import ImageFolder, Unreadable
-from vgg.data.jpeg import Check
-from vgg.data.loaders import collate_batch
-from vgg.data.transforms import CenterCropTransform, TrainTransform
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.jpeg import Check
+from vgg.data.batches.loaders import collate_batch
+from vgg.data.batches.transforms import CenterCropTransform, TrainTransform
+from vgg.data.datasets import checks as vchecks
+from vgg.data.datasets.folders import ImageFolder
 
 needs_codec = pytest.mark.skipif(not vjpeg.available(), reason="nvImageCodec has no wheel for this platform")
 
@@ -151,7 +152,7 @@ def test_each_file_is_checked_once_over_three_epochs(dataset_root, files, monkey
     a file rewritten since is checked again."""
     calls = count_checks(monkeypatch)
     total = sum(len(group) for group in files.values())
-    with caplog.at_level(logging.INFO, logger="vgg.data.checks"):
+    with caplog.at_level(logging.INFO, logger="vgg.data.datasets.checks"):
         dataset = ImageFolder(dataset_root, TrainTransform(crop_size=64, scale_min=72, scale_max=96))
     assert len(dataset) == total and len(calls) == total
     assert f"{len(files['quirky'])} files with harmless quirks" in caplog.text
@@ -207,8 +208,8 @@ def test_checked_files_skip_the_check_and_crop_alike(files, monkeypatch):
 SCRIPT = """
 import io, logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-from vgg.data import jpeg as vjpeg
-from vgg.data.transforms import TrainTransform
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.transforms import TrainTransform
 from PIL import Image
 out = io.BytesIO()
 Image.new("RGB", (120, 90), (200, 30, 60)).save(out, "JPEG")

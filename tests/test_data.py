@@ -1,4 +1,4 @@
-"""vgg/data/ and vgg/data/sample.py on real files: the class-folder dataset and its file-list cache,
+"""vgg/data/ and vgg/data/datasets/sample.py on real files: the class-folder dataset and its file-list cache,
 awkward and broken files, batching, per-worker seeding, dataset statistics, sorting the flat val
 folder, and the generated sample dataset."""
 
@@ -20,15 +20,16 @@ from torch.utils.data import Dataset
 
 from vgg.core.errors import UserError
 from vgg.data import __main__ as vmain
-from vgg.data import folders as vfolders
-from vgg.data import labels as vlabels
-from vgg.data import sample as vsample
-from vgg.data import stats as vstats
-from vgg.data.folders import ImageFolder
-from vgg.data.labels import sort_val
-from vgg.data.loaders import build_loader, collate_batch, collate_list
-from vgg.data.stats import IMAGENET_STATS, DatasetStats, load_or_compute_stats
-from vgg.data.transforms import EvalTransform, TrainTransform
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.loaders import build_loader, collate_batch, collate_list
+from vgg.data.batches.transforms import EvalTransform, TrainTransform
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets import labels as vlabels
+from vgg.data.datasets import sample as vsample
+from vgg.data.datasets import stats as vstats
+from vgg.data.datasets.folders import ImageFolder
+from vgg.data.datasets.labels import sort_val
+from vgg.data.datasets.stats import IMAGENET_STATS, DatasetStats, load_or_compute_stats
 
 
 def jpeg_bytes(array: np.ndarray, mode: str = "RGB", quality: int = 90) -> bytes:
@@ -231,7 +232,7 @@ def test_truncated_jpeg_is_skipped_even_when_decoded_at_reduced_scale(tmp_path):
 
 def test_collate_drops_skipped_images_and_passes_on_which():
     a, b = torch.zeros(3, 4, 4, dtype=torch.uint8), torch.ones(3, 4, 4, dtype=torch.uint8)
-    x, y = vfolders.Unreadable("x.JPEG", "empty"), vfolders.Unreadable("y.JPEG", "truncated")
+    x, y = Unreadable("x.JPEG", "empty"), Unreadable("y.JPEG", "truncated")
     images, labels, skipped = collate_batch([(a, 3), (None, 1, x), (b, 2)])
     assert images.shape == (2, 3, 4, 4) and images.dtype == torch.uint8
     assert labels.tolist() == [3, 2] and labels.dtype == torch.int64 and skipped == [x]

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from vgg.core.distributed import shard_indices
-from vgg.data.loaders import EpochSampler
+from vgg.data.batches.loaders import EpochSampler
 
 WORKER = str(ROOT / "tests" / "ddp_worker.py")
 

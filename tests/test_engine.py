@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from test_hardening_ddp_data import LogLines
 
-from vgg.data.folders import Unreadable
-from vgg.data.stats import DatasetStats
-from vgg.data.transforms import TrainCrop, normalize
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.transforms import TrainCrop, normalize
+from vgg.data.datasets.stats import DatasetStats
 from vgg.models.vgg import build_vgg
 from vgg.training.loop import train_one_epoch, validate
 from vgg.training.step import BatchAugment, NonFiniteLossError, topk_hits, train_step

@@ -7,8 +7,8 @@ while validation runs."""
 import pytest
 
 from test_train import tiny_config
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
+from vgg.data.batches import loaders as vloaders
+from vgg.data.datasets import folders as vfolders
 from vgg.training import epochs as vepochs
 from vgg.training import run as vrun
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from vgg.core.checkpoint import save_checkpoint
 from vgg.core.errors import UserError
-from vgg.data.folders import ImageFolder
-from vgg.data.stats import IMAGENET_STATS
+from vgg.data.datasets.folders import ImageFolder
+from vgg.data.datasets.stats import IMAGENET_STATS
 from vgg.evaluation.inputs import _DenseBuckets
 from vgg.evaluation.methods import (
     BOTH,

@@ -14,8 +14,8 @@ from PIL import Image, ImageFile
 from skimage import data as skdata
 
 from vgg.core.checkpoint import save_checkpoint
-from vgg.data.folders import ImageFolder
-from vgg.data.transforms import normalize
+from vgg.data.batches.transforms import normalize
+from vgg.data.datasets.folders import ImageFolder
 from vgg.evaluation import inputs as vinputs
 from vgg.evaluation import methods as vmethods
 from vgg.evaluation import runner as vrunner

@@ -25,8 +25,8 @@ from skimage import data as skdata
 
 from vgg.core.checkpoint import load_checkpoint, save_checkpoint
 from vgg.core.errors import UserError
-from vgg.data.folders import ImageFolder
-from vgg.data.transforms import EvalTransform
+from vgg.data.batches.transforms import EvalTransform
+from vgg.data.datasets.folders import ImageFolder
 from vgg.evaluation import inputs as vinputs
 from vgg.evaluation import methods as vmethods
 from vgg.evaluation import runner as vrunner

@@ -1,4 +1,4 @@
-"""vgg/data/transforms.py's decode straight into a tensor (`decode_uint8`): the same pixels as PIL's decode,
+"""vgg/data/batches/transforms.py's decode straight into a tensor (`decode_uint8`): the same pixels as PIL's decode,
 taken only where PIL would decode at full size, and corrupt files still refused with OSError."""
 
 import io
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from vgg.data.transforms import EvalTransform, TrainTransform, decode_uint8, load_rgb, to_uint8_tensor
+from vgg.data.batches.transforms import EvalTransform, TrainTransform, decode_uint8, load_rgb, to_uint8_tensor
 
 
 def jpeg_bytes(array: np.ndarray, mode: str = "RGB", **options) -> bytes:
@@ -92,7 +92,7 @@ def test_training_crops_are_those_of_the_pil_decode(jpegs):
 
 @pytest.mark.parametrize("cut", [0.5, 0.9])
 def test_truncated_jpeg_raises_oserror(jpegs, cut, tmp_path):
-    """vgg.data.folders.ImageFolder skips files whose decode raises OSError; TorchCodec raises RuntimeError."""
+    """vgg.data.datasets.folders.ImageFolder skips files whose decode raises OSError; TorchCodec raises RuntimeError."""
     data = jpegs["q95_420"].read_bytes()
     path = tmp_path / "cut.JPEG"
     path.write_bytes(data[: int(len(data) * cut)])

@@ -1,4 +1,4 @@
-"""The GPU data path (vgg/data/gpu.py) run on the CPU: same training-image distribution as the CPU
+"""The GPU data path (vgg/data/batches/gpu.py) run on the CPU: same training-image distribution as the CPU
 path, awkward files decoded or skipped but never fatal; plus the benchmarks' FLOP count and a smoke
 run of bench/train_step.py."""
 
@@ -16,10 +16,9 @@ from skimage import data as skdata
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vgg.data import jpeg as vjpeg
-from vgg.data import folders as vfolders
-from vgg.data import stats as vstats
-from vgg.data.gpu import (
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.gpu import (
     build_gpu_train_loader,
     collate_encoded,
     decode_batch,
@@ -28,7 +27,9 @@ from vgg.data.gpu import (
     jpeg_components,
     split_encoded,
 )
-from vgg.data.transforms import TrainTransform, color_shift, draw_train_crop, normalize, sample_generator
+from vgg.data.batches.transforms import TrainTransform, color_shift, draw_train_crop, normalize, sample_generator
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets import stats as vstats
 from vgg.training.step import BatchAugment
 
 CROP, S_MIN, S_MAX = 64, 72, 128
@@ -85,7 +86,7 @@ def test_jpeg_components_reads_the_frame_header():
 
 
 def test_collate_packs_bytes_and_split_recovers_them():
-    b = vfolders.Unreadable("b", "PermissionError")
+    b = Unreadable("b", "PermissionError")
     items = [(b"abc", 0, "a", 7, 1), (None, 1, b, 5, 3), (b"", 2, "c", 0, 2), (b"defg", 3, "d", 9, 0)]
     flat, sizes, labels, names, unreadable, indices, checks = collate_encoded(items)
     assert checks.tolist() == [1, 3, 2, 0]

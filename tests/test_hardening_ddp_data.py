@@ -24,10 +24,11 @@ from PIL import Image
 from test_train import common_cli_args, train_cli
 
 from vgg.core.checkpoint import load_checkpoint
-from vgg.data import folders as vfolders
-from vgg.data.folders import ImageFolder, Unreadable
-from vgg.data.loaders import EpochSampler
-from vgg.data.stats import IMAGENET_STATS
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.loaders import EpochSampler
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets.folders import ImageFolder
+from vgg.data.datasets.stats import IMAGENET_STATS
 from vgg.models.vgg import build_vgg
 from vgg.training.logs import log_augmented_images
 from vgg.training.loop import train_one_epoch

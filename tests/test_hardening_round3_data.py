@@ -25,10 +25,11 @@ from test_train import common_cli_args, tiny_config, train_cli
 
 from vgg.core.checkpoint import load_checkpoint, save_checkpoint
 from vgg.core.errors import UserError
-from vgg.data import folders as vfolders
-from vgg.data import jpeg as vjpeg
-from vgg.data.folders import ImageFolder, Unreadable
-from vgg.data.transforms import CenterCropTransform, EvalTransform, TrainTransform, decode_uint8
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.transforms import CenterCropTransform, EvalTransform, TrainTransform, decode_uint8
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets.folders import ImageFolder
 from vgg.training.logs import read_skipped_list, write_skipped_list
 from vgg.training.run import run as train_run
 
@@ -103,7 +104,7 @@ def test_every_decoder_refuses_a_jpeg_cut_short_with_an_end_marker(cut_folder):
     with pytest.raises(OSError, match="(?i)premature end"):
         decode_uint8(path)  # a file without a verdict is checked before it is decoded
     assert vjpeg.check(data).check == vjpeg.Check.DAMAGED  # nvImageCodec alone would give grey rows
-    from vgg.data.gpu import decode_on_cpu
+    from vgg.data.batches.gpu import decode_on_cpu
 
     unreadable = []
     assert decode_on_cpu(torch.frombuffer(bytearray(data), dtype=torch.uint8), str(path), unreadable) is None
@@ -155,7 +156,7 @@ def test_a_mid_epoch_resume_refuses_a_changed_training_set(sample_root, tmp_path
 
 @pytest.fixture
 def shard_dir(sample_root, tmp_path) -> Path:
-    from vgg.data.shards import write_shards
+    from vgg.data.datasets.shards import write_shards
 
     root = small_dataset(sample_root, tmp_path / "folders", train_per_class=12, val_per_class=4)
     write_shards(root, tmp_path / "wds", images_per_shard=8)
@@ -182,7 +183,7 @@ def test_a_damaged_training_shard_is_one_line_in_a_worker(sample_root, tmp_path,
 
 
 def test_a_truncated_validation_shard_is_one_line(shard_dir):
-    from vgg.data.shards import open_val
+    from vgg.data.datasets.shards import open_val
 
     shard = shard_dir / "imagenet1k-validation-00.tar"
     shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
@@ -291,7 +292,7 @@ def test_a_malformed_file_list_cache_is_rebuilt(sample_root, tmp_path, cache):
 
 
 def test_a_malformed_stats_cache_is_recomputed(sample_root, tmp_path):
-    from vgg.data import stats as vstats
+    from vgg.data.datasets import stats as vstats
 
     root = small_dataset(sample_root, tmp_path / "data")
     good = vstats.load_or_compute_stats(root / "train", num_images=8)
@@ -302,7 +303,7 @@ def test_a_malformed_stats_cache_is_recomputed(sample_root, tmp_path):
 
 @pytest.mark.parametrize("change", ["lengths-text", "lengths-negative", "classes-not-text", "encoding"])
 def test_a_malformed_shard_info_is_one_line(shard_dir, change):
-    from vgg.data.shards import INFO_NAME, open_split
+    from vgg.data.datasets.shards import INFO_NAME, open_split
 
     info = json.loads((shard_dir / INFO_NAME).read_text())
     split = info["splits"]["train"]
@@ -320,7 +321,7 @@ def test_a_malformed_shard_info_is_one_line(shard_dir, change):
 
 
 def test_a_labels_file_in_another_encoding_is_one_line(tmp_path):
-    from vgg.data.labels import read_val_labels
+    from vgg.data.datasets.labels import read_val_labels
 
     labels = tmp_path / "LOC_val_solution.csv"
     labels.write_bytes(b"ImageId,PredictionString\nILSVRC2012_val_00000001,n01751748 1 2 3 4\xff\n")

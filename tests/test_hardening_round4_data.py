@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from vgg.data.__main__ import main as data_main
-from vgg.data.shards import ShardImages, open_split
+from vgg.data.datasets.shards import ShardImages, open_split
 
 WNID = "n01440764"
 

@@ -22,10 +22,10 @@ import tempfile
 import torch
 from conftest import ROOT, subprocess_env
 
-from vgg.data import folders as vfolders
-from vgg.data import jpeg as vjpeg
-from vgg.data import loaders as vloaders
-from vgg.data.gpu import EncodedImages
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.gpu import EncodedImages
+from vgg.data.datasets import folders as vfolders
 
 NUM_SAMPLES, CLASSES = 1_000_000, 1000
 
@@ -54,7 +54,7 @@ def fake_files():
     files = {f"n{c:08d}": [f"n{c:08d}_{k}.JPEG" for k in range(NUM_SAMPLES // CLASSES)] for c in range(CLASSES)}
     vfolders.list_files = lambda root: files
     pathlib.Path.read_bytes = lambda self: b"x"
-    # No verdict is cached for files that are not there, so the GPU path checks each read (vgg.data.jpeg.check,
+    # No verdict is cached for files that are not there, so the GPU path checks each read (vgg.data.batches.jpeg.check,
     # which PIL's refusal of b"x" makes slow: 4 M of them took minutes); the memory is what is measured here.
     vjpeg.check = lambda data: vjpeg.Verdict(vjpeg.Check.OK, "")
 
@@ -124,7 +124,7 @@ def test_worker_memory_stays_flat_over_three_epochs_of_a_million_samples():
 
 
 def test_gpu_path_reads_the_folder_arrays_with_flat_worker_memory():
-    """data_path: gpu's dataset (vgg.data.gpu.EncodedImages) reads the ImageFolder's arrays, not a list."""
+    """data_path: gpu's dataset (vgg.data.batches.gpu.EncodedImages) reads the ImageFolder's arrays, not a list."""
     growth = fresh_growth_mb("gpu-arrays", epochs=3)
     assert growth < 32, growth
     # the control: a list of (path, label) pairs handed to EncodedImages grows the worker as before

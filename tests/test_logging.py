@@ -26,7 +26,7 @@ from test_train import common_cli_args, tiny_config
 from vgg.core import distributed as vdistributed
 from vgg.core.checkpoint import load_checkpoint
 from vgg.core.distributed import set_cpu_threads, usable_cpus
-from vgg.data.folders import ImageFolder
+from vgg.data.datasets.folders import ImageFolder
 from vgg.training import epochs as vepochs
 from vgg.training.logs import DASHBOARD_LAYOUT, SKIPPED_LIST
 from vgg.training.run import run

@@ -21,9 +21,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from vgg.data.folders import Unreadable
-from vgg.data.stats import IMAGENET_STATS
-from vgg.data.transforms import TrainCrop
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.transforms import TrainCrop
+from vgg.data.datasets.stats import IMAGENET_STATS
 from vgg.models.vgg import build_vgg
 from vgg.training.loop import train_one_epoch
 from vgg.training.step import BatchAugment

@@ -35,7 +35,8 @@ def test_installed_package_imports_from_another_folder(tmp_path):
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(site)  # the installed copy only: the checkout is not on the path from here
-    result = subprocess.run([sys.executable, "-c", "import vgg, vgg.models, vgg.training.run, vgg.evaluation.runner; print(vgg.__file__)"], cwd=elsewhere,
+    modules = "vgg, vgg.models, vgg.training.run, vgg.evaluation.runner, vgg.data.datasets.prepare, vgg.data.batches.gpu"
+    result = subprocess.run([sys.executable, "-c", f"import {modules}; print(vgg.__file__)"], cwd=elsewhere,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(site / "vgg" / "__init__.py")

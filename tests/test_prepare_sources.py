@@ -178,7 +178,7 @@ def test_prepared_folders_train_and_evaluate_through_the_clis(prepared, tmp_path
 
 
 def test_sort_val_reads_the_kaggle_csv(sample_root, tmp_path):
-    from vgg.data.labels import sort_val
+    from vgg.data.datasets.labels import sort_val
 
     make_kaggle(sample_root, tmp_path / "src")
     val = tmp_path / "src" / "ILSVRC" / "Data" / "CLS-LOC" / "val"
@@ -190,7 +190,7 @@ def test_sort_val_reads_the_kaggle_csv(sample_root, tmp_path):
 
 def test_bad_sources_give_one_line(sample_root, tmp_path):
     from vgg.core.errors import UserError
-    from vgg.data.prepare import prepare
+    from vgg.data.datasets.prepare import prepare
 
     src = tmp_path / "src"
     make_kaggle(sample_root, src)
@@ -220,7 +220,7 @@ def test_bad_sources_give_one_line(sample_root, tmp_path):
 
 def test_1000_classes_must_start_with_tench():
     from vgg.core.errors import UserError
-    from vgg.data.prepare import check_class_order
+    from vgg.data.datasets.prepare import check_class_order
 
     standard = ["n01440764"] + [f"n{2000000 + i:08d}" for i in range(999)]
     check_class_order(standard, "ok")
@@ -231,7 +231,7 @@ def test_1000_classes_must_start_with_tench():
 
 
 def test_1000_folder_classes_not_starting_with_tench_warn():
-    from vgg.data.prepare import check_class_order
+    from vgg.data.datasets.prepare import check_class_order
 
     numbered = [f"{i:03d}" for i in range(1000)]  # class folders named by number, not wnid
     records = []
@@ -250,7 +250,7 @@ def test_1000_folder_classes_not_starting_with_tench_warn():
 def test_devkit_unpacked_and_copies(sample_root, tmp_path):
     """The devkit's release unpacked (per-class tars in train/, a flat val/, the devkit folder); and
     Kaggle's files copied, not linked, with --copy."""
-    from vgg.data.prepare import prepare
+    from vgg.data.datasets.prepare import prepare
 
     archives, src = tmp_path / "archives", tmp_path / "src"
     make_devkit(sample_root, archives)
@@ -274,7 +274,7 @@ def test_devkit_unpacked_and_copies(sample_root, tmp_path):
 def test_a_flat_val_folder_is_checked_before_anything_is_linked(tmp_path):
     """Kaggle's and the devkit's val/ are flat: class folders there, or a labelled image missing, is one line."""
     from vgg.core.errors import UserError
-    from vgg.data.prepare import flat_val_files
+    from vgg.data.datasets.prepare import flat_val_files
 
     val = tmp_path / "val"
     (val / "n01440764").mkdir(parents=True)

@@ -14,7 +14,7 @@ import torchvision
 from conftest import ROOT, subprocess_env
 
 from vgg.core.errors import UserError
-from vgg.data.transforms import normalize
+from vgg.data.batches.transforms import normalize
 from vgg.evaluation.nets import load_eval_net
 from vgg.models import pretrained as vpretrained
 from vgg.models.checkpoint import load_net_checkpoint

@@ -20,15 +20,15 @@ from test_train import tiny_config
 
 from vgg.config import Config
 from vgg.core.checkpoint import load_checkpoint
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data.folders import Unreadable
-from vgg.data.stats import DatasetStats
-from vgg.data.transforms import normalize
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.transforms import normalize
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets.stats import DatasetStats
 from vgg.models.vgg import build_vgg
-from vgg.training import recipe as vrecipe
 from vgg.training import build as vbuild
 from vgg.training import epochs as vepochs
+from vgg.training import recipe as vrecipe
 from vgg.training import run as vrun
 from vgg.training.loop import validate
 from vgg.training.step import BatchAugment, train_step

@@ -14,8 +14,8 @@ from conftest import ROOT, subprocess_env
 from test_train import tiny_config, train_cli
 
 from vgg.core.checkpoint import load_checkpoint
-from vgg.data import folders as vfolders
-from vgg.data.shards import ShardImages, ShardStream, is_shard_dir, open_split, write_shards
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets.shards import ShardImages, ShardStream, is_shard_dir, open_split, write_shards
 from vgg.training.run import run
 
 CLASSES = ["n00000001", "n00000004", "n00000006", "n00000009"]

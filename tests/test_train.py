@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(sample_root, tmp_path):
 def test_gpu_data_path_switch_trains_on_cpu(sample_root, tmp_path, monkeypatch):
     """`data_path: gpu` swaps in the TorchCodec loader; on a machine without a GPU it runs on the CPU.
     Built once for the run, it is told each epoch (its samples' draws depend on it, issue 17)."""
-    from vgg.data import gpu as vgpu
+    from vgg.data.batches import gpu as vgpu
 
     epochs_told, build = [], vgpu.build_gpu_train_loader
 

@@ -10,9 +10,9 @@ from test_hardening_ddp_data import LogLines
 from vgg.config import Config
 from vgg.core.checkpoint import rng_state
 from vgg.core.errors import UserError
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data.transforms import TrainTransform
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.transforms import TrainTransform
+from vgg.data.datasets import folders as vfolders
 from vgg.models.vgg import build_vgg
 from vgg.training import folder as vrunfolder
 from vgg.training import logs as vlogs

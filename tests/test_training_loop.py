@@ -23,12 +23,12 @@ from test_train import tiny_config
 from vgg.config import Config
 from vgg.core.checkpoint import load_checkpoint, save_checkpoint
 from vgg.core.errors import UserError
-from vgg.data import loaders as vloaders
-from vgg.data import sample as vsample
-from vgg.data import stats as vstats
-from vgg.data.folders import ImageFolder
-from vgg.data.stats import IMAGENET_STATS
-from vgg.data.transforms import TrainCrop
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.transforms import TrainCrop
+from vgg.data.datasets import sample as vsample
+from vgg.data.datasets import stats as vstats
+from vgg.data.datasets.folders import ImageFolder
+from vgg.data.datasets.stats import IMAGENET_STATS
 from vgg.models.vgg import build_vgg
 from vgg.training import epochs as vepochs
 from vgg.training import logs as vlogs

@@ -206,7 +206,7 @@ def test_bad_input_is_one_line(demo_net, sets, tmp_path, capsys):
     not_a_file = tmp_path / "file"
     not_a_file.write_text("x")
     from vgg.core.checkpoint import save_checkpoint
-    from vgg.data.stats import IMAGENET_STATS
+    from vgg.data.datasets.stats import IMAGENET_STATS
     from vgg.models.zoo import build_net
 
     lenet = build_net("lenet5", 4, image_size=32)

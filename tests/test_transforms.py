@@ -1,4 +1,4 @@
-"""vgg/data/transforms.py: the training/evaluation geometry on real JPEG files, decode-time downscaling,
+"""vgg/data/batches/transforms.py: the training/evaluation geometry on real JPEG files, decode-time downscaling,
 mode conversion, and the batch-level mean subtraction and colour shift."""
 
 import io
@@ -15,8 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from vgg.core.errors import UserError
-from vgg.data.stats import IMAGENET_STATS, DatasetStats
-from vgg.data.transforms import (
+from vgg.data.batches.transforms import (
     CenterCropTransform,
     EvalTransform,
     TrainTransform,
@@ -29,6 +28,7 @@ from vgg.data.transforms import (
     scaled_size,
     to_uint8_tensor,
 )
+from vgg.data.datasets.stats import IMAGENET_STATS, DatasetStats
 
 
 def save_jpeg(path, array: np.ndarray, mode: str = "RGB", quality: int = 95):
@@ -423,7 +423,7 @@ def test_the_benchmark_decodes_the_boxes_the_transform_crops(tmp_path):
     import torch.nn.functional as F
 
     from bench import transforms as bench_transforms
-    from vgg.data import jpeg as vjpeg
+    from vgg.data.batches import jpeg as vjpeg
 
     paths = bench_transforms.make_jpegs(tmp_path, 6)
     for scale_max in (256, 512):

@@ -9,9 +9,9 @@ working tree (tracked and untracked files, not ignored ones) is copied to DIR (d
 of that section; `mutmut run` runs there (its mutants/ folder never lands in the repo). It
 ends with the figures and the mutants that were not killed. Then, in DIR:
 
-    ../../path/to/.venv/bin/mutmut show vgg.data.transforms.x_scaled_size__mutmut_3   # one mutant's diff
+    ../../path/to/.venv/bin/mutmut show vgg.data.batches.transforms.x_scaled_size__mutmut_3   # one mutant's diff
 
-MUTANT_GLOB (e.g. 'vgg.data.transforms.x_scaled_size__mutmut_*') re-runs only those mutants in an
+MUTANT_GLOB (e.g. 'vgg.data.batches.transforms.x_scaled_size__mutmut_*') re-runs only those mutants in an
 existing DIR (no fresh copy), after a test was added: copy the changed test file over first.
 
 mutmut runs, against a mutant, only the tests it saw reach the mutated function; it misses tests

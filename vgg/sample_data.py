@@ -1,5 +1,5 @@
 """`python -m vgg.sample_data [--out DIR] [--seed N] [--digits]`: kept for the commands that name it; it is
-`python -m vgg.data sample` (vgg/data/__main__.py), and the generator lives in vgg.data.sample."""
+`python -m vgg.data sample` (vgg/data/__main__.py), and the generator lives in vgg.data.datasets.sample."""
 
 import sys
 

@@ -15,11 +15,11 @@ import logging
 import sys
 
 from vgg.core.errors import MAX_SEED, UserError, check_range
-from vgg.data import sample as vsample
-from vgg.data.labels import sort_val
-from vgg.data.prepare import prepare
-from vgg.data.shard_writer import write_shards
-from vgg.data.stats import load_or_compute_stats
+from vgg.data.datasets import sample as vsample
+from vgg.data.datasets.labels import sort_val
+from vgg.data.datasets.prepare import prepare
+from vgg.data.datasets.shard_writer import write_shards
+from vgg.data.datasets.stats import load_or_compute_stats
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 
 from vgg.core.errors import UserError
-from vgg.data import folders as vfolders
-from vgg.data import shards as vshards
-from vgg.data.transforms import EvalTransform
+from vgg.data.batches.loaders import split_unreadable
+from vgg.data.batches.transforms import EvalTransform
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets import shards as vshards
 from vgg.evaluation.nets import EvalNet
 
 # Scaled images wait in buckets until `batch_size` of one size are there; once more than this many
@@ -33,7 +34,7 @@ class MultiScaleTransform:
 
     def __call__(self, image) -> list[torch.Tensor]:
         # Largest Q first: the file is decoded once (at the reduced JPEG scale that suits the largest
-        # Q, see vgg.data.transforms.load_rgb) and the smaller scales reuse the decoded pixels.
+        # Q, see vgg.data.batches.transforms.load_rgb) and the smaller scales reuse the decoded pixels.
         scaled = {q: EvalTransform(scale=q)(image) for q in sorted(self.scales, reverse=True)}
         return [scaled[q] for q in self.scales]
 
@@ -42,7 +43,7 @@ def open_val_set(nets: list[EvalNet], val_dir):
     """The validation images at every scale any of `nets` is tested at; their classes must be the nets'."""
     val_dir = Path(val_dir)
     transform = MultiScaleTransform(scales=sorted({q for n in nets for q in n.scales}))
-    if vshards.is_shard_dir(val_dir.parent):  # --data is a folder of WebDataset shards (vgg/data/shards.py)
+    if vshards.is_shard_dir(val_dir.parent):  # --data is a folder of WebDataset shards (vgg/data/datasets/shards.py)
         dataset = vshards.open_val(val_dir.parent, transform)
     elif not val_dir.is_dir():
         raise UserError(f"validation folder {val_dir} not found: --data must be a root holding val/<wnid>/*")
@@ -100,8 +101,9 @@ class PackedImages(NamedTuple):
 
 def collate_shard(items):
     """-> (positions [B], PackedImages of each readable image's scaled copies, image by image and
-    scale by scale, labels [B], list of Unreadable); unreadable images dropped (see vgg.data.loaders.collate_batch)."""
-    kept, unreadable = vfolders.split_unreadable([item[1:] for item in items])
+    scale by scale, labels [B], list of Unreadable); unreadable images dropped (see
+    vgg.data.batches.loaders.collate_batch)."""
+    kept, unreadable = split_unreadable([item[1:] for item in items])
     positions = torch.tensor([item[0] for item in items if item[1] is not None], dtype=torch.int64)
     labels = torch.tensor([label for _, label in kept], dtype=torch.int64)
     return positions, PackedImages.pack([image for images, _ in kept for image in images]), labels, unreadable

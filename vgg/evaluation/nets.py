@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from vgg.core.checkpoint import EVAL_KEYS
 from vgg.core.errors import UserError
-from vgg.data import stats as vstats
+from vgg.data.datasets import stats as vstats
 from vgg.evaluation.methods import eval_scales, train_scale_text
 from vgg.models import pretrained as vpretrained
 from vgg.models.checkpoint import build_model_from_checkpoint, load_net_checkpoint

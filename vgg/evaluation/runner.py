@@ -19,9 +19,9 @@ from vgg.config import speed_flag
 from vgg.core.distributed import all_reduce_sum, batches_side_by_side, shard_indices
 from vgg.core.errors import UserError
 from vgg.core.progress import progress_bar
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data.transforms import normalize
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.transforms import normalize
+from vgg.data.datasets import folders as vfolders
 from vgg.evaluation.inputs import PENDING_BYTES, PENDING_LIMIT, ShardDataset, _DenseBuckets, collate_shard, open_val_set
 from vgg.evaluation.methods import BOTH, DENSE, MULTI_CROP, dense_probs, fuse, multi_crop_probs
 from vgg.evaluation.nets import EvalNet

@@ -2,7 +2,7 @@
 built with torchvision's builders and LeNet-5 (vgg.models.zoo), torchvision's published weights
 (vgg.models.pretrained), and a net rebuilt from a checkpoint (vgg.models.checkpoint).
 
-May import: vgg.core, vgg.data.stats (the mean a published net was trained with).
+May import: vgg.core, vgg.data.datasets.stats (the mean a published net was trained with).
 
     from vgg.models import build_vgg, to_dense
 """

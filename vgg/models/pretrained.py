@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 from vgg.core.errors import UserError
-from vgg.data.stats import IMAGENET_STATS, DatasetStats
+from vgg.data.datasets.stats import IMAGENET_STATS, DatasetStats
 from vgg.models.vgg import TORCHVISION_NAMES, VGG, _torchvision_twin, build_vgg
 
 TORCHVISION_MEAN = (0.485, 0.456, 0.406)  # torchvision's ImageNet normalisation (its weights' transforms())

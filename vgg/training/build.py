@@ -18,14 +18,14 @@ from vgg.core.distributed import (
 )
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data import sample as vsample
-from vgg.data import shards as vshards
-from vgg.data import stats as vstats
-from vgg.data.loaders import EpochSampler
-from vgg.data.prepare import check_class_order
-from vgg.data.transforms import CenterCropTransform, TrainTransform
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.loaders import EpochSampler
+from vgg.data.batches.transforms import CenterCropTransform, TrainTransform
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets import sample as vsample
+from vgg.data.datasets import shards as vshards
+from vgg.data.datasets import stats as vstats
+from vgg.data.datasets.prepare import check_class_order
 from vgg.models.checkpoint import load_net_checkpoint
 from vgg.models.zoo import build_net
 from vgg.training.parts import Net, RunData, Speed
@@ -37,7 +37,7 @@ log = get_logger()
 def prepare_dataset(config: Config) -> Path:
     """The dataset root; the sample dataset and the digits set are generated on first use (rank 0 only)."""
     root = Path(config.data)
-    if vshards.is_shard_dir(root):  # WebDataset shards: streamed (vgg/data/shards.py)
+    if vshards.is_shard_dir(root):  # WebDataset shards: streamed (vgg/data/datasets/shards.py)
         return root
     generated = {Path(vsample.DEFAULT_ROOT).resolve(): vsample.make_sample_dataset,
                  Path(vsample.DIGITS_ROOT).resolve(): vsample.make_digits_dataset}
@@ -145,7 +145,7 @@ def build_train_loader(config: Config, train_set, sampler, batch_size: int, devi
     epoch along (EpochTagged); the GPU loader is told it by `set_epoch`.
     """
     if config.data_path == "gpu":
-        from vgg.data.gpu import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
+        from vgg.data.batches.gpu import build_gpu_train_loader  # needs TorchCodec; only imported when asked for
 
         return build_gpu_train_loader(train_set, batch_size=batch_size, device=device, crop_size=config.crop_size,
                                       scale_min=config.scale_min, scale_max=config.scale_max, seed=config.seed,

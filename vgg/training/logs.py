@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from vgg.core.errors import is_disk_full
 from vgg.core.progress import get_logger
-from vgg.data.transforms import TrainCrop
+from vgg.data.batches.transforms import TrainCrop
 from vgg.training.step import BatchAugment
 
 log = get_logger()

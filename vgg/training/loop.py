@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from vgg.core.distributed import all_reduce_sum, is_main_process
 from vgg.core.progress import progress_bar
-from vgg.data.folders import warn_unreadable
+from vgg.data.datasets.folders import warn_unreadable
 from vgg.training.step import (
     BatchAugment,
     NOT_SAVED,

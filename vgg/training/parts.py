@@ -10,9 +10,9 @@ from torch.utils.tensorboard import SummaryWriter
 from vgg.config import Config, speed_flag
 from vgg.core.checkpoint import CheckpointWriter
 from vgg.core.distributed import DistInfo
-from vgg.data import shards as vshards
-from vgg.data import stats as vstats
-from vgg.data.loaders import EpochSampler
+from vgg.data.batches.loaders import EpochSampler
+from vgg.data.datasets import shards as vshards
+from vgg.data.datasets import stats as vstats
 
 
 @dataclass
@@ -48,7 +48,7 @@ class RunData:
         return self.train_set.classes
 
     @property
-    def streamed(self) -> bool:  # WebDataset shards: one loader an epoch (vgg/data/shards.py)
+    def streamed(self) -> bool:  # WebDataset shards: one loader an epoch (vgg/data/datasets/shards.py)
         return isinstance(self.train_set, vshards.ShardStream)
 
 

@@ -16,7 +16,7 @@ from vgg.core.checkpoint import check_rng_state, set_rng_state
 from vgg.core.distributed import get_rank, get_world_size
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
-from vgg.data.stats import DatasetStats
+from vgg.data.datasets.stats import DatasetStats
 from vgg.models.checkpoint import build_model_from_checkpoint, load_model_state
 from vgg.models.vgg import warm_start
 from vgg.models.zoo import VGG_ARCHS

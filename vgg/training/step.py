@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 
 from vgg.config import speed_flag
-from vgg.data.stats import DatasetStats
-from vgg.data.transforms import TrainCrop, color_shift, normalize
+from vgg.data.batches.transforms import TrainCrop, color_shift, normalize
+from vgg.data.datasets.stats import DatasetStats
 from vgg.models.zoo import main_logits, training_loss
 
 
@@ -45,7 +45,7 @@ class DeviceStats(NamedTuple):
 class BatchAugment:
     """uint8 batch -> float batch on `device`: mean subtraction and (training only) colour shift.
 
-    A training batch is a `vgg.data.transforms.TrainCrop`: the images and each one's colour-shift alphas,
+    A training batch is a `vgg.data.batches.transforms.TrainCrop`: the images and each one's colour-shift alphas,
     drawn per sample (see `sample_generator`), which go to the device with the images (both pinned
     by the loader on CUDA, so both copies are asynchronous). A plain uint8 batch draws its alphas
     from `generator` (a CPU generator, such as the trainer's, costs a blocking copy on CUDA; None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vgg.core.errors import UserError
-from vgg.data.folders import list_files
+from vgg.data.datasets.folders import list_files
 
 LAYOUTS = ("auto", "folders", "voc", "caltech")
 # Appendix B's splits: (training images a class, test images a class at most; None: all the rest).

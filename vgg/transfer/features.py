@@ -30,9 +30,11 @@ from vgg.config import speed_flag
 from vgg.core.distributed import all_reduce_sum, shard_indices
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger, progress_bar
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data.transforms import normalize
+from vgg.data.batches import loaders as vloaders
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.jpeg import DECODE_ERRORS
+from vgg.data.batches.transforms import normalize
+from vgg.data.datasets import folders as vfolders
 from vgg.evaluation.inputs import (
     PENDING_BYTES,
     PENDING_LIMIT,
@@ -217,8 +219,8 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 return self.transform(image), 0
-        except vfolders.DECODE_ERRORS as e:
-            return None, 0, vfolders.Unreadable(str(path), " ".join(f"{type(e).__name__}: {e}".split()))
+        except DECODE_ERRORS as e:
+            return None, 0, Unreadable(str(path), " ".join(f"{type(e).__name__}: {e}".split()))
 
 
 @dataclass

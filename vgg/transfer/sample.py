@@ -1,5 +1,5 @@
 """Small datasets in each layout transfer.py reads, generated deterministically from scikit-image's
-photographs (as vgg.data.sample makes the sample ImageNet set), for the CPU demo and the tests.
+photographs (as vgg.data.datasets.sample makes the sample ImageNet set), for the CPU demo and the tests.
 
     python -m vgg.transfer sample [--out data/transfer] [--seed 0]
 
@@ -11,7 +11,7 @@ photographs (as vgg.data.sample makes the sample ImageNet set), for the CPU demo
     <out>/caltech/     one folder a class, 10 images each, as Caltech-101 (BACKGROUND_Google: views of other
                        photos), and one truncated file that is left out as unreadable
 
-Every class is its own photo, every image a random view of it (vgg.data.sample's crops, sizes, flips and
+Every class is its own photo, every image a random view of it (vgg.data.datasets.sample's crops, sizes, flips and
 colour jitter), so a net's descriptors tell the classes apart well above chance.
 """
 
@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from vgg.core.errors import UserError
-from vgg.data.sample import _jpeg_bytes, _photo, _random_view
+from vgg.data.datasets.sample import _jpeg_bytes, _photo, _random_view
 
 DEFAULT_ROOT = Path("data/transfer")
 VERSION = 1

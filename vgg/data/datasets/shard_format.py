@@ -1,6 +1,6 @@
 """The WebDataset shard format (timm/imagenet-1k-wds's layout) and reading it: a shard folder's split, the
-samples of one tar, an image's bytes decoded. vgg.data.shard_writer writes shards; vgg.data.shards trains
-and evaluates from them.
+samples of one tar, an image's bytes decoded. vgg.data.datasets.shard_writer writes shards;
+vgg.data.datasets.shards trains and evaluates from them.
 
 A shard folder holds `imagenet1k-train-{0000..NNNN}.tar`, `imagenet1k-validation-{00..NN}.tar` and
 `_info.json` (per split: filenames, num_samples, shard_lengths; and `classes`, the sorted wnids).
@@ -23,9 +23,10 @@ from PIL import Image
 
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
-from vgg.data import folders as vfolders
-from vgg.data.labels import read_lines
-from vgg.data.prepare import check_class_order
+from vgg.data.batches.decode import Unreadable, load_rgb
+from vgg.data.batches.jpeg import DECODE_ERRORS
+from vgg.data.datasets.labels import read_lines
+from vgg.data.datasets.prepare import check_class_order
 
 log = get_logger()
 
@@ -158,16 +159,16 @@ def open_split(root, split: str) -> ShardSplit:
 
 
 def decode_sample(data: bytes, label: int, where: str, transform, index: int):
-    """(transform(image), label), or (None, label, Unreadable) as vgg.data.folders.ImageFolder gives them."""
+    """(transform(image), label), or (None, label, Unreadable) as vgg.data.datasets.folders.ImageFolder gives them."""
     try:
         if transform is not None and index is not None:  # the training transform: it opens the bytes itself
             return transform(data, index), label
         with Image.open(io.BytesIO(data)) as image:
             if transform is None:
-                return vfolders.load_rgb(image), label
+                return load_rgb(image), label
             return transform(image), label
-    except vfolders.DECODE_ERRORS as e:
-        return None, label, vfolders.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
+    except DECODE_ERRORS as e:
+        return None, label, Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
 
 
 def image_and_label(key: str, parts: dict, tar: tarfile.TarFile, path: Path) -> tuple[tarfile.TarInfo, int]:

@@ -1,6 +1,6 @@
 """The GPU data path's training augmentation (paper §3.1), on whole decoded images or on the decoded crop
-regions: the CPU path's draws (`vgg.data.transforms.draw_train_crop`), only the boxes resampled, a batch at
-once, on the device the images are on (vgg.data.gpu runs it)."""
+regions: the CPU path's draws (`vgg.data.batches.transforms.draw_train_crop`), only the boxes resampled, a batch at
+once, on the device the images are on (vgg.data.batches.gpu runs it)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from vgg.core.errors import UserError
-from vgg.data.transforms import draw_train_crop
+from vgg.data.batches.transforms import draw_train_crop
 
 
 def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: int, scale_max: int,
@@ -16,7 +16,7 @@ def gpu_train_augment(images: list[torch.Tensor], *, crop_size: int, scale_min: 
                       generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """uint8 [3, H, W] images (any sizes, on one device) -> uint8 [B, 3, crop, crop] on that device.
 
-    Per image: draw (S, crop box, flip) with `vgg.data.transforms.draw_train_crop`, the CPU path's own
+    Per image: draw (S, crop box, flip) with `vgg.data.batches.transforms.draw_train_crop`, the CPU path's own
     draw; the crop is the crop_size x crop_size box at (top, left) of the image rescaled isotropically
     (smallest side S) with antialiased bilinear interpolation (the triangle filter PIL and
     F.interpolate(antialias=True) use, the CPU path's), flipped if drawn so. The random draws use
@@ -140,7 +140,7 @@ def _reach(start: float, scale: float, size: int, limit: int) -> tuple[int, int]
 def region_train_augment(decoder, encoded: list[torch.Tensor], generators: list[torch.Generator], *,
                          crop_size: int, scale_min: int, scale_max: int, decode_whole) -> tuple[torch.Tensor, list]:
     """`gpu_train_augment` on the crop regions only: each JPEG's header gives its size, the draws give its
-    box, and `decoder` (vgg.data.gpu_decode.RegionDecoder) decodes the rows and columns the box's filter
+    box, and `decoder` (vgg.data.batches.gpu_decode.RegionDecoder) decodes the rows and columns the box's filter
     reaches, for the whole batch in one call; then the boxes are resampled as from the whole images (the
     same pixels: the filter reaches nothing outside the region). The regions are one size (the batch's
     largest), so they resample together; an image smaller than that is padded (and masked).

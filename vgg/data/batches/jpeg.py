@@ -1,8 +1,8 @@
 """JPEG files through NVIDIA's nvImageCodec (issue 35): the header, the crop box only, and the check for
-damage that every file of a dataset gets once (vgg.data.checks).
+damage that every file of a dataset gets once (vgg.data.datasets.checks).
 
 A training crop (paper §3.1) covers a third to a half of the decoded image. nvImageCodec's region decode
-(libjpeg-turbo on the CPU, nvJPEG on the GPU: vgg.data.gpu_decode) skips the inverse DCT and colour
+(libjpeg-turbo on the CPU, nvJPEG on the GPU: vgg.data.batches.gpu_decode) skips the inverse DCT and colour
 conversion outside the box and stops after its last row; its pixels are those of a full decode by PIL
 (tests/test_crop_decode.py checks 4:2:0, 4:2:2, 4:4:4, progressive, grey, CMYK and EXIF-tagged files), so
 the training images are the same, 1.2-1.4x faster to make (bench/transforms.py).
@@ -56,7 +56,7 @@ _capture: tuple | None = None  # (process id, file descriptor) of this process's
 
 
 class Check(enum.IntEnum):
-    """A file's verdict (vgg.data.checks keeps one per file of a dataset)."""
+    """A file's verdict (vgg.data.datasets.checks keeps one per file of a dataset)."""
 
     UNCHECKED = 0
     OK = 1  # a JPEG libjpeg decodes without a word: nvImageCodec decodes its crop box
@@ -165,7 +165,7 @@ def read_jpeg(data: bytes) -> JpegFile | None:
 def decode_crop(jpeg: JpegFile, top: int, left: int, height: int, width: int) -> torch.Tensor:
     """Rows top..top+height-1 and columns left..left+width-1 of the full-size RGB decode of a checked
     JPEG file (Check.OK: libjpeg has nothing to say about it, so nothing is printed) -> uint8
-    [3, height, width], a CHW view of HWC pixels (as vgg.data.decode.to_uint8_tensor). OSError if it
+    [3, height, width], a CHW view of HWC pixels (as vgg.data.batches.decode.to_uint8_tensor). OSError if it
     cannot be decoded, or for a box outside the image."""
     if top < 0 or left < 0 or height < 1 or width < 1 or top + height > jpeg.height or left + width > jpeg.width:
         raise OSError(f"crop {width}x{height} at ({left}, {top}) outside the {jpeg.width}x{jpeg.height} image")

@@ -1,5 +1,5 @@
-"""Decoding a file to uint8 RGB pixels for the transforms (vgg.data.transforms): PIL, TorchCodec, and
-nvImageCodec (vgg.data.jpeg), each where it is the quicker one for the same pixels.
+"""Decoding a file to uint8 RGB pixels for the transforms (vgg.data.batches.transforms): PIL, TorchCodec, and
+nvImageCodec (vgg.data.batches.jpeg), each where it is the quicker one for the same pixels.
 
   * decode-time downscaling: libjpeg can decode at 1/2, 1/4 or 1/8 scale almost for free (PIL's
     `Image.draft`); we use the smallest such scale that keeps the decoded smallest side >= S, so
@@ -10,26 +10,34 @@ nvImageCodec (vgg.data.jpeg), each where it is the quicker one for the same pixe
 
 Damaged files are refused (OSError), never decoded with grey filling. PIL's ImageFile.LOAD_TRUNCATED_IMAGES
 stays False (a JPEG cut before its end marker raises "image file is truncated"), and a file's verdict of
-vgg.data.jpeg.check (a JPEG cut short but ending in an end marker, which PIL and TorchCodec decode with grey
-rows without a word) rides on the opened image (`mark_checked`): vgg.data.folders.ImageFolder puts its
+vgg.data.batches.jpeg.check (a JPEG cut short but ending in an end marker, which PIL and TorchCodec decode with grey
+rows without a word) rides on the opened image (`mark_checked`): vgg.data.datasets.folders.ImageFolder puts its
 cached verdict there, and a file without one is checked here before it is decoded.
 """
 
 import math
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from vgg.data import jpeg as vjpeg
-from vgg.data.jpeg import Check
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.jpeg import Check
 
 # 16-bit grey images (PNG and TIFF open as I;16*, 16-bit PGM as I): PIL's convert("RGB") clips every
 # value above 255, which turns them all white, so load_rgb scales them to 8 bits first (`_to_8_bit`).
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-CHECK_KEY = "vgg_check"  # the file's vgg.data.jpeg.Check in an opened image's `info`
+CHECK_KEY = "vgg_check"  # the file's vgg.data.batches.jpeg.Check in an opened image's `info`
+
+
+class Unreadable(NamedTuple):
+    """A file that could not be read or decoded, and why (one line)."""
+
+    path: str
+    reason: str
 
 
 def _is_unloaded(image: Image.Image) -> bool:
@@ -38,14 +46,14 @@ def _is_unloaded(image: Image.Image) -> bool:
 
 
 def mark_checked(image: Image.Image, check: Check) -> Image.Image:
-    """Note on an opened image its file's verdict (vgg.data.jpeg.check), so that it is not checked again."""
+    """Note on an opened image its file's verdict (vgg.data.batches.jpeg.check), so that it is not checked again."""
     if check != Check.UNCHECKED:
         image.info[CHECK_KEY] = check
     return image
 
 
 def file_check(image: Image.Image) -> Check:
-    """The verdict on an opened image's file: the one noted on it, else vgg.data.jpeg.check of its bytes
+    """The verdict on an opened image's file: the one noted on it, else vgg.data.batches.jpeg.check of its bytes
     (noted). OSError for a damaged file. An image already decoded is taken as it is (QUIRK: PIL's)."""
     check = image.info.get(CHECK_KEY, Check.UNCHECKED)
     if check == Check.UNCHECKED:
@@ -69,7 +77,7 @@ def load_rgb(image, min_side: int | None = None) -> Image.Image:
 
     CMYK, grayscale, palette and other modes (and PNGs named .JPEG) are converted to RGB, 16-bit
     grey (PNG, TIFF, PGM) scaled to 8 bits first. Raises
-    OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.folders.ImageFolder skips them).
+    OSError/ValueError/SyntaxError on files that cannot be decoded (vgg.data.datasets.folders.ImageFolder skips them).
     """
     if isinstance(image, (str, Path)):
         image = Image.open(image)
@@ -116,7 +124,7 @@ def decode_uint8(image, min_side: int | None = None) -> torch.Tensor:
 
 
 def decode_jpeg_file(data: bytes) -> torch.Tensor:
-    """A checked colour JPEG file's bytes (vgg.data.jpeg.Check.OK) -> uint8 [3, H, W]: nvImageCodec's
+    """A checked colour JPEG file's bytes (vgg.data.batches.jpeg.Check.OK) -> uint8 [3, H, W]: nvImageCodec's
     decode of the whole image, or TorchCodec's where it is not available (libjpeg-turbo with PIL's
     settings both: the same pixels). OSError if it cannot be decoded."""
     jpeg = vjpeg.read_jpeg(data)

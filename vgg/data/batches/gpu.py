@@ -1,19 +1,19 @@
 """The GPU data path (`data_path: gpu`): JPEGs decoded in batches on the GPU and augmented there, for
 when CPU decoding cannot feed the net.
 
-DataLoader workers only read file bytes (cheap) with each file's verdict (vgg.data.checks: damaged files
-are not read, they are handed on as `vgg.data.folders.Unreadable` records, as on the CPU path). The main
-process then, per batch (vgg.data.gpu_decode, vgg.data.gpu_augment):
+DataLoader workers only read file bytes (cheap) with each file's verdict (vgg.data.datasets.checks: damaged files
+are not read, they are handed on as `vgg.data.batches.decode.Unreadable` records, as on the CPU path). The main
+process then, per batch (vgg.data.batches.gpu_decode, vgg.data.batches.gpu_augment):
   1. decode: `decoder="torchcodec"` (the default), one batched `torchcodec.decoders.decode_jpeg(...,
      device="cuda")` call (nvJPEG) of the whole images; `decoder="nvimgcodec"`, nvImageCodec's batched
      region decode of the rows and columns each crop box reaches only (`region_train_augment`). Files the
      GPU does not take (quirks: CMYK, PNGs named .JPEG) are decoded on the CPU by PIL and moved over.
   2. `gpu_train_augment`: the paper's training augmentation (§3.1), drawn exactly as the CPU path's
-     `vgg.data.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
+     `vgg.data.batches.transforms.TrainTransform` draws it: training scale S uniform in [S_min, S_max], isotropic
      rescale so the smaller side is S (antialiased bilinear), a random crop_size x crop_size crop
      (only the crop box is resampled, the whole batch in a few batched matmuls), a horizontal flip
      with probability 1/2, each sample's draws (and its colour-shift alphas) from
-     `vgg.data.transforms.sample_generator(seed, epoch, index)` as on the CPU path, so both paths pick the
+     `vgg.data.batches.transforms.sample_generator(seed, epoch, index)` as on the CPU path, so both paths pick the
      same S, crop box, flip and alphas for the same sample. Output `TrainCrop(uint8 [B, 3, crop, crop],
      alphas [B, 3])`.
 The mean subtraction and colour shift then happen in the trainer's `vgg.training.step.BatchAugment`, the
@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vgg.data import jpeg as vjpeg
-from vgg.data.folders import ImageFolder, Unreadable, split_unreadable
-from vgg.data.gpu_augment import gpu_train_augment, region_train_augment  # noqa: F401 - the tests' too
-from vgg.data.gpu_decode import RegionDecoder, decode_batch, decode_on_cpu  # noqa: F401 - the tests' too
-from vgg.data.jpeg import Check, jpeg_components  # noqa: F401 - the tests' too
-from vgg.data.loaders import ignore_stop_signals
-from vgg.data.transforms import TrainCrop, draw_alphas, sample_generator
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.gpu_augment import gpu_train_augment, region_train_augment  # noqa: F401 - the tests' too
+from vgg.data.batches.gpu_decode import RegionDecoder, decode_batch, decode_on_cpu  # noqa: F401 - the tests' too
+from vgg.data.batches.jpeg import Check, jpeg_components  # noqa: F401 - the tests' too
+from vgg.data.batches.loaders import ignore_stop_signals, split_unreadable
+from vgg.data.batches.transforms import TrainCrop, draw_alphas, sample_generator
 
 DECODERS = ("torchcodec", "nvimgcodec")
 
@@ -51,16 +51,18 @@ class EncodedImages(Dataset):
     """Samples -> (encoded file bytes, label, path, index, verdict), or (None, label, Unreadable(path, reason),
     index, verdict) for a file that cannot be read or is damaged (silently: this runs in DataLoader
     workers). The index picks the sample's random draws (`sample_generator`); the verdict
-    (vgg.data.jpeg.Check) says which decoder may take it.
+    (vgg.data.batches.jpeg.Check) says which decoder may take it.
 
-    `samples`: a vgg.data.folders.ImageFolder, read through its numpy arrays (`path(i)`, `labels`, its
+    `samples`: a vgg.data.datasets.folders.ImageFolder, read through its numpy arrays (`path(i)`, `labels`, its
     cached verdicts) as the CPU path reads it, so persistent workers' memory stays flat over epochs
     (tests/test_loader_memory.py); or a list of (path, label) pairs, whose files are checked here, every
-    time (vgg.data.jpeg.check). Only reads the file; decoding happens batched on the device.
+    time (vgg.data.batches.jpeg.check). Only reads the file; decoding happens batched on the device.
     """
 
     def __init__(self, samples):
-        self.folder = samples if isinstance(samples, ImageFolder) else None
+        # An ImageFolder (vgg.data.datasets.folders, which this package does not import) is known by its
+        # cached verdicts: only it has them.
+        self.folder = samples if hasattr(samples, "checks") else None
         self.pairs = None if self.folder is not None else list(samples)
 
     def __len__(self) -> int:
@@ -87,7 +89,7 @@ class EncodedImages(Dataset):
 def collate_encoded(items):
     """Runs in the workers: -> (all readable files' bytes in one flat uint8 tensor, sizes int64 [B]
     (-1 for an unreadable file), labels int64 [B], list of paths, list of Unreadable, sample
-    indices int64 [B], verdicts uint8 [B] (vgg.data.jpeg.Check)).
+    indices int64 [B], verdicts uint8 [B] (vgg.data.batches.jpeg.Check)).
 
     One flat tensor per batch crosses from the worker in one shared-memory block, instead of one
     block (and file descriptor) per image.
@@ -128,7 +130,7 @@ class GpuTrainLoader:
 
     prefetch: a background thread prepares the next batch (on its own CUDA stream on a GPU).
     decoder: "torchcodec" (whole images, nvJPEG) or "nvimgcodec" (the crop regions only, on `backends`:
-    vgg.data.gpu_decode.BACKENDS; on the CPU, its CPU backend).
+    vgg.data.batches.gpu_decode.BACKENDS; on the CPU, its CPU backend).
     """
 
     def __init__(self, loader: DataLoader, *, device, crop_size: int, scale_min: int, scale_max: int,
@@ -257,7 +259,7 @@ def build_gpu_train_loader(dataset, *, batch_size: int, device, crop_size: int, 
                            scale_max: int, seed: int = 0, epoch: int = 0, workers: int = 8, sampler=None,
                            shuffle: bool = False, drop_last: bool = True, channels_last: bool = False,
                            prefetch: bool = True, decoder: str = "torchcodec", backends: str = "both") -> GpuTrainLoader:
-    """The `data_path: gpu` training loader over `dataset` (a vgg.data.folders.ImageFolder, whose transform
+    """The `data_path: gpu` training loader over `dataset` (a vgg.data.datasets.folders.ImageFolder, whose transform
     is ignored, or any list of (path, label) samples).
 
     sampler / shuffle / drop_last / workers mean what they mean for a DataLoader; `seed` seeds the

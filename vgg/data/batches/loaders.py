@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from vgg.core.launch import STOP_SIGNALS
-from vgg.data.folders import split_unreadable
+from vgg.data.batches.decode import Unreadable
 
 # --------------------------------------------------------------------------------------------------
 # Batching and loading
@@ -37,9 +37,14 @@ class EpochTagged(Sampler):
         return len(self.sampler)
 
 
+def split_unreadable(items) -> tuple[list, list[Unreadable]]:
+    """Dataset items -> (the readable (image, label, ...) items, the Unreadable of the others)."""
+    return [item for item in items if item[0] is not None], [item[2] for item in items if item[0] is None]
+
+
 def collate_batch(items):
     """[(uint8 [3,H,W], label) or (None, label, Unreadable)] -> (uint8 [B,3,H,W], int64 labels [B],
-    list of Unreadable). Training items hold a `vgg.data.transforms.TrainCrop` instead of the image: the
+    list of Unreadable). Training items hold a `vgg.data.batches.transforms.TrainCrop` instead of the image: the
     batch then holds TrainCrop(uint8 [B,3,H,W], alphas [B,3]).
 
     Unreadable images are dropped; their Unreadable records travel with the batch, so the main

@@ -1,8 +1,8 @@
 """Every file of a dataset checked for damage once, not once an epoch (issue 35).
 
-vgg.data.jpeg.check decodes a JPEG's last pixel (every row of every scan entropy-decoded) and reads
+vgg.data.batches.jpeg.check decodes a JPEG's last pixel (every row of every scan entropy-decoded) and reads
 libjpeg's warnings: a file cut short, with or without its end marker, or with corrupt entropy data, is
-DAMAGED (never trained on or evaluated: vgg.data.folders.ImageFolder hands it on as Unreadable, and the
+DAMAGED (never trained on or evaluated: vgg.data.datasets.folders.ImageFolder hands it on as Unreadable, and the
 run lists it in skipped.txt when it meets it); a harmless oddity (a PNG or CMYK file named .JPEG, extraneous
 bytes before a marker) is a QUIRK, decoded by PIL as PIL decodes it; the rest is OK, decoded by
 nvImageCodec. The check costs about a decode; once done, the training transform need not repeat it.
@@ -27,12 +27,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from vgg.data import jpeg as vjpeg
-from vgg.data.cache import _cache_paths, _write_bytes
-from vgg.data.jpeg import Check
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.jpeg import Check
+from vgg.data.datasets.cache import _cache_paths, _write_bytes
 
 CHECKS_NAME = ".vgg_checks.npz"
-CHECKS_VERSION = 1  # raise when vgg.data.jpeg.check changes its verdicts: every file is checked again
+CHECKS_VERSION = 1  # raise when vgg.data.batches.jpeg.check changes its verdicts: every file is checked again
 IN_PROCESS = 256  # fewer files to check than this: checked here, without starting a pool of processes
 CHUNK = 64  # files a pool process checks per task
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class Checks(NamedTuple):
 
 def check_files(root: Path, names: np.ndarray, offsets: np.ndarray) -> Checks:
     """The verdicts on the files `root/<name>`, their names as one byte buffer with offsets (as
-    vgg.data.folders.ImageFolder holds them): from the cache where a file's size and modification time
+    vgg.data.datasets.folders.ImageFolder holds them): from the cache where a file's size and modification time
     are those it was checked at, checked now otherwise (in processes of their own when many), and cached."""
     count = len(offsets) - 1
     paths = [os.path.join(root, os.fsdecode(names[offsets[i]:offsets[i + 1]].tobytes())) for i in range(count)]
@@ -83,7 +83,7 @@ def _stat(paths: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_path(path: str) -> vjpeg.Verdict:
-    """One file's verdict (vgg.data.jpeg.check); DAMAGED if it cannot be read."""
+    """One file's verdict (vgg.data.batches.jpeg.check); DAMAGED if it cannot be read."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:

@@ -1,7 +1,7 @@
-"""Decoding for the GPU data path (vgg.data.gpu): TorchCodec's whole-image batch decode (nvJPEG), and
+"""Decoding for the GPU data path (vgg.data.batches.gpu): TorchCodec's whole-image batch decode (nvJPEG), and
 nvImageCodec's batched region decode (the crop box only, on the GPU's hardware JPEG engine, CUDA, or both).
 
-Every file comes with its verdict (vgg.data.jpeg.Check: ImageFolder's cached one, or checked by the
+Every file comes with its verdict (vgg.data.batches.jpeg.Check: ImageFolder's cached one, or checked by the
 DataLoader worker that read it), so damaged files never get here, and only sound JPEGs (Check.OK) go to
 the GPU: harmless quirks (PNGs or CMYK named .JPEG, extraneous bytes) are decoded on the CPU by PIL, as the
 CPU path decodes them. libjpeg has nothing to say about a sound file, so nvImageCodec prints nothing.
@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vgg.data import jpeg as vjpeg
-from vgg.data.decode import load_rgb, mark_checked, to_uint8_tensor
-from vgg.data.folders import DECODE_ERRORS, Unreadable
-from vgg.data.jpeg import Check, jpeg_components
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.decode import Unreadable, load_rgb, mark_checked, to_uint8_tensor
+from vgg.data.batches.jpeg import DECODE_ERRORS, Check, jpeg_components
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger, like vgg.data's
 
@@ -35,8 +34,8 @@ BACKENDS = {"hw": ("HW_GPU_ONLY",), "cuda": ("GPU_ONLY",), "both": ("HW_GPU_ONLY
 def decode_on_cpu(data: torch.Tensor | None, name: str = "<bytes>", unreadable: list | None = None,
                   check: Check = Check.UNCHECKED) -> torch.Tensor | None:
     """Decode one image on the CPU, as the CPU path would: a sound JPEG by TorchCodec, anything else by
-    PIL (`vgg.data.decode.load_rgb`: PNGs named .JPEG, CMYK, ...); a file without a verdict is checked
-    first (vgg.data.jpeg.check). Returns uint8 [3, H, W], or None: with an Unreadable(name, reason)
+    PIL (`vgg.data.batches.decode.load_rgb`: PNGs named .JPEG, CMYK, ...); a file without a verdict is checked
+    first (vgg.data.batches.jpeg.check). Returns uint8 [3, H, W], or None: with an Unreadable(name, reason)
     appended to `unreadable` if given (the training loop warns once per file), else with one warning
     line naming the file."""
     def skip(reason: str) -> None:

@@ -13,10 +13,10 @@ import torch
 
 from vgg.core.errors import UserError
 from vgg.core.progress import progress_bar
-from vgg.data.cache import _cache_paths, _read_json, _write_json
-from vgg.data.folders import ImageFolder, warn_unreadable
-from vgg.data.loaders import build_loader, collate_list
-from vgg.data.transforms import EvalTransform
+from vgg.data.batches.loaders import build_loader, collate_list
+from vgg.data.batches.transforms import EvalTransform
+from vgg.data.datasets.cache import _cache_paths, _read_json, _write_json
+from vgg.data.datasets.folders import ImageFolder, warn_unreadable
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
 STATS_NAME = "vgg_stats_{num_images}_seed{seed}.json"  # one file per setting: runs that sample the same

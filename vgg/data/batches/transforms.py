@@ -13,8 +13,8 @@ evaluator crops or runs the net densely); `CenterCropTransform` is the quick val
 
 What keeps the per-image part close to the cost of decoding the file (bench/transforms.py,
 docs/benchmarks.md):
-  * decoding only what is needed (vgg.data.decode): the crop box only of a JPEG that PIL would decode at
-    full size (nvImageCodec's region decode, vgg.data.jpeg: the same pixels, 1.2-1.4x faster than the
+  * decoding only what is needed (vgg.data.batches.decode): the crop box only of a JPEG that PIL would decode at
+    full size (nvImageCodec's region decode, vgg.data.batches.jpeg: the same pixels, 1.2-1.4x faster than the
     whole file), libjpeg's 1/2^k reduced decode for large photos; `EvalTransform` keeps PIL's decode,
     which several test scales share;
   * crop before resize: the crop box is mapped back to source pixels and only that box is
@@ -22,13 +22,13 @@ docs/benchmarks.md):
     the work (most of all with scale jittering, where S goes up to 512);
   * the resampling itself is torch's vectorised uint8 antialiased bilinear kernel (the filter PIL
     uses, faster than PIL's own resize);
-  * each file checked for damage once per dataset (vgg.data.checks), not once per epoch.
+  * each file checked for damage once per dataset (vgg.data.datasets.checks), not once per epoch.
 Images stay uint8 until the batch is formed.
 
 Transforms take a PIL image. Handed one straight from `Image.open` (not yet loaded, as
-`vgg.data.folders.ImageFolder` does), they decode it themselves (vgg.data.decode), at the reduced scale;
-an already loaded image is used as it is. `TrainTransform` also takes a file's path or bytes (what
-ImageFolder and vgg.data.shards hand it): a JPEG's header is then read by nvImageCodec, not PIL.
+`vgg.data.datasets.folders.ImageFolder` does), they decode it themselves (vgg.data.batches.decode), at
+the reduced scale; an already loaded image is used as it is. `TrainTransform` also takes a file's path or bytes (what
+ImageFolder and vgg.data.datasets.shards hand it): a JPEG's header is then read by nvImageCodec, not PIL.
 """
 
 import functools
@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vgg.core.errors import UserError
-from vgg.data import jpeg as vjpeg
-from vgg.data.decode import (  # noqa: F401 - load_rgb, decode_uint8, to_uint8_tensor: used from here too
+from vgg.data.batches import jpeg as vjpeg
+from vgg.data.batches.decode import (  # noqa: F401 - load_rgb, decode_uint8, to_uint8_tensor: used from here too
     decode_jpeg_file,
     decode_uint8,
     full_size_jpeg_bytes,
@@ -51,7 +51,7 @@ from vgg.data.decode import (  # noqa: F401 - load_rgb, decode_uint8, to_uint8_t
     mark_checked,
     to_uint8_tensor,
 )
-from vgg.data.jpeg import Check
+from vgg.data.batches.jpeg import Check
 
 def _check_size(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -89,7 +89,7 @@ def draw_train_crop(height: int, width: int, *, crop_size: int, scale_min: int, 
     Returns (new_height, new_width, top, left, flip): rescale isotropically so the smallest side is
     S ~ U{scale_min..scale_max}, take the crop_size x crop_size crop at (top, left) of the rescaled
     image, flip it horizontally if `flip`. Draws from `generator` (in training the sample's
-    `sample_generator`) or torch's global RNG; vgg.data.gpu uses this same function, so both data
+    `sample_generator`) or torch's global RNG; vgg.data.batches.gpu uses this same function, so both data
     paths draw alike.
     """
     # One call for the four draws: each torch call costs several microseconds, ~5 % of a sample's
@@ -122,7 +122,7 @@ def _resized_crop(image, new_h: int, new_w: int, top: int, left: int, crop_h: in
                   keep_decoded: bool = False) -> torch.Tensor:
     """Decode, rescale to new_h x new_w and cut the crop_h x crop_w box at (top, left) -> uint8 [3, crop_h, crop_w].
 
-    image: a PIL image from Image.open, or a checked JPEG file (vgg.data.jpeg.JpegFile, Check.OK).
+    image: a PIL image from Image.open, or a checked JPEG file (vgg.data.batches.jpeg.JpegFile, Check.OK).
     keep_decoded: decode with PIL (`load_rgb`), which keeps the pixels in `image`, for callers that
     take several scales of one opened image (vgg.evaluation.inputs.MultiScaleTransform: decoded once);
     otherwise the box only of a sound JPEG that PIL would decode at full size (nvImageCodec's region
@@ -178,7 +178,7 @@ class TrainTransform:
     are equal), random crop_size x crop_size crop, random horizontal flip -> `TrainCrop(uint8 [3, crop,
     crop], colour-shift alphas [3])`.
 
-    Called with the sample's `index` (vgg.data.folders.ImageFolder passes it), every draw comes from
+    Called with the sample's `index` (vgg.data.datasets.folders.ImageFolder passes it), every draw comes from
     `sample_generator(seed, epoch, index)`: the run's seed, the epoch set by `set_epoch` (before the
     epoch's DataLoader starts its workers, which copy the transform) and the index. Without an index
     it draws from torch's global RNG (quick looks, benchmarks).
@@ -197,10 +197,11 @@ class TrainTransform:
         self.epoch = epoch
 
     def __call__(self, image, index: int | None = None, check: Check = Check.UNCHECKED) -> TrainCrop:
-        """image: a file's path or its bytes (vgg.data.folders.ImageFolder and vgg.data.shards pass these: a JPEG's
-        header is then read by nvImageCodec, in a tenth of the time of PIL's Image.open, and only its crop box
-        decoded), or a PIL image from Image.open. check: the file's verdict where the caller has it
-        (ImageFolder's, cached: vgg.data.checks); unchecked, the file is checked first (vgg.data.jpeg.check).
+        """image: a file's path or its bytes (vgg.data.datasets.folders.ImageFolder and vgg.data.datasets.shards
+        pass these: a JPEG's header is then read by nvImageCodec, in a tenth of the time of PIL's Image.open,
+        and only its crop box decoded), or a PIL image from Image.open. check: the file's verdict where the
+        caller has it (ImageFolder's, cached: vgg.data.datasets.checks); unchecked, the file is checked first
+        (vgg.data.batches.jpeg.check).
         OSError/ValueError/SyntaxError for a damaged file."""
         generator = None if index is None else sample_generator(self.seed, self.epoch, index)
         if isinstance(image, Image.Image):

@@ -2,7 +2,7 @@
 
 The file list of a split and the dataset statistics are cached as JSON: first beside the data
 (`<split>/.vgg_filelist.json`, `<root>/vgg_stats_*.json`), else under ~/.cache/vgg-imagenet/. So are
-each split's verdicts on its files (`<split>/.vgg_checks.npz`, vgg.data.checks).
+each split's verdicts on its files (`<split>/.vgg_checks.npz`, vgg.data.datasets.checks).
 """
 
 import hashlib

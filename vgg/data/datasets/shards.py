@@ -4,7 +4,7 @@ evaluate from them (`--data SHARD_DIR`), for runs that outgrow one machine's dis
     python -m vgg.data shards /data/imagenet /data/imagenet-wds     # once
     python train.py --config A --data /data/imagenet-wds --gpus 8   # streams the shards
 
-The format: vgg.data.shard_format; writing: vgg.data.shard_writer.
+The format: vgg.data.datasets.shard_format; writing: vgg.data.datasets.shard_writer.
 
 Training streams (`ShardStream`). Each epoch the shards are put in an order drawn from (seed, epoch)
 and read as one sequence of all N training images; rank r of W takes its contiguous part, N/W images
@@ -38,15 +38,15 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
-from vgg.data import cache as vcache
-from vgg.data import folders as vfolders
-from vgg.data import loaders as vloaders
-from vgg.data import stats as vstats
-from vgg.data.shard_format import (  # noqa: F401 (INFO_NAME, ShardError, is_shard_dir: importable from here)
+from vgg.data.batches import loaders as vloaders
+from vgg.data.datasets import cache as vcache
+from vgg.data.datasets import stats as vstats
+from vgg.data.datasets.shard_format import (  # noqa: F401 (INFO_NAME, ShardError, is_shard_dir: importable from here)
     INFO_NAME, SHARD_ERRORS, SPLITS, ShardError, ShardSplit, check_count, damaged, decode_sample, image_and_label,
     is_shard_dir, iter_samples, open_split)
-from vgg.data.shard_writer import write_shards  # noqa: F401 (importable from here, as before the split)
-from vgg.data.transforms import EvalTransform
+from vgg.data.batches.decode import Unreadable
+from vgg.data.batches.transforms import EvalTransform
+from vgg.data.datasets.shard_writer import write_shards  # noqa: F401 (importable from here, as before the split)
 
 log = get_logger()
 
@@ -91,7 +91,7 @@ class ShardStream(IterableDataset):
     """This rank's training batches of one epoch, streamed from shards (see the module docstring).
 
     Yields lists of (TrainCrop, label) / (None, label, Unreadable) items, a batch each: build the
-    DataLoader with batch_size=None and vgg.data.loaders.collate_batch (`loader`). `len()` is the number of
+    DataLoader with batch_size=None and vgg.data.batches.loaders.collate_batch (`loader`). `len()` is the number of
     training images (all ranks), as for an ImageFolder.
     """
 
@@ -179,7 +179,7 @@ class ShardStream(IterableDataset):
 
 class ShardImages(Dataset):
     """A split's images by position: i -> (transform(image), label), or (None, label, Unreadable),
-    like vgg.data.folders.ImageFolder. Indexes the tar headers of the split's shards on creation."""
+    like vgg.data.datasets.folders.ImageFolder. Indexes the tar headers of the split's shards on creation."""
 
     def __init__(self, split: ShardSplit, transform=None, limit: int | None = None):
         self.split, self.transform, self.classes = split, transform, list(split.classes)
@@ -209,9 +209,9 @@ class ShardImages(Dataset):
                 f.seek(offset)
                 data = f.read(size)
         except OSError as e:  # the shard went away or cannot be read any more: this image is unreadable
-            return None, label, vfolders.Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
+            return None, label, Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
         if len(data) != size:
-            return None, label, vfolders.Unreadable(where, f"cut short: {len(data)} of {size} bytes")
+            return None, label, Unreadable(where, f"cut short: {len(data)} of {size} bytes")
         return decode_sample(data, label, where, self.transform, None)
 
 
@@ -222,7 +222,7 @@ def open_val(root, transform) -> ShardImages:
 
 def open_training_sets(config, *, rank: int, world_size: int, per_rank_batch: int):
     """(the training stream, the validation images) of the shard folder config.data, for vgg.training.run."""
-    from vgg.data.transforms import CenterCropTransform, TrainTransform
+    from vgg.data.batches.transforms import CenterCropTransform, TrainTransform
 
     if config.data_path == "gpu":
         raise UserError("--data-path gpu reads class folders; shards are decoded by the CPU workers: "
@@ -244,7 +244,7 @@ def open_training_sets(config, *, rank: int, world_size: int, per_rank_batch: in
 
 def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers: int | None = None,
                           progress_every_s: float = 30.0) -> vstats.DatasetStats:
-    """vgg.data.stats.load_or_compute_stats for a shard folder (train_dir: `<shard folder>/train`, which need
+    """vgg.data.datasets.stats.load_or_compute_stats for a shard folder (train_dir: `<shard folder>/train`, which need
     not exist): the first `num_images` training images in _info.json's order (`write_shards` dealt them
     over the shards at random, so they are a random sample; so are timm's), cached as vgg_stats_*.json.
     The training stream is not used: a sample of fixed images, read once, by position."""

@@ -1,5 +1,5 @@
 """Writing WebDataset shards from class folders (`python -m vgg.data shards SRC DEST`), in the layout
-vgg.data.shard_format describes and vgg.data.shards reads."""
+vgg.data.datasets.shard_format describes and vgg.data.datasets.shards reads."""
 
 import io
 import json
@@ -12,9 +12,9 @@ import numpy as np
 
 from vgg.core.errors import UserError, is_disk_full
 from vgg.core.progress import progress_bar
-from vgg.data import folders as vfolders
-from vgg.data.prepare import check_class_order
-from vgg.data.shard_format import INFO_NAME, PREFIX, SPLITS
+from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets.prepare import check_class_order
+from vgg.data.datasets.shard_format import INFO_NAME, PREFIX, SPLITS
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

@@ -12,18 +12,17 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
 from vgg.core.errors import UserError
-from vgg.data import checks as vchecks
-from vgg.data.cache import _cache_paths, _read_json, _write_json
-from vgg.data.decode import mark_checked
-from vgg.data.jpeg import DECODE_ERRORS, Check
-from vgg.data.transforms import TrainTransform, load_rgb
+from vgg.data.batches.decode import Unreadable, mark_checked
+from vgg.data.batches.jpeg import DECODE_ERRORS, Check
+from vgg.data.batches.transforms import TrainTransform, load_rgb
+from vgg.data.datasets import checks as vchecks
+from vgg.data.datasets.cache import _cache_paths, _read_json, _write_json
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
 
@@ -88,13 +87,6 @@ def _warn_once(message: str, key: str | None = None) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(message)
-
-
-class Unreadable(NamedTuple):
-    """A file that could not be read or decoded, and why (one line)."""
-
-    path: str
-    reason: str
 
 
 def warn_unreadable(files) -> None:
@@ -163,7 +155,7 @@ class ImageFolder(Dataset):
     classes for a validation split so the labels agree (every folder must be one of them).
 
     `__getitem__` hands other transforms a PIL image straight from `Image.open` (not yet decoded, so the
-    transform can decode at a reduced scale, see vgg.data.transforms.load_rgb); with transform=None it
+    transform can decode at a reduced scale, see vgg.data.batches.transforms.load_rgb); with transform=None it
     returns the decoded RGB PIL image. A file that cannot be decoded (empty, truncated, not an image)
     gives (None, label, Unreadable(path, reason)), silently (this runs in DataLoader workers):
     collate_batch drops it and hands the Unreadable on to the main process (see warn_unreadable).
@@ -263,8 +255,3 @@ def require_a_readable_image(dataset, where) -> None:
         unreadable.append(item[2])
     example = f", e.g. {unreadable[0].path}: {unreadable[0].reason}" if unreadable else ""
     raise UserError(f"no readable image in {where} ({len(unreadable)} unreadable{example})")
-
-
-def split_unreadable(items) -> tuple[list, list[Unreadable]]:
-    """ImageFolder items -> (the readable (image, label, ...) items, the Unreadable of the others)."""
-    return [item for item in items if item[0] is not None], [item[2] for item in items if item[0] is None]
