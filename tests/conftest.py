@@ -1,3 +1,5 @@
+import gc
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -8,6 +10,22 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def no_child_process_left_running():
+    """A test ends every process it started. A DataLoader worker left behind (its loader kept alive by a
+    reference cycle, say) ignores SIGTERM, so torch cannot end it, and a later test that ends this
+    process's children, or the SIGCHLD handler torch installs, would fail for it there, far from its cause."""
+    yield
+    left = multiprocessing.active_children()
+    if left:
+        gc.collect()  # a loader in a cycle shuts its workers down when collected, if it can
+        left = multiprocessing.active_children()
+    for child in left:
+        child.kill()
+        child.join(10)
+    assert not left, f"the test left {len(left)} child process(es) running: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import types
 from pathlib import Path
 
 import numpy as np
@@ -424,12 +425,15 @@ def test_stop_flag_first_signal_wins_second_ctrl_c_stops_at_once_and_workers_ign
         assert lines == ["SIGTERM received: saving a checkpoint at the next step, then stopping"]
         signal.raise_signal(signal.SIGUSR1)  # a second request changes nothing
         assert flag.signal == signal.SIGTERM
-        reported = []
-        monkeypatch.setattr(vsignals, "report", reported.append)
+        reported, killed = [], []
+        workers = [types.SimpleNamespace(kill=lambda k=k: killed.append(k)) for k in range(2)]
+        monkeypatch.setattr(vsignals, "report", lambda line: reported.append((line, list(killed))))
+        monkeypatch.setattr(vsignals.multiprocessing, "active_children", lambda: workers)  # not pytest's own
         monkeypatch.setattr(vsignals.os, "_exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))
         with pytest.raises(SystemExit) as stopped:
             signal.raise_signal(signal.SIGINT)  # Ctrl-C while stopping: out at once, one line
-        assert stopped.value.code == 128 + signal.SIGINT and reported == [vsignals.STOPPED_AT_ONCE]
+        assert stopped.value.code == 128 + signal.SIGINT
+        assert reported == [(vsignals.STOPPED_AT_ONCE, [0, 1])]  # the workers killed first, then the line
         monkeypatch.undo()
         flag.restore()  # stopping: the handler stays for the process's exit
         assert all(signal.getsignal(sig) == flag._handle for sig in vsignals.STOP_SIGNALS)

@@ -10,6 +10,7 @@ import torch
 from vgg.core.distributed import gather_objects, is_main_process
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
+from vgg.data.batches.loaders import shut_down_workers
 from vgg.training.build import build_train_loader
 from vgg.training.folder import list_skipped_files, record_epoch, save
 from vgg.training.logs import log_augmented_images
@@ -33,33 +34,38 @@ def train_epochs(parts: RunParts, stop: StopFlag) -> tuple[dict, int]:
                                           seed=config.seed * 1_000_003 + start_epoch * 1_009 + dist.rank)
     augment = BatchAugment(data.stats, dist.device, config.color_shift_std, channels_last=parts.speed.channels_last)
     val_metrics, batches = {}, None
-    for epoch in range(start_epoch, config.epochs):
-        if batches is None and position.step == data.steps_per_epoch:
-            batches = iter(())  # resumed after the epoch's last step (a stop there): its validation is left
-        elif batches is None:  # the run's first epoch; later ones were started before the last validation
-            train_loader = epoch_loader(parts, train_loader, epoch)
-            if parts.folder.writer is not None and start_step == 0 and epoch == 0:
-                log_augmented_images(parts.folder.writer, train_loader, augment)
-            batches = iter(train_loader)
-        train_metrics = train_epoch(parts, batches, augment, epoch, stop)
-        batches = None
-        if epoch + 1 < config.epochs:
-            # The next epoch's order is known: its loader workers start reading and decoding now, while
-            # this epoch validates, so its first steps do not wait for them (issue 25). (Every draw
-            # depends on the seed, the epoch and the image only, and the loader has its own generator:
-            # the numbers and the RNG state the checkpoints save are those of starting it after.)
-            train_loader = epoch_loader(parts, train_loader, epoch + 1)
-            batches = iter(train_loader)
-        val_metrics, epoch_lr, next_lr, improved = validate_and_schedule(parts, augment, epoch)
-        check_finite(parts.net, f"after epoch {epoch}")
-        if improved:
-            save(parts, "best.pt", epoch + 1, 0)
-        save(parts, "last.pt", epoch + 1, 0)
-        last_step = (epoch + 1) * data.steps_per_epoch
-        record_epoch(parts, epoch, last_step, epoch_lr, next_lr, train_metrics, val_metrics)
-        if position.lr_drops > config.max_lr_drops:
-            log.info(f"val top-1 plateaued after {config.max_lr_drops} lr drops: training ends (§3.1)")
-            break
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            if batches is None and position.step == data.steps_per_epoch:
+                batches = iter(())  # resumed after the epoch's last step (a stop there): its validation is left
+            elif batches is None:  # the run's first epoch; later ones were started before the last validation
+                train_loader = epoch_loader(parts, train_loader, epoch)
+                if parts.folder.writer is not None and start_step == 0 and epoch == 0:
+                    log_augmented_images(parts.folder.writer, train_loader, augment)
+                batches = iter(train_loader)
+            train_metrics = train_epoch(parts, batches, augment, epoch, stop)
+            batches = None
+            if epoch + 1 < config.epochs:
+                # The next epoch's order is known: its loader workers start reading and decoding now, while
+                # this epoch validates, so its first steps do not wait for them (issue 25). (Every draw
+                # depends on the seed, the epoch and the image only, and the loader has its own generator:
+                # the numbers and the RNG state the checkpoints save are those of starting it after.)
+                train_loader = epoch_loader(parts, train_loader, epoch + 1)
+                batches = iter(train_loader)
+            val_metrics, epoch_lr, next_lr, improved = validate_and_schedule(parts, augment, epoch)
+            check_finite(parts.net, f"after epoch {epoch}")
+            if improved:
+                save(parts, "best.pt", epoch + 1, 0)
+            save(parts, "last.pt", epoch + 1, 0)
+            last_step = (epoch + 1) * data.steps_per_epoch
+            record_epoch(parts, epoch, last_step, epoch_lr, next_lr, train_metrics, val_metrics)
+            if position.lr_drops > config.max_lr_drops:
+                log.info(f"val top-1 plateaued after {config.max_lr_drops} lr drops: training ends (§3.1)")
+                break
+    finally:  # its loader workers end with the run, not whenever the loader is collected
+        if hasattr(batches, "close"):
+            batches.close()
+        shut_down_workers(train_loader)
     return val_metrics, last_step
 
 

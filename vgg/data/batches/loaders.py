@@ -134,6 +134,20 @@ def build_loader(dataset, *, batch_size: int, shuffle: bool = False, workers: in
                       persistent_workers=workers > 0)
 
 
+def shut_down_workers(loader) -> None:
+    """End `loader`'s persistent worker processes now (a DataLoader, or the GPU path's loader around one).
+
+    torch ends them when the loader is garbage-collected; one held in a reference cycle is collected with
+    its queues already closed, so its workers never hear that they are done, and they ignore the SIGTERM
+    torch sends next (worker_init_fn above): they would run until this process ends.
+    """
+    loader = getattr(loader, "loader", loader)
+    iterator = getattr(loader, "_iterator", None)  # where torch keeps a persistent loader's workers
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        loader._iterator = None
+        iterator._shutdown_workers()
+
+
 class EpochSampler(Sampler):
     """This rank's share of a per-epoch shuffle, optionally starting part-way (mid-epoch resume).
 
