@@ -12,7 +12,7 @@ from vgg.core.checkpoint import save_checkpoint
 from vgg.core.errors import UserError
 from vgg.data.datasets.folders import ImageFolder
 from vgg.data.datasets.stats import IMAGENET_STATS
-from vgg.evaluation.inputs import _DenseBuckets
+from vgg.evaluation.inputs import DenseBuckets
 from vgg.evaluation.methods import (
     BOTH,
     DENSE,
@@ -193,7 +193,7 @@ def test_dense_batch_equals_one_image_at_a_time():
 
 
 def test_dense_buckets_batch_only_equal_sizes_and_release_every_image_once():
-    buckets = _DenseBuckets()
+    buckets = DenseBuckets()
     sizes = [(36, 48), (48, 36), (36, 48), (36, 36), (36, 48), (48, 36), (36, 48)]
     released = []
     for pos, (h, w) in enumerate(sizes):

@@ -190,7 +190,7 @@ def test_a_loader_worker_hands_over_one_tensor_of_pixels_a_batch(checkpoint, val
 
 
 def test_waiting_images_are_bounded_in_bytes_too():
-    buckets = vinputs._DenseBuckets()
+    buckets = vinputs.DenseBuckets()
     for pos, w in enumerate((40, 41, 42)):
         buckets.add((36, 36, w), pos, torch.full((3, 36, w), pos, dtype=torch.uint8))
     assert buckets.count == 3 and buckets.bytes == 3 * 36 * (40 + 41 + 42)

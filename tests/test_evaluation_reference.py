@@ -259,7 +259,7 @@ def test_progress_bar_by_default(nets, val_dir, capsys, monkeypatch):
 
 
 def test_a_full_dense_batch_leaves_as_soon_as_it_is_full():
-    buckets = vinputs._DenseBuckets()
+    buckets = vinputs.DenseBuckets()
     for pos in range(2):
         buckets.add((36, 36, 48), pos, torch.full((3, 36, 48), pos, dtype=torch.uint8))
     released = list(buckets.pop_full(batch_size=2, limit=100))

@@ -1,7 +1,7 @@
 """The validation images as evaluation reads them: decoded once, rescaled to every test scale in loader
 workers, handed over a batch at a time as one flat uint8 tensor (`PackedImages`: one shared-memory
 transfer a batch, not one per image and scale), and grouped by (Q, H, W) over a large window
-(`_DenseBuckets`; ImageNet's photos come in a few sizes, so most groups fill).
+(`DenseBuckets`; ImageNet's photos come in a few sizes, so most groups fill).
 """
 
 import math
@@ -109,7 +109,7 @@ def collate_shard(items):
     return positions, PackedImages.pack([image for images, _ in kept for image in images]), labels, unreadable
 
 
-class _DenseBuckets:
+class DenseBuckets:
     """Scaled images waiting to be evaluated, grouped by (Q, H, W) so that each batch has one size."""
 
     def __init__(self, pin_memory: bool = False):

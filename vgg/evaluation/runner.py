@@ -22,7 +22,7 @@ from vgg.core.progress import progress_bar
 from vgg.data.batches import loaders as vloaders
 from vgg.data.batches.transforms import normalize
 from vgg.data.datasets import folders as vfolders
-from vgg.evaluation.inputs import PENDING_BYTES, PENDING_LIMIT, ShardDataset, _DenseBuckets, collate_shard, open_val_set
+from vgg.evaluation.inputs import PENDING_BYTES, PENDING_LIMIT, ShardDataset, DenseBuckets, collate_shard, open_val_set
 from vgg.evaluation.methods import BOTH, DENSE, MULTI_CROP, dense_probs, fuse, multi_crop_probs
 from vgg.evaluation.nets import EvalNet
 from vgg.models.zoo import to_dense
@@ -114,7 +114,7 @@ def _run_loader(loader, forward, results: _Results, bar, all_scales: list[int], 
     """Every loader batch: scaled images wait in buckets by (Q, H, W) until a batch of one size is full, which
     then goes through the nets at once, for both methods (crops are cut from the whole batch). Returns the
     batches still waiting once the loader is spent."""
-    buckets = _DenseBuckets(pin_memory=pin_memory)
+    buckets = DenseBuckets(pin_memory=pin_memory)
     for positions, packed, batch_labels, unreadable in loader:
         vfolders.warn_unreadable(unreadable)  # once per file, from this process (not the workers)
         results.skipped += len(unreadable)

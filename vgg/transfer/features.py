@@ -40,7 +40,7 @@ from vgg.evaluation.inputs import (
     PENDING_LIMIT,
     MultiScaleTransform,
     ShardDataset,
-    _DenseBuckets,
+    DenseBuckets,
     collate_shard,
 )
 from vgg.evaluation.nets import EvalNet, load_eval_net
@@ -274,7 +274,7 @@ def _extract_net(fnet: FeatureNet, root: Path, images: list[str], keys: list[str
                                    collate_fn=collate_shard)
     extractor = _Extractor(fnet, run.device, speed_flag(run.channels_last, run.device, auto_on_cpu=True))
     writer = _ChunkWriter(stores, run.rank)
-    buckets = _DenseBuckets(pin_memory=run.device.type == "cuda")
+    buckets = DenseBuckets(pin_memory=run.device.type == "cuda")
     with progress_bar(total=len(mine), unit="img", desc=f"descriptors {fnet.name}", every_s=run.progress_every_s,
                       enabled=run.progress) as bar, torch.inference_mode(), autocast_context(run.device, run.bf16):
         try:

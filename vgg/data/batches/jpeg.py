@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 CPU_ONLY = -99999  # nvimgcodec.h's NVIMGCODEC_DEVICE_CPU_ONLY, which its Python module names from 0.9 on only
 _codec = None  # the nvidia.nvimgcodec module; False where it is not installed
 _decoders: dict = {}  # process id -> its CPU-only decoder (a forked DataLoader worker makes its own)
+_params: dict = {}  # process id -> its DecodeParams
 _capture: tuple | None = None  # (process id, file descriptor) of this process's stderr capture file
 
 
@@ -134,9 +135,12 @@ def cpu_decoder():
 
 
 def decode_params():
-    """Decode to RGB, EXIF orientation ignored (as PIL's decode and the paper's pipeline ignore it)."""
-    codec = load()
-    return codec.DecodeParams(apply_exif_orientation=False, color_spec=codec.ColorSpec.SRGB)
+    """Decode to RGB, EXIF orientation ignored (as PIL's decode and the paper's pipeline ignore it): made
+    once per process, as the decoder is, not for every crop."""
+    if os.getpid() not in _params:
+        codec = load()
+        _params[os.getpid()] = codec.DecodeParams(apply_exif_orientation=False, color_spec=codec.ColorSpec.SRGB)
+    return _params[os.getpid()]
 
 
 class JpegFile(NamedTuple):

@@ -16,13 +16,13 @@ def user_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vgg-imagenet"
 
 
-def _cache_paths(folder: Path, name: str) -> list[Path]:
+def cache_paths(folder: Path, name: str) -> list[Path]:
     """The cache file beside the data first, then a per-folder file in the user cache."""
     key = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:16]
     return [folder / name, user_cache_dir() / f"{key}-{name.lstrip('.')}"]
 
 
-def _read_json(paths: list[Path], is_valid) -> dict | None:
+def read_json(paths: list[Path], is_valid) -> dict | None:
     """The first cache file (in `paths` order) that parses and passes `is_valid`."""
     for path in paths:
         try:
@@ -34,12 +34,12 @@ def _read_json(paths: list[Path], is_valid) -> dict | None:
     return None
 
 
-def _write_json(paths: list[Path], content) -> Path | None:
+def write_json(paths: list[Path], content) -> Path | None:
     """Write atomically to the first writable location; None if none is (the cache is then skipped)."""
-    return _write_bytes(paths, json.dumps(content).encode())
+    return write_bytes(paths, json.dumps(content).encode())
 
 
-def _write_bytes(paths: list[Path], content: bytes) -> Path | None:
+def write_bytes(paths: list[Path], content: bytes) -> Path | None:
     """Write atomically to the first writable location; None if none is (the cache is then skipped)."""
     for path in paths:
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

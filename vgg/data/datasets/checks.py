@@ -29,7 +29,7 @@ import numpy as np
 
 from vgg.data.batches import jpeg as vjpeg
 from vgg.data.batches.jpeg import Check
-from vgg.data.datasets.cache import _cache_paths, _write_bytes
+from vgg.data.datasets.cache import cache_paths, write_bytes
 
 CHECKS_NAME = ".vgg_checks.npz"
 CHECKS_VERSION = 1  # raise when vgg.data.batches.jpeg.check changes its verdicts: every file is checked again
@@ -110,7 +110,7 @@ def _check_paths(paths: list[str]) -> list[vjpeg.Verdict]:
 def _cached(root: Path, names, offsets, sizes, mtimes) -> tuple[np.ndarray, dict[int, str]]:
     """The cached verdicts still true of the files (same size and modification time), UNCHECKED for the others."""
     kinds, notes = np.zeros(len(sizes), np.uint8), {}
-    for path in _cache_paths(root, CHECKS_NAME):
+    for path in cache_paths(root, CHECKS_NAME):
         try:
             with np.load(path, allow_pickle=False) as cache:
                 saved = {key: cache[key] for key in cache.files}
@@ -139,7 +139,7 @@ def _save(root: Path, names, offsets, sizes, mtimes, kinds, notes: dict[int, str
     index = sorted(notes)
     np.savez(buffer, version=np.int64(CHECKS_VERSION), names=names, offsets=offsets, sizes=sizes, mtimes=mtimes,
              kinds=kinds, note_index=np.array(index, np.int64), notes=np.array([notes[i] for i in index], dtype=str))
-    _write_bytes(_cache_paths(root, CHECKS_NAME), buffer.getvalue())
+    write_bytes(cache_paths(root, CHECKS_NAME), buffer.getvalue())
 
 
 _logged: set[str] = set()

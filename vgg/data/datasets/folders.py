@@ -22,7 +22,7 @@ from vgg.data.batches.decode import Unreadable, mark_checked
 from vgg.data.batches.jpeg import DECODE_ERRORS, Check
 from vgg.data.batches.transforms import TrainTransform, load_rgb
 from vgg.data.datasets import checks as vchecks
-from vgg.data.datasets.cache import _cache_paths, _read_json, _write_json
+from vgg.data.datasets.cache import cache_paths, read_json, write_json
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
 
@@ -121,8 +121,8 @@ def list_files(split_dir) -> dict[str, list[str]]:
     """
     split_dir = Path(split_dir)
     folders, loops = _class_folders(split_dir)
-    paths = _cache_paths(split_dir, FILELIST_NAME)
-    cached = _read_json(paths, lambda c: c.get("version") == FILELIST_VERSION and c.get("folders") == folders
+    paths = cache_paths(split_dir, FILELIST_NAME)
+    cached = read_json(paths, lambda c: c.get("version") == FILELIST_VERSION and c.get("folders") == folders
                         and _is_file_list(c.get("files"), folders)
                         and isinstance(c.get("loops", []), list) and all(isinstance(n, str) for n in c.get("loops", [])))
     if cached is not None:
@@ -134,7 +134,7 @@ def list_files(split_dir) -> dict[str, list[str]]:
             files[wnid], found = _scan_class(split_dir / wnid)
             class_loops += found
         loops += class_loops
-        _write_json(paths, {"version": FILELIST_VERSION, "folders": folders, "files": files,
+        write_json(paths, {"version": FILELIST_VERSION, "folders": folders, "files": files,
                             "loops": class_loops})
     if loops:
         _warn_once(f"warning: skipped {len(loops)} symlink loop(s) in {split_dir}: {', '.join(sorted(loops)[:5])}"

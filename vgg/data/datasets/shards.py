@@ -249,14 +249,14 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     over the shards at random, so they are a random sample; so are timm's), cached as vgg_stats_*.json.
     The training stream is not used: a sample of fixed images, read once, by position."""
     root = Path(train_dir).parent
-    paths = vcache._cache_paths(root, vstats.stats_cache_name(num_images, seed))
-    cached = vcache._read_json(paths, lambda c: vstats.is_valid_cache(c, num_images=num_images, seed=seed))
+    paths = vcache.cache_paths(root, vstats.stats_cache_name(num_images, seed))
+    cached = vcache.read_json(paths, lambda c: vstats.is_valid_cache(c, num_images=num_images, seed=seed))
     if cached is not None:
         return vstats.DatasetStats.from_dict(cached)
     dataset = ShardImages(open_split(root, SPLITS["train"]), EvalTransform(scale=vstats.STATS_SIDE), limit=num_images)
     stats, used, skipped = vstats.stats_of_images(dataset, where=f"the first {len(dataset)} training images in {root}",
                                                  seed=seed, workers=workers, progress_every_s=progress_every_s)
-    vcache._write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
+    vcache.write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
                               "train_dir": str(root), "skipped": skipped})
     log.info(f"dataset statistics from the first {used} training images of {root}")
     return stats

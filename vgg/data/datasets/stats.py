@@ -15,7 +15,7 @@ from vgg.core.errors import UserError
 from vgg.core.progress import progress_bar
 from vgg.data.batches.loaders import build_loader, collate_list
 from vgg.data.batches.transforms import EvalTransform
-from vgg.data.datasets.cache import _cache_paths, _read_json, _write_json
+from vgg.data.datasets.cache import cache_paths, read_json, write_json
 from vgg.data.datasets.folders import ImageFolder, warn_unreadable
 
 log = logging.getLogger(__name__)  # a child of the "vgg" logger that vgg.core.progress sets up
@@ -180,13 +180,13 @@ def load_or_compute_stats(train_dir, *, num_images: int, seed: int = 0, workers:
     parent), or computed by `compute_stats` (with a progress bar) and cached there (or under
     ~/.cache/vgg-imagenet/ when the data folder is read-only): one file for each setting."""
     train_dir = Path(train_dir)
-    paths = _cache_paths(train_dir.parent, stats_cache_name(num_images, seed))
-    cached = _read_json(paths, lambda content: is_valid_cache(content, num_images=num_images, seed=seed))
+    paths = cache_paths(train_dir.parent, stats_cache_name(num_images, seed))
+    cached = read_json(paths, lambda content: is_valid_cache(content, num_images=num_images, seed=seed))
     if cached is not None:
         return DatasetStats.from_dict(cached)
     stats, used, skipped = compute_stats(train_dir, num_images=num_images, seed=seed, workers=workers,
                                          progress_every_s=progress_every_s)
-    where = _write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
+    where = write_json(paths, {**stats.to_dict(), "num_images": num_images, "seed": seed,
                                 "train_dir": str(train_dir), "skipped": skipped})
     # The images actually used: fewer than asked for when the folder holds fewer, minus unreadable ones.
     log.info(f"dataset statistics from {used} images of {train_dir}"
