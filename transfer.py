@@ -22,9 +22,12 @@ from pathlib import Path
 from vgg.config import MAX_PIXELS, RUNTIME_FIELDS, check_ranges, ensure_writable_dir, get_args_parser, runtime_value, speed_flag
 from vgg.core.command import run_command
 from vgg.core.distributed import barrier, exit_process, is_main_process
-from vgg.core.errors import MAX_SEED, UserError, check_range
+from vgg.core.errors import MAX_SEED, UserError, check_range, check_ranges_in
 from vgg.core.progress import get_logger
 
+# This command's own numeric options' ranges (the runtime ones are the Config's): (low, high).
+RANGES = {"splits": (1, 1000), "seed": (0, MAX_SEED), "cv_folds": (2, 100), "voc_year": (2005, 2012),
+          "train_per_class": (1, 100_000), "test_per_class": (1, 100_000)}
 
 def number_list(kind):
     def parse(text: str) -> list:
@@ -78,12 +81,7 @@ def prepare(args):
         check_range(q, 1, MAX_PIXELS, what="every Q of --scales")
     for c in args.svm_c:
         check_range(c, 0, 1e6, low_open=True, what="every C of --svm-c")
-    for value, low, high, flag in ((args.splits, 1, 1000, "--splits"), (args.seed, 0, MAX_SEED, "--seed"),
-                                   (args.cv_folds, 2, 100, "--cv-folds"), (args.voc_year, 2005, 2012, "--voc-year"),
-                                   (args.train_per_class, 1, 100_000, "--train-per-class"),
-                                   (args.test_per_class, 1, 100_000, "--test-per-class")):
-        if value is not None:
-            check_range(value, low, high, what=flag.lstrip("-").replace("-", "_"), flag=flag)
+    check_ranges_in({name: getattr(args, name) for name in RANGES}, RANGES)
     if not args.checkpoint and not args.weights:
         raise UserError("no net: pass --checkpoint PATH (repeatable) or --weights torchvision:vgg16")
     tset = open_transfer_set(args.data, args.layout, splits=args.splits, seed=args.seed,

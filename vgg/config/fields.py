@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vgg.core.distributed import usable_cpus
-from vgg.core.errors import MAX_SEED, UserError, check_range
+from vgg.core.errors import MAX_SEED, UserError, check_ranges_in
 from vgg.models.zoo import ARCH_NAMES, check_input_size  # VGG A-E and the neighbours of Table 7
 
 
@@ -159,9 +159,7 @@ WORKERS_PER_CORE = 4
 
 def check_ranges(values: dict) -> None:
     """Each field of `values` (name -> value) that has a range must lie in it (one UserError naming the flag)."""
-    for name, value in values.items():
-        if name in RANGES:
-            check_range(value, *RANGES[name], what=name, flag=f"--{name.replace('_', '-')}")
+    check_ranges_in(values, RANGES)
     if "workers" in values:
         check_workers(values["workers"], values.get("gpus", 1))
 

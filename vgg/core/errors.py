@@ -63,3 +63,11 @@ def check_range(value, low, high=None, low_open: bool = False, high_open: bool =
         shown = repr(value)
         raise UserError(f"{what} must be {allowed}, got {shown if len(shown) <= 30 else shown[:20] + '...'}"
                         + (f" ({flag})" if flag else ""))
+
+
+def check_ranges_in(values: dict, ranges: dict) -> None:
+    """check_range for each of `values` (option name -> value; None: not given) that `ranges` bounds (name ->
+    (low, high[, low_open, high_open])): one UserError naming the value and its flag, --name-with-dashes."""
+    for name, value in values.items():
+        if name in ranges and value is not None:
+            check_range(value, *ranges[name], what=name, flag=f"--{name.replace('_', '-')}")

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from vgg.core.errors import MAX_SEED, UserError, check_range
+from vgg.core.errors import MAX_SEED, UserError, check_ranges_in
 from vgg.data.datasets import sample as vsample
 from vgg.data.datasets.labels import sort_val
 from vgg.data.datasets.prepare import prepare
@@ -65,9 +65,7 @@ RANGES = {"images_per_shard": (1, 10**6), "num_images": (1, 10**7), "seed": (0, 
 
 def run_command(args: argparse.Namespace) -> None:
     """One command, its one-line summary printed; UserError on bad input."""
-    for name, (low, high) in RANGES.items():
-        if getattr(args, name, None) is not None:
-            check_range(getattr(args, name), low, high, what=f"--{name.replace('_', '-')}")
+    check_ranges_in({name: getattr(args, name, None) for name in RANGES}, RANGES)
     if args.command == "sort-val":
         counts = sort_val(args.val_dir, args.labels, args.devkit_classes)
         print(f"moved {counts['moved']} images into {counts['classes']} class folders under {args.val_dir} "

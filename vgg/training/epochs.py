@@ -54,9 +54,7 @@ def train_epochs(parts: RunParts, stop: StopFlag) -> tuple[dict, int]:
                 batches = iter(train_loader)
             val_metrics, epoch_lr, next_lr, improved = validate_and_schedule(parts, augment, epoch)
             check_finite(parts.net, f"after epoch {epoch}")
-            if improved:
-                save(parts, "best.pt", epoch + 1, 0)
-            save(parts, "last.pt", epoch + 1, 0)
+            save(parts, ("best.pt", "last.pt") if improved else ("last.pt",), epoch + 1, 0)
             last_step = (epoch + 1) * data.steps_per_epoch
             record_epoch(parts, epoch, last_step, epoch_lr, next_lr, train_metrics, val_metrics)
             if position.lr_drops > config.max_lr_drops:
@@ -119,7 +117,7 @@ def save_in_epoch(parts: RunParts, epoch: int, step: int, sums: list[float], met
     if is_main_process():
         list_skipped_files(parts.folder, unreadable)
     check_finite(parts.net, f"in epoch {epoch} by step {step}")
-    save(parts, "last.pt", epoch, step, sums, pending=pending)
+    save(parts, ("last.pt",), epoch, step, sums, pending=pending)
     return True
 
 

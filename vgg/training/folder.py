@@ -106,9 +106,10 @@ def open_run_folder(parts: RunParts, resumed: bool) -> None:
     log.info(f"run folder {folder.path}; TensorBoard: tensorboard --logdir {config.log_dir}")
 
 
-def save(parts: RunParts, name: str, epoch: int, step: int, epoch_sums: list[float] | None = None,
+def save(parts: RunParts, names: tuple[str, ...], epoch: int, step: int, epoch_sums: list[float] | None = None,
          pending: bool = False) -> None:
-    """One checkpoint (vgg/core/checkpoint.py), written by rank 0 in the background. epoch_sums: the metric
+    """One checkpoint under each of `names` (vgg/core/checkpoint.py), written by rank 0 in the background, from
+    one gather of the ranks' RNG states (an improving epoch's best.pt and last.pt). epoch_sums: the metric
     sums of a part-done epoch's steps 0..step-1, so its row covers it all. pending: in its place once
     confirmed (CheckpointWriter). Every rank calls it: each one's RNG state goes in (its dropout masks are its
     own, and the ranks' streams part as soon as their batches do: a batch that lost an unreadable file draws
@@ -117,13 +118,14 @@ def save(parts: RunParts, name: str, epoch: int, step: int, epoch_sums: list[flo
     if not is_main_process():
         return
     net, position = parts.net, parts.position
-    parts.folder.checkpoints.save(
-        parts.folder.path / name, pending=pending, model=net.raw.state_dict(), arch=net.raw.arch_kwargs(),
-        optimizer=net.optimizer.state_dict(), scheduler=net.scheduler.state_dict(), epoch=epoch, step=step,
-        lr_drops=position.lr_drops, world_size=parts.dist.world_size, rng=rngs[0],
-        rank_rng=rngs if len(rngs) > 1 else None,
-        config=parts.config.to_dict(), stats=parts.data.stats.to_dict(), classes=parts.data.classes,
-        best_top1=position.best_top1, best=position.best, epoch_sums=epoch_sums, train_files=parts.data.train_files)
+    state = dict(model=net.raw.state_dict(), arch=net.raw.arch_kwargs(), optimizer=net.optimizer.state_dict(),
+                 scheduler=net.scheduler.state_dict(), epoch=epoch, step=step, lr_drops=position.lr_drops,
+                 world_size=parts.dist.world_size, rng=rngs[0], rank_rng=rngs if len(rngs) > 1 else None,
+                 config=parts.config.to_dict(), stats=parts.data.stats.to_dict(), classes=parts.data.classes,
+                 best_top1=position.best_top1, best=position.best, epoch_sums=epoch_sums,
+                 train_files=parts.data.train_files)
+    for name in names:
+        parts.folder.checkpoints.save(parts.folder.path / name, pending=pending, **state)
 
 
 def record_epoch(parts: RunParts, epoch: int, last_step: int, epoch_lr: float, next_lr: float, train_metrics: dict,
