@@ -94,7 +94,7 @@ class IndexAndEpoch:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __call__(self, data, index: int) -> torch.Tensor:
+    def __call__(self, data, index: int, check=None) -> torch.Tensor:  # (TrainTransform's signature)
         return torch.tensor([index, self.epoch])
 
 

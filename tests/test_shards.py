@@ -1,6 +1,7 @@
 """WebDataset shards: `python -m vgg.data shards` writes them; training streams them (full batches, each image at most
 once an epoch, the same steps on every rank), evaluation reads them; 2 gloo processes on uneven shards."""
 
+import io
 import json
 import os
 import subprocess
@@ -14,7 +15,9 @@ from conftest import ROOT, subprocess_env
 from test_train import tiny_config, train_cli
 
 from vgg.core.checkpoint import load_checkpoint
+from vgg.data.batches.jpeg import Check
 from vgg.data.datasets import folders as vfolders
+from vgg.data.datasets.shard_format import read_verdict
 from vgg.data.datasets.shards import ShardImages, ShardStream, is_shard_dir, open_split, write_shards
 from vgg.training.run import run
 
@@ -38,7 +41,7 @@ class IndexTransform:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __call__(self, image, index: int) -> torch.Tensor:
+    def __call__(self, image, index: int, check=None) -> torch.Tensor:  # (TrainTransform's signature)
         return torch.tensor(index)
 
 
@@ -60,16 +63,24 @@ def test_shards_cli_writes_timm_layout_and_train_and_evaluate_stream_from_them(s
     assert info["splits"]["train"]["filenames"] == [f"imagenet1k-train-{i:04d}.tar" for i in range(3)]
     assert info["splits"]["train"]["shard_lengths"] == [300, 300, n_train - 600]
     assert info["splits"]["validation"]["filenames"] == ["imagenet1k-validation-00.tar"]
-    # Every training file once, as jpg (its bytes) + cls + json sharing a key, classes mixed in a shard.
-    seen = {}
+    # Every training file once, as jpg (its bytes) + cls + json + its damage check sharing a key, classes
+    # mixed in a shard; the check is the class folder's (made once, vgg.data.datasets.checks).
+    seen, verdicts = {}, {}
+    folder = vfolders.ImageFolder(sample_root / "train")
+    folder_verdicts = {os.path.relpath(folder.path(i), folder.root): folder.checks.verdict(i)
+                       for i in range(len(folder))}
     for name in info["splits"]["train"]["filenames"]:
         with tarfile.open(wds / name) as tar:
             members = tar.getmembers()
-            assert [m.name.rpartition(".")[2] for m in members] == ["jpg", "cls", "json"] * (len(members) // 3)
-            for jpg, cls, meta in zip(members[0::3], members[1::3], members[2::3]):
+            kinds = ["jpg", "cls", "json", "vgg_check"]
+            assert [m.name.rpartition(".")[2] for m in members] == kinds * (len(members) // 4)
+            for jpg, cls, meta, check in zip(*(members[k::4] for k in range(4))):
                 record = json.loads(tar.extractfile(meta).read())
                 assert int(tar.extractfile(cls).read()) == info["classes"].index(record["wnid"]) == record["label"]
                 seen[record["filename"]] = tar.extractfile(jpg).read()
+                verdicts[record["filename"]] = read_verdict({"vgg_check": check}, tar, jpg)
+    assert verdicts == folder_verdicts
+    assert {v.check for v in verdicts.values()} == {Check.OK, Check.QUIRK, Check.DAMAGED}  # the awkward files
     assert sorted(seen) == sorted(f"{w}/{n}" for w, names in train_files.items() for n in names)
     some = sorted(seen)[5]
     assert seen[some] == (sample_root / "train" / some).read_bytes()
@@ -172,3 +183,74 @@ def test_two_gloo_processes_stream_uneven_shards_without_hang(uneven, tmp_path):
     assert "2 steps/epoch of 12 on 2 x cpu" in result.stderr
     rows = [json.loads(line) for line in (tmp_path / "ck" / "ddp" / "metrics.jsonl").open()]
     assert [(r["train_images"], r["train_skipped"], r["val_images"]) for r in rows] == [(24, 0, 8)] * 2
+
+
+def test_written_shards_carry_each_images_check_so_reading_them_checks_none_again(sample_root, tmp_path, monkeypatch):
+    """The check made once per class folder (vgg.data.datasets.checks) goes into the shards: streaming and
+    reading them by position check no image again, and skip the damaged ones with the folder's reason; a
+    shard without the checks (timm's) is checked as it is read, with the same outcome."""
+    from vgg.data.batches import jpeg as vjpeg
+    from vgg.data.batches.transforms import CenterCropTransform, TrainTransform
+
+    wnids = [f"n0000000{c}" for c in range(5)]
+    for split, normal in (("train", 3), ("val", 1)):
+        for wnid in wnids:
+            (tmp_path / "folders" / split / wnid).mkdir(parents=True)
+            files = sorted((sample_root / split / wnid).iterdir())
+            for p in [p for p in files if "awkward" not in p.name][:normal] + [p for p in files if "awkward" in p.name]:
+                os.link(p, tmp_path / "folders" / split / wnid / p.name)
+    write_shards(tmp_path / "folders", tmp_path / "wds", images_per_shard=7)
+    checked = []
+    real_check = vjpeg.check
+    monkeypatch.setattr(vjpeg, "check", lambda data: checked.append(len(data)) or real_check(data))
+
+    def read_both() -> tuple[list, list]:
+        """(the training stream's items, the validation images by position), as (label, reason or '')."""
+        stream = ShardStream(open_split(tmp_path / "wds", "train"), TrainTransform(crop_size=32, scale_min=36,
+                             scale_max=48, seed=1), batch_size=20, workers=0, seed=1)
+        stream.set_epoch(0)
+        train = [(item[1], item[2].reason if len(item) == 3 else "") for batch in stream for item in batch]
+        val = ShardImages(open_split(tmp_path / "wds", "validation"), CenterCropTransform(scale=36, crop_size=32))
+        return sorted(train), sorted((item[1], item[2].reason if len(item) == 3 else "") for item in val)
+
+    train, val = read_both()
+    assert checked == []  # every image's check came from its shard
+    assert len(train) == 20 and len(val) == 10
+    damaged = [folder.checks.verdict(i).note for folder in map(vfolders.ImageFolder, [tmp_path / "folders" / "train",
+               tmp_path / "folders" / "val"]) for i in range(len(folder)) if folder.checks.verdict(i).check == Check.DAMAGED]
+    assert len(damaged) == 4  # the truncated and the empty file, in both splits
+    assert sorted(r for _, r in train + val if r) == sorted(damaged)  # the folders' reasons, word for word
+    for path in (tmp_path / "wds").glob("*.tar"):  # the same shards without the checks
+        with tarfile.open(path) as tar:
+            kept = [(m, tar.extractfile(m).read()) for m in tar.getmembers() if not m.name.endswith(".vgg_check")]
+        with tarfile.open(path, "w") as tar:
+            for member, data in kept:
+                tar.addfile(member, io.BytesIO(data))
+    unchecked_train, unchecked_val = read_both()
+    assert len([size for size in checked if size]) == 28  # each image checked as it was read (2 are empty)
+    for unchecked, checked_once in ((unchecked_train, train), (unchecked_val, val)):  # the same images skipped
+        assert [(label, bool(reason)) for label, reason in unchecked] == [(label, bool(r)) for label, r in checked_once]
+
+
+def test_a_check_made_for_other_bytes_or_unreadable_is_no_check(tmp_path):
+    """A `.vgg_check` member is trusted only for an image of the size it was made for, and only if it reads."""
+    from vgg.data.batches.jpeg import Verdict
+    from vgg.data.datasets.shard_format import verdict_bytes
+
+    path = tmp_path / "one.tar"
+    members = {"a.jpg": b"\xff\xd8" + bytes(10), "a.vgg_check": verdict_bytes(Verdict(Check.DAMAGED, "cut\tshort"), 12),
+               "b.jpg": b"\xff\xd8" + bytes(9), "b.vgg_check": verdict_bytes(Verdict(Check.OK), 12),
+               "c.jpg": b"\xff\xd8", "c.vgg_check": b"3\tnot a size\t"}
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(path) as tar:
+        parts = {name.split(".")[0]: {} for name in members}
+        for member in tar.getmembers():
+            key, ext = member.name.split(".")
+            parts[key][ext] = member
+        verdicts = [read_verdict(parts[key], tar, parts[key]["jpg"]) for key in "abc"]
+        assert read_verdict({"jpg": parts["a"]["jpg"]}, tar, parts["a"]["jpg"]) == Verdict(Check.UNCHECKED)
+    assert verdicts == [Verdict(Check.DAMAGED, "cut short"), Verdict(Check.UNCHECKED), Verdict(Check.UNCHECKED)]

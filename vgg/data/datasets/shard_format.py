@@ -5,9 +5,12 @@ vgg.data.datasets.shards trains and evaluates from them.
 A shard folder holds `imagenet1k-train-{0000..NNNN}.tar`, `imagenet1k-validation-{00..NN}.tar` and
 `_info.json` (per split: filenames, num_samples, shard_lengths; and `classes`, the sorted wnids).
 Each sample is three tar members sharing a key: `<key>.jpg` (the file's bytes, as they were),
-`<key>.cls` (the class index as text) and `<key>.json` ({"filename", "wnid", "label"}). Shards are
-plain tar files, written here with the standard library's tarfile (the `webdataset` package is not
-needed to write or read them, and reads them as they are).
+`<key>.cls` (the class index as text) and `<key>.json` ({"filename", "wnid", "label"}); shards written
+here add a fourth, `<key>.vgg_check`, the image's damage check (vgg.data.datasets.checks) made once when
+the shard was written, so that reading it does not check the image again on every read (a shard without
+it, timm's say, is checked as it is read). Shards are plain tar files, written here with the standard
+library's tarfile (the `webdataset` package is not needed to write or read them, and reads them as they
+are; other readers pass over the member they do not know).
 """
 
 import io
@@ -23,8 +26,8 @@ from PIL import Image
 
 from vgg.core.errors import UserError
 from vgg.core.progress import get_logger
-from vgg.data.batches.decode import Unreadable, load_rgb
-from vgg.data.batches.jpeg import DECODE_ERRORS
+from vgg.data.batches.decode import Unreadable, load_rgb, mark_checked
+from vgg.data.batches.jpeg import DECODE_ERRORS, Check, Verdict
 from vgg.data.datasets.labels import read_lines
 from vgg.data.datasets.prepare import check_class_order
 
@@ -35,6 +38,8 @@ CLASSES_NAME = "classes.txt"  # for shards whose _info.json lists no classes: on
 PREFIX = "imagenet1k"
 SPLITS = {"train": "train", "val": "validation"}  # class-folder split -> shard split name (timm's)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CHECK_KEY = "vgg_check"  # the member holding a sample's check: "<Check value>\t<image size>\t<note>"
+UNCHECKED = Verdict(Check.UNCHECKED)
 
 
 class ShardError(UserError):
@@ -158,12 +163,33 @@ def open_split(root, split: str) -> ShardSplit:
     return ShardSplit(paths, tuple(int(n) for n in lengths), tuple(classes))
 
 
-def decode_sample(data: bytes, label: int, where: str, transform, index: int):
-    """(transform(image), label), or (None, label, Unreadable) as vgg.data.datasets.folders.ImageFolder gives them."""
+def verdict_bytes(verdict: Verdict, size: int) -> bytes:
+    """A sample's CHECK_KEY member: its image's verdict, for an image of `size` bytes."""
+    return f"{int(verdict.check)}\t{size}\t{' '.join(verdict.note.split())}".encode()
+
+
+def read_verdict(parts: dict, tar: tarfile.TarFile, image: tarfile.TarInfo) -> Verdict:
+    """The verdict a shard holds on a sample's image; UNCHECKED where it holds none, or one made for an image
+    of another size (a hand-edited shard: the image is checked as it is read)."""
+    if CHECK_KEY not in parts:
+        return UNCHECKED
+    try:
+        kind, size, note = tar.extractfile(parts[CHECK_KEY]).read().decode().split("\t", 2)
+        return Verdict(Check(int(kind)), note) if int(size) == image.size else UNCHECKED
+    except ValueError:  # not three fields, not numbers, not a Check, not UTF-8
+        return UNCHECKED
+
+
+def decode_sample(data: bytes, label: int, where: str, transform, index: int, verdict: Verdict = UNCHECKED):
+    """(transform(image), label), or (None, label, Unreadable) as vgg.data.datasets.folders.ImageFolder gives them.
+    verdict: the image's check where the shard holds it (read_verdict); unchecked, the transform checks it."""
+    if verdict.check == Check.DAMAGED:
+        return None, label, Unreadable(where, verdict.note)
     try:
         if transform is not None and index is not None:  # the training transform: it opens the bytes itself
-            return transform(data, index), label
+            return transform(data, index, verdict.check), label
         with Image.open(io.BytesIO(data)) as image:
+            mark_checked(image, verdict.check)
             if transform is None:
                 return load_rgb(image), label
             return transform(image), label

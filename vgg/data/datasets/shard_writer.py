@@ -12,9 +12,11 @@ import numpy as np
 
 from vgg.core.errors import UserError, is_disk_full
 from vgg.core.progress import progress_bar
+from vgg.data.batches.jpeg import Verdict
+from vgg.data.datasets import checks as vchecks
 from vgg.data.datasets import folders as vfolders
 from vgg.data.datasets.prepare import check_class_order
-from vgg.data.datasets.shard_format import INFO_NAME, PREFIX, SPLITS
+from vgg.data.datasets.shard_format import CHECK_KEY, INFO_NAME, PREFIX, SPLITS, verdict_bytes
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -48,17 +50,19 @@ def _remove_stale_temporaries(dest: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _write_shard(path: Path, src_split: Path, part: list[tuple[str, str, str, int]], bar) -> None:
-    """One tar of (wnid, file name, key, label) samples, written under a hidden temporary name and renamed
-    into place; the temporary is removed whatever goes wrong (a full disk, an unreadable file)."""
+def _write_shard(path: Path, src_split: Path, part: list[tuple[str, str, str, int, Verdict]], bar) -> None:
+    """One tar of (wnid, file name, key, label, verdict) samples, written under a hidden temporary name and
+    renamed into place; the temporary is removed whatever goes wrong (a full disk, an unreadable file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tarfile.open(tmp, "w") as tar:
-            for wnid, file_name, key, label in part:
-                _add(tar, f"{key}.jpg", (src_split / wnid / file_name).read_bytes())
+            for wnid, file_name, key, label, verdict in part:
+                data = (src_split / wnid / file_name).read_bytes()
+                _add(tar, f"{key}.jpg", data)
                 _add(tar, f"{key}.cls", str(label).encode())
                 _add(tar, f"{key}.json", json.dumps({"filename": f"{wnid}/{file_name}", "wnid": wnid,
                                                      "label": label}).encode())
+                _add(tar, f"{key}.{CHECK_KEY}", verdict_bytes(verdict, len(data)))
                 bar.update(1)
         os.replace(tmp, path)
     except OSError as e:
@@ -71,6 +75,8 @@ def _write_split(src: Path, dest: Path, split: str, files: dict, class_index: di
     """One split's shards; its _info.json entry."""
     items = [(wnid, name, key, class_index[wnid]) for wnid in sorted(files)
              for name, key in zip(files[wnid], _keys(wnid, files[wnid]))]
+    checks = _checks(src / split, [f"{wnid}/{name}" for wnid, name, _, _ in items])
+    items = [(*item, checks.verdict(i)) for i, item in enumerate(items)]
     if split == "train":
         items = [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
     shard_split = SPLITS[split]
@@ -82,6 +88,14 @@ def _write_split(src: Path, dest: Path, split: str, files: dict, class_index: di
             _write_shard(dest / name, src / split, items[s * images_per_shard:(s + 1) * images_per_shard], bar)
     lengths = [len(items[s * images_per_shard:(s + 1) * images_per_shard]) for s in range(count)]
     return {"name": shard_split, "num_samples": len(items), "filenames": names, "shard_lengths": lengths}
+
+
+def _checks(split_dir: Path, names: list[str]) -> vchecks.Checks:
+    """The damage check of each file (`wnid/name`), as class folders keep it (`.vgg_checks.npz`, made once:
+    a folder trained on before is not checked again), to go into the shards with the images."""
+    encoded = [os.fsencode(name) for name in names]
+    offsets = np.cumsum([0] + [len(name) for name in encoded], dtype=np.int64)
+    return vchecks.check_files(split_dir, np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets)
 
 
 def write_shards(src, dest, *, images_per_shard: int = 1252, seed: int = 0) -> dict:

@@ -43,7 +43,7 @@ from vgg.data.datasets import cache as vcache
 from vgg.data.datasets import stats as vstats
 from vgg.data.datasets.shard_format import (  # noqa: F401 (INFO_NAME, ShardError, is_shard_dir: importable from here)
     INFO_NAME, SHARD_ERRORS, SPLITS, ShardError, ShardSplit, check_count, damaged, decode_sample, image_and_label,
-    is_shard_dir, iter_samples, open_split)
+    is_shard_dir, iter_samples, open_split, read_verdict)
 from vgg.data.batches.decode import Unreadable
 from vgg.data.batches.transforms import EvalTransform
 from vgg.data.datasets.shard_writer import write_shards  # noqa: F401 (importable from here, as before the split)
@@ -58,8 +58,8 @@ SHUFFLE_BUFFER = 1000  # images (their JPEG bytes, ~110 kB each on ImageNet) per
 # --------------------------------------------------------------------------------------------------
 
 def _read_shard(path: Path, skip: int, take: int, offset: int):
-    """(bytes, label, index, where) of samples skip..take-1 of a training shard; ShardError if it is damaged
-    or holds fewer samples than _info.json says (tarfile ends a cut tar without a word)."""
+    """(bytes, label, index, where, verdict) of samples skip..take-1 of a training shard; ShardError if it is
+    damaged or holds fewer samples than _info.json says (tarfile ends a cut tar without a word)."""
     count = skip
     try:
         for i, (key, parts, tar) in enumerate(iter_samples(path, skip), start=skip):
@@ -70,7 +70,7 @@ def _read_shard(path: Path, skip: int, take: int, offset: int):
             if len(data) != image.size:
                 raise EOFError(f"sample {key} cut short")
             count += 1
-            yield data, label, offset + i, f"{path.name}:{key}"
+            yield data, label, offset + i, f"{path.name}:{key}", read_verdict(parts, tar, image)
     except SHARD_ERRORS as e:
         raise damaged(path, e) from None
     check_count(path, count, take)
@@ -130,7 +130,8 @@ class ShardStream(IterableDataset):
         return first, first + _share(self.num_steps, worker, workers) * self.batch_size
 
     def _samples(self, first: int, stop: int):
-        """(bytes, label, index, where) of the epoch's images first..stop-1: the shards in the epoch's order."""
+        """(bytes, label, index, where, verdict) of the epoch's images first..stop-1: the shards in the epoch's
+        order."""
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.split.paths))
         offsets, position = self.split.offsets, 0
         for shard in order.tolist():
@@ -164,7 +165,8 @@ class ShardStream(IterableDataset):
         for b in range(total):
             batch = [sample for sample in (next(stream, None) for _ in range(self.batch_size)) if sample is not None]
             if b >= skip:
-                yield [decode_sample(data, label, where, self.transform, index) for data, label, index, where in batch]
+                yield [decode_sample(data, label, where, self.transform, index, verdict)
+                       for data, label, index, where, verdict in batch]
 
     def loader(self, *, epoch: int, start_step: int = 0, seed: int = 0):
         """The epoch's DataLoader: `workers` processes (the count num_steps was planned for)."""
@@ -183,7 +185,7 @@ class ShardImages(Dataset):
 
     def __init__(self, split: ShardSplit, transform=None, limit: int | None = None):
         self.split, self.transform, self.classes = split, transform, list(split.classes)
-        self.samples = []  # (shard path, image offset, image size, label, key)
+        self.samples = []  # (shard path, image offset, image size, label, key, verdict)
         for path, length in zip(split.paths, split.lengths):
             before, size = len(self.samples), path.stat().st_size
             try:
@@ -191,7 +193,8 @@ class ShardImages(Dataset):
                     image, label = image_and_label(key, parts, tar, path)
                     if image.offset_data + image.size > size:
                         raise EOFError(f"sample {key} cut short")
-                    self.samples.append((str(path), image.offset_data, image.size, label, key))
+                    self.samples.append((str(path), image.offset_data, image.size, label, key,
+                                         read_verdict(parts, tar, image)))
                     if limit is not None and len(self.samples) >= limit:
                         return
             except SHARD_ERRORS as e:
@@ -202,7 +205,7 @@ class ShardImages(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        path, offset, size, label, key = self.samples[index]
+        path, offset, size, label, key, verdict = self.samples[index]
         where = f"{Path(path).name}:{key}"
         try:
             with open(path, "rb") as f:
@@ -212,7 +215,7 @@ class ShardImages(Dataset):
             return None, label, Unreadable(where, " ".join(f"{type(e).__name__}: {e}".split()))
         if len(data) != size:
             return None, label, Unreadable(where, f"cut short: {len(data)} of {size} bytes")
-        return decode_sample(data, label, where, self.transform, None)
+        return decode_sample(data, label, where, self.transform, None, verdict)
 
 
 def open_val(root, transform) -> ShardImages:
