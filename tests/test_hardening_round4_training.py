@@ -120,8 +120,14 @@ def test_a_stop_or_a_crash_at_any_step_resumes_to_the_same_run(small_root, tmp_p
         assert (saved["epoch"], saved["step"]) == expected, (name, saved["epoch"], saved["step"])
         if how == "stop":  # saved where it stopped: after step k, an epoch's last step too
             assert stopped.value.code == 128 + signal.SIGTERM
-        vrun.run(config, resume="auto")
+        with LogLines("vgg") as lines:
+            vrun.run(config, resume="auto")
         assert_same_run(finished(tmp_path, name), reference)
+        if how == "stop" and k % STEPS == 0:  # resumed after the epoch's last step: no speed to show for it
+            row = metrics_rows(tmp_path / "checkpoints" / name)[k // STEPS - 1]
+            assert row["train_images_per_s"] is None, row
+            assert [line for line in lines if line.startswith(f"epoch {k // STEPS - 1}:")
+                    and "| trained before the resume |" in line and "img/s" not in line], lines
 
 
 # --- #34.3: no diverged weights saved ------------------------------------------------------------------

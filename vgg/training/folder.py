@@ -145,10 +145,11 @@ def record_epoch(parts: RunParts, epoch: int, last_step: int, epoch_lr: float, n
     log_epoch(folder.writer, last_step, row, parts.dist.device)
     dropped = (f", dropped to {next_lr:g} (lr drop {parts.position.lr_drops} of {config.max_lr_drops})"
                if next_lr < epoch_lr else "")
+    speed = (f"{train_metrics['images_per_s']:.0f} img/s" if train_metrics["images_per_s"] is not None else
+             "trained before the resume")
     log.info(f"epoch {epoch}: train loss {train_metrics['loss']:.3f}, top-1 err "
              f"{train_metrics['top1_err']:.1f}% | val top-1 err {val_metrics['top1_err']:.1f}%, "
-             f"top-5 err {val_metrics['top5_err']:.1f}% | {train_metrics['images_per_s']:.0f} img/s | "
-             f"lr {epoch_lr:g}{dropped}")
+             f"top-5 err {val_metrics['top5_err']:.1f}% | {speed} | lr {epoch_lr:g}{dropped}")
     list_skipped_files(folder, unreadable)
 
 

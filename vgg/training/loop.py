@@ -132,7 +132,8 @@ def train_one_epoch(model, loader, optimizer, augment: BatchAugment, *, epoch: i
     return {**_train_metrics(tally.sums), "step": step, "interrupted": interrupted, "sums": tally.sums,
             "unreadable": tally.unreadable, "epoch_time_s": elapsed,
             "data_wait_fraction": data_time / max(elapsed, 1e-9),
-            "images_per_s": tally.part_images / max(elapsed, 1e-9)}
+            "images_per_s": tally.part_images / max(elapsed, 1e-9) if tally.part_images else None}  # None:
+    # no step of the epoch trained in this process (resumed after its last one, to validate it)
 
 
 def _train_batch(model, batch, optimizer, augment: BatchAugment, bf16: bool | str, tally: EpochTally) -> None:
